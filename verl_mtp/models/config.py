@@ -1,0 +1,119 @@
+"""Model configuration: one dataclass that maps to and from HF ``config.json`` (Qwen2, Llama, MiMo)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Architectures whose folders we read as our trunk. MiMo is Qwen2 plus `num_nextn_predict_layers`.
+_QKV_BIAS_BY_TYPE = {"qwen2": True, "mimo": True, "llama": False, "mistral": False}
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2/Llama-architecture decoder with K MiMo-style MTP layers."""
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True  # Qwen2/MiMo: bias on q/k/v; Llama: `attention_bias` on q/k/v/o
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 2  # K, MiMo's name for the number of MTP layers
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    source_model_type: str = "mimo"  # what the folder we came from was; we always save as MiMo
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        checks = {
+            "num_attention_heads": self.num_attention_heads % self.num_key_value_heads == 0,
+            "head_dim": self.head_dim % 2 == 0,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers >= 0,
+            "vocab_size": self.vocab_size > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"model config '{key}' is invalid: {getattr(self, key)!r}")
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return self.num_nextn_predict_layers
+
+    # ---- HF config.json <-> ModelConfig ----------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        model_type = d.get("model_type", "qwen2")
+        if model_type not in _QKV_BIAS_BY_TYPE:
+            raise ValueError(
+                f"config.json 'model_type' is {model_type!r}; supported: {sorted(_QKV_BIAS_BY_TYPE)}"
+            )
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"config.json 'rope_scaling' type {rope_type!r} is not supported (only default RoPE)")
+        attention_bias = d.get("attention_bias", False)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: d[k] for k in known if k in d and k not in ("extra", "qkv_bias", "o_bias")}
+        kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        # our own folders say it outright; HF folders imply it by architecture
+        kwargs["qkv_bias"] = d.get("qkv_bias", _QKV_BIAS_BY_TYPE[model_type] or attention_bias)
+        kwargs["o_bias"] = d.get("o_bias", model_type in ("llama", "mistral") and attention_bias)
+        kwargs.setdefault("num_nextn_predict_layers", 0)
+        kwargs["source_model_type"] = model_type
+        passthrough = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "rope_parameters",
+                       "rope_scaling", "attention_bias", "transformers_version", "num_nextn_predict_layers")
+        kwargs["extra"] = {k: v for k, v in d.items() if k not in known and k not in passthrough}
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A MiMo config.json that transformers' Qwen2 classes also read (they ignore the MTP keys)."""
+        d = dict(self.extra)
+        d.update({
+            "architectures": ["MiMoForCausalLM"],
+            "model_type": "mimo",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "attention_bias": self.qkv_bias,
+            "qkv_bias": self.qkv_bias,
+            "o_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+            "use_sliding_window": False,
+        })
+        return d
+
+
+def tiny_config(vocab_size: int = 512, **overrides: Any) -> ModelConfig:
+    """The embedded default: a ~1M-parameter model that trains in minutes on a laptop CPU."""
+    return ModelConfig(vocab_size=vocab_size, **overrides)
