@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -129,3 +130,13 @@ def save_pretrained(model, path) -> None:
     tmp = folder / ".config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     os.replace(tmp, folder / "config.json")
+
+
+def state_checksum(named_tensors) -> str:
+    """sha256 over names, dtypes, shapes and bytes: sender and receiver of a weight sync compare it."""
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        t = t.detach().contiguous().cpu().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

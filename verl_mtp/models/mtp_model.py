@@ -66,8 +66,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> "CacheView":
-        return CacheView(self, layer, slots, positions)
+    def view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, length: int) -> "CacheView":
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: position {length - 1} >= max_len {self.max_len}")
+        return CacheView(self, layer, slots, positions, length)
 
 
 @dataclass
@@ -78,22 +80,22 @@ class CacheView:
     layer: int
     slots: torch.Tensor  # (B,) cache rows
     positions: torch.Tensor  # (B, T) absolute positions of the chunk's tokens
+    length: int  # 1 + the largest position: keys are read for positions < length
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's (B, Hkv, T, D) keys/values, return (B, Hkv, L, D) for positions < L."""
-        rows = self.slots[:, None]
-        pos = self.positions.clamp(max=self.cache.max_len - 1)
         ck, cv = self.cache.k[self.layer], self.cache.v[self.layer]
-        ck[rows, :, pos] = k.transpose(1, 2)
-        cv[rows, :, pos] = v.transpose(1, 2)
-        length = int(pos.max()) + 1
-        return ck[self.slots, :, :length], cv[self.slots, :, :length]
+        rows = self.slots[:, None]
+        ck[rows, :, self.positions] = k.transpose(1, 2)
+        cv[rows, :, self.positions] = v.transpose(1, 2)
+        return ck[self.slots, :, : self.length], cv[self.slots, :, : self.length]
 
-    def mask(self) -> torch.Tensor:
-        """(B, 1, T, L) True where a query may attend: key position <= query position."""
-        length = int(self.positions.max()) + 1
-        kpos = torch.arange(length, device=self.positions.device)
-        return (kpos[None, None, :] <= self.positions[:, :, None])[:, None]
+
+def cached_causal_mask(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) query positions -> ((B, 1, T, L) mask of key position <= query position, L)."""
+    length = int(positions.max()) + 1
+    kpos = torch.arange(length, device=positions.device)
+    return (kpos[None, None, :] <= positions[:, :, None])[:, None], length
 
 
 class Attention(nn.Module):
@@ -256,9 +258,9 @@ class MTPCausalLM(nn.Module):
         """Run the trunk on a (B, T) chunk at absolute `positions`; returns normed hidden (B, T, H)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, x.dtype)
+        mask, length = cached_causal_mask(positions)
         for i, layer in enumerate(self.model.layers):
-            view = cache.view(i, slots, positions)
-            x = layer(x, cos, sin, view.mask(), view)
+            x = layer(x, cos, sin, mask, cache.view(i, slots, positions, length))
         return self.model.norm(x)
 
     def mtp_step(self, layer_idx: int, hidden: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
@@ -266,8 +268,9 @@ class MTPCausalLM(nn.Module):
         """MTP layer `layer_idx` on a chunk: hidden h_i at `positions` with tokens at positions+i+1."""
         emb = self.model.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, emb.dtype)
-        view = cache.view(self.config.num_hidden_layers + layer_idx, slots, positions)
-        return self.model.mtp_layers[layer_idx](hidden, emb, cos, sin, view.mask(), view)
+        mask, length = cached_causal_mask(positions)
+        view = cache.view(self.config.num_hidden_layers + layer_idx, slots, positions, length)
+        return self.model.mtp_layers[layer_idx](hidden, emb, cos, sin, mask, view)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,0 +1,95 @@
+import json
+import re
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from verl_mtp.data.synthetic_math import (
+    generate_problems, iter_corpus_text, split_problems, write_rl_dataset, write_sft_corpus)
+
+STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
+WORD_START = re.compile(r"has (\d+) ")
+WORD_ACTION = re.compile(r"(buys|finds|gets|wins|gives away|loses|sells) (\d+)")
+GAINS = {"buys", "finds", "gets", "wins"}
+
+
+def question_steps(problem: dict) -> tuple[int, list[tuple[str, int]]]:
+    """Start value and (op, operand) steps read back from the question text alone."""
+    question = problem["question"]
+    if question.startswith("What is "):
+        tokens = question[len("What is "):-1].split()
+        return int(tokens[0]), [(tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2)]
+    start = int(WORD_START.search(question).group(1))
+    return start, [("+" if verb in GAINS else "-", int(n)) for verb, n in WORD_ACTION.findall(question)]
+
+
+def test_same_seed_same_problems_and_different_seed_differs():
+    assert generate_problems(60, seed=7) == generate_problems(60, seed=7)
+    assert generate_problems(60, seed=7) != generate_problems(60, seed=8)
+
+
+def test_trace_is_correct_arithmetic_of_the_question():
+    for problem in generate_problems(600, seed=1):
+        *steps, last = problem["solution"].split("\n")
+        assert last == f"Answer: {problem['answer']}"
+        value, question_chain = question_steps(problem)
+        assert len(steps) == len(question_chain) == problem["level"]
+        for line, (op, operand) in zip(steps, question_chain):
+            x, line_op, y, z = STEP.match(line).groups()
+            assert (int(x), line_op, int(y)) == (value, op, operand)
+            value = value + operand if op == "+" else value - operand
+            assert int(z) == value and 0 <= value < 100
+        assert value == problem["answer"]
+
+
+def test_levels_are_balanced_and_repeating_a_level_weights_it():
+    assert Counter(p["level"] for p in generate_problems(300, seed=0)) == {1: 100, 2: 100, 3: 100}
+    assert Counter(p["level"] for p in generate_problems(300, seed=0, levels=(1, 1, 3))) == {1: 200, 3: 100}
+
+
+def test_unknown_level_and_exhausted_level_fail_clearly():
+    with pytest.raises(ValueError, match="unknown synthetic_math level 9"):
+        generate_problems(3, seed=0, levels=(9,))
+    with pytest.raises(ValueError, match="ran out of distinct level-1 questions"):
+        generate_problems(1000, seed=0, levels=(1,), unique=True)
+
+
+def test_train_and_test_share_no_question_and_test_is_unique():
+    train, test = split_problems(3000, 300, seed=0)
+    test_questions = [p["question"] for p in test]
+    assert len(set(test_questions)) == len(test_questions) == 300
+    assert not set(test_questions) & {p["question"] for p in train}
+
+
+def test_rl_parquet_schema(tmp_path):
+    paths = write_rl_dataset(str(tmp_path), n_train=30, n_test=9, seed=3)
+    for split, n in (("train", 30), ("test", 9)):
+        table = pq.read_table(paths[split])
+        assert table.num_rows == n
+        assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+        row = table.slice(0, 1).to_pylist()[0]
+        assert row["data_source"] == "synthetic_math" and row["ability"] == "math"
+        assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("?")
+        assert row["reward_model"]["style"] == "rule"
+        assert row["extra_info"]["split"] == split and row["extra_info"]["index"] == 0
+        assert row["extra_info"]["solution"].endswith(f"Answer: {row['reward_model']['ground_truth']}")
+        assert row["extra_info"]["level"] in (1, 2, 3)
+
+
+def test_sft_corpus_never_contains_a_test_question(tmp_path):
+    paths = write_rl_dataset(str(tmp_path), n_train=10, n_test=200, seed=0, n_sft=2000)
+    test_questions = {row["prompt"][0]["content"] for row in pq.read_table(paths["test"]).to_pylist()}
+    with open(paths["sft"]) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 2000
+    assert records[0]["response"].split("\n")[-1].startswith("Answer: ")
+    assert not test_questions & {r["prompt"][0]["content"] for r in records}
+
+
+def test_write_sft_corpus_and_corpus_text_are_deterministic(tmp_path):
+    a = write_sft_corpus(str(tmp_path / "a.jsonl"), 20, seed=5)
+    b = write_sft_corpus(str(tmp_path / "b.jsonl"), 20, seed=5)
+    assert open(a).read() == open(b).read()
+    texts = list(iter_corpus_text(4, seed=0))
+    assert len(texts) == 8 and texts[0].startswith("user\n") and texts[1].startswith("assistant\n")

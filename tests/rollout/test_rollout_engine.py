@@ -1,0 +1,237 @@
+"""The native engine: greedy equality, distributional losslessness (with a lossy control), logprobs,
+continuous batching, stop conditions, stats, adaptive depth and verified weight sync."""
+
+import collections
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+import verl_mtp.rollout.engine as engine_module
+from verl_mtp.models import MTPCausalLM
+from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.rollout import sampling
+
+RAGGED = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12], [13, 14, 15, 16], [7, 7, 7, 7, 7, 7, 7, 7, 2]]
+
+
+def _tokens(out):
+    return [s.token_ids for s in out.samples]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4, 64])
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, "auto"])
+def test_greedy_speculative_equals_plain(good_draft_model, max_batch_size, depth):
+    engine = NativeEngine(good_draft_model, max_batch_size=max_batch_size, max_seq_len=64)
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    prompts = RAGGED if max_batch_size > 1 else RAGGED[:2]
+    plain = engine.generate(prompts, params, speculative=0)
+    spec = engine.generate(prompts, params, speculative=depth)
+    assert _tokens(spec) == _tokens(plain)
+    if depth != "auto":
+        assert spec.stats.accept_length > 1.5  # speculation really ran and drafts were kept
+
+
+def test_greedy_equality_with_rejections(bad_draft_model):
+    engine = NativeEngine(bad_draft_model, max_batch_size=4, max_seq_len=64)
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    plain, spec = engine.generate(RAGGED, params, speculative=0), engine.generate(RAGGED, params, speculative=3)
+    assert _tokens(spec) == _tokens(plain)
+    assert spec.stats.accept_rate(1) < 0.9  # rejections (and roll-backs) really happened
+
+
+def test_greedy_matches_full_forward_argmax(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=64)
+    out = engine.generate(RAGGED[:3], SamplingParams(temperature=0, max_new_tokens=16), speculative=2)
+    for prompt, s in zip(RAGGED, out.samples):
+        with torch.no_grad():
+            logits = good_draft_model(torch.tensor([prompt + s.token_ids])).logits[0]
+        assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == s.token_ids
+
+
+def _lossy_accept(p, q, draft, greedy, gen):
+    """Deliberately wrong: on rejection resample from p instead of norm(max(0, p - q))."""
+    accepted, nxt = sampling.speculative_accept(p, q, draft, greedy, gen)
+    rows = torch.arange(p.shape[0])
+    return accepted, torch.where(accepted < draft.shape[1], sampling.sample(p[rows, accepted], gen), nxt)
+
+
+def _first_tokens(engine, depth, seed, n=3000):
+    params = SamplingParams(n=n, temperature=1.0, top_k=8, top_p=0.95, max_new_tokens=3, seed=seed)
+    out = engine.generate([[3, 5]], params, speculative=depth)
+    return collections.Counter(tuple(s.token_ids) for s in out.samples), out.stats
+
+
+def _chi2_pvalue(a, b):
+    keys = sorted(set(a) | set(b))
+    table = np.array([[a[k] for k in keys], [b[k] for k in keys]])
+    big = table.sum(0) >= 10
+    table = np.concatenate([table[:, big], table[:, ~big].sum(1, keepdims=True)], axis=1)
+    table = table[:, table.sum(0) > 0]  # the pooled rare column may be empty
+    return chi2_contingency(table)[1]
+
+
+def test_sampled_distribution_is_lossless_and_test_has_teeth(bad_draft_model, monkeypatch):
+    engine = NativeEngine(bad_draft_model, max_batch_size=64, max_seq_len=32)
+    plain, _ = _first_tokens(engine, 0, seed=0)
+    spec, stats = _first_tokens(engine, 2, seed=1)
+    assert 0.1 < stats.accept_rate(1) < 0.9  # both branches of the rule are exercised
+    assert _chi2_pvalue(plain, spec) > 1e-3
+    monkeypatch.setattr(engine_module, "speculative_accept", _lossy_accept)
+    lossy, _ = _first_tokens(engine, 2, seed=1)
+    assert _chi2_pvalue(plain, lossy) < 1e-6
+
+
+def test_sampled_distribution_with_good_draft(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=64, max_seq_len=32)
+    plain, _ = _first_tokens(engine, 0, seed=2)
+    spec, stats = _first_tokens(engine, 3, seed=3)
+    assert stats.accept_length > 2.0
+    assert _chi2_pvalue(plain, spec) > 1e-3
+
+
+@pytest.mark.parametrize("depth", [0, 2, 4])
+def test_logprobs_equal_teacher_forced_forward(bad_draft_model, depth):
+    engine = NativeEngine(bad_draft_model, max_batch_size=3, max_seq_len=64)
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=20, seed=4)
+    out = engine.generate(RAGGED[:4], params, speculative=depth)
+    assert len(out.samples) == 8
+    for s in out.samples:
+        prompt = RAGGED[s.prompt_index]
+        with torch.no_grad():
+            logits = bad_draft_model(torch.tensor([prompt + s.token_ids])).logits[0, len(prompt) - 1:-1]
+        ref = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ref, torch.tensor(s.logprobs), atol=1e-4)
+
+
+def test_stop_tokens_length_and_continuous_batching(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=64)
+    plain = engine.generate(RAGGED, SamplingParams(temperature=0, max_new_tokens=12), speculative=0)
+    stop = plain.samples[0].token_ids[4]
+    out = engine.generate(RAGGED, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[stop]), speculative=3)
+    for p, s in zip(plain.samples, out.samples):
+        if stop in p.token_ids:
+            cut = p.token_ids.index(stop) + 1
+            assert s.token_ids == p.token_ids[:cut] and s.finish_reason == "stop"
+        else:
+            assert s.token_ids == p.token_ids and s.finish_reason == "length" and len(s.token_ids) == 12
+    assert [s.prompt_index for s in out.samples] == list(range(len(RAGGED)))
+
+
+def test_stats_are_consistent(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=8, max_seq_len=64)
+    out = engine.generate(RAGGED, SamplingParams(temperature=1.0, max_new_tokens=20, seed=0), speculative=2)
+    st = out.stats
+    assert st.drafted == 2 * st.verify_passes
+    assert st.generated == st.verify_passes + st.accepted
+    # accept length = 1 + sum over depths of P(accepted at that depth)
+    assert abs(st.accept_length - (1 + st.accept_rate(1) + st.accept_rate(2))) < 1e-9
+    assert st.accept_rate(2) <= st.accept_rate(1)
+    assert sum(s.stats.verify_passes for s in out.samples) == st.verify_passes
+    m = st.metrics()
+    assert set(m) >= {"rollout/accept_length", "rollout/accept_rate_1", "rollout/accept_rate_2"}
+
+
+def test_auto_depth_turns_speculation_off_for_a_useless_draft(good_draft_model):
+    model = copy.deepcopy(good_draft_model)
+    for layer in model.model.mtp_layers:  # drafts now always miss
+        torch.nn.init.zeros_(layer.input_proj.weight)
+    model.model.mtp_layers[0].final_layernorm.weight.data.fill_(0.0)
+    engine = NativeEngine(model, max_batch_size=4, max_seq_len=128)
+    out = engine.generate(RAGGED, SamplingParams(temperature=1.0, max_new_tokens=100, seed=0), speculative="auto")
+    rounds = sum(out.depth_histogram.values())
+    assert out.depth_histogram.get(0, 0) > 0.6 * rounds
+
+
+def test_depth_controller_picks_best_measured_rate():
+    from verl_mtp.rollout.depth import DepthController
+
+    ctl = DepthController(num_mtp_layers=2, max_depth=2, warmup_rounds=1, revisit_every=1000)
+    cost = {0: 1.0, 1: 1.3, 2: 1.6}  # seconds per round
+    accept = torch.tensor([2, 2, 1, 2])  # a good draft: depth 1 kept 4/4, depth 2 kept 3/4
+    for _ in range(30):
+        d = ctl.choose(batch_size=4)
+        ctl.observe(d, 4, cost[d], accept)
+    assert ctl.choose(4) == 2  # (1 + ~1 + ~0.75) / 1.6 beats 1 / 1.0 and 2 / 1.3
+    # same costs, useless draft: plain wins
+    ctl = DepthController(num_mtp_layers=2, max_depth=2, warmup_rounds=1, revisit_every=1000)
+    for _ in range(30):
+        d = ctl.choose(batch_size=4)
+        ctl.observe(d, 4, cost[d], torch.zeros(4, dtype=torch.long))
+    assert ctl.choose(4) == 0
+    # costs are kept per batch-size bucket: a new bucket is measured afresh
+    assert ctl.choose(64) == 0 and ctl.count.get((64, 0), 0) == 0
+
+
+def test_weight_sync_checksum_and_fresh_draft(good_draft_model, bad_draft_model):
+    engine = NativeEngine(copy.deepcopy(bad_draft_model), max_batch_size=4, max_seq_len=64)
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    before = engine.generate(RAGGED, params, speculative=2)
+    sent = list(good_draft_model.state_dict().items())
+    from verl_mtp.models import state_checksum
+    checksum = engine.update_weights(sent, version=7)
+    assert checksum == state_checksum(sent) == engine.weights_checksum() and engine.version == 7
+    after = engine.generate(RAGGED, params, speculative=2)
+    reference = NativeEngine(good_draft_model, max_batch_size=4, max_seq_len=64).generate(RAGGED, params, speculative=2)
+    assert _tokens(after) == _tokens(reference)
+    assert after.stats.accept_length == reference.stats.accept_length  # the draft was refreshed too
+    assert after.stats.accept_length > before.stats.accept_length
+    # a sync that forgets the MTP tensors leaves a stale draft, and the checksum says so
+    trunk_only = [(n, t) for n, t in sent if ".mtp_layers." not in n]
+    engine2 = NativeEngine(copy.deepcopy(bad_draft_model), max_batch_size=4, max_seq_len=64)
+    assert engine2.update_weights(trunk_only) != state_checksum(sent)
+
+
+def test_bad_requests_fail_clearly(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=16)
+    short = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], short)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        engine.generate([[1] * 10], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate([[999]], short)
+    with pytest.raises(KeyError, match="unknown tensor 'nope'"):
+        engine.update_weights([("nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="speculative"):
+        engine.generate([[1]], short, speculative=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_warp_probs_hand_computed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = sampling.warp_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    p = sampling.warp_probs(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    assert torch.equal(sampling.warp_probs(logits, SamplingParams(temperature=0)), torch.tensor([[1.0, 0, 0, 0]]))
+
+
+def test_speculative_accept_rule_exact_probabilities():
+    # p = (0.6, 0.4), q = (0.2, 0.8): token 0 is always kept (p/q = 3), token 1 w.p. 0.4/0.8 = 0.5,
+    # and a rejected token 1 is replaced from max(0, p - q) = (0.4, 0): token 0.
+    n = 20000
+    p = torch.tensor([[[0.6, 0.4], [0.5, 0.5]]]).expand(n, 2, 2)
+    q = torch.tensor([[[0.2, 0.8]]]).expand(n, 1, 2)
+    gen = torch.Generator().manual_seed(0)
+    draft = torch.multinomial(q[:, 0], 1, generator=gen)
+    accepted, nxt = sampling.speculative_accept(p, q, draft, False, gen)
+    assert torch.all(accepted[draft[:, 0] == 0] == 1)
+    assert abs(accepted[draft[:, 0] == 1].float().mean().item() - 0.5) < 0.02
+    assert torch.all(nxt[accepted == 0] == 0)
+    first = torch.where(accepted == 1, draft[:, 0], nxt)
+    assert abs((first == 0).float().mean().item() - 0.6) < 0.015  # the output token follows p exactly
+
+
+def test_model_without_mtp_layers_decodes_plain(good_draft_model):
+    trunk = MTPCausalLM(copy.deepcopy(good_draft_model.config))
+    trunk.config.num_nextn_predict_layers = 0
+    trunk = MTPCausalLM(trunk.config)
+    engine = NativeEngine(trunk, max_batch_size=2, max_seq_len=32)
+    out = engine.generate(RAGGED[:3], SamplingParams(temperature=0, max_new_tokens=5), speculative="auto")
+    assert out.stats.accept_length == 1.0 and all(len(s.token_ids) == 5 for s in out.samples)
+    with pytest.raises(ValueError, match="needs MTP layers"):
+        engine.generate(RAGGED[:1], speculative=2)

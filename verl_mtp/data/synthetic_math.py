@@ -1,0 +1,227 @@
+"""Synthetic multi-step arithmetic task for the CPU quickstart.
+
+Every problem is solved by a short chain of `x op y = z` lines ending in `Answer: N`,
+so a ~1-3M parameter model trained for minutes on 2 CPU cores can learn the format
+quickly but still gets many answers wrong: carries and chaining leave room for RL.
+
+    level 1   What is 17 + 5?                              one step
+    level 2   What is 17 + 5 - 9?                          two steps
+    level 3   Tom has 12 apples. He buys 5, gives away 3   three steps, word problem
+              and finds 4. How many apples does Tom have now?
+
+All numbers stay non-negative and below 100, so responses fit in ~40 tokens with
+single-digit tokenization. Generation is a pure function of (n, seed, levels, exclude).
+
+Run as a script to write the quickstart data:
+
+    python -m verl_mtp.data.synthetic_math OUT_DIR [--n-train N] [--n-test N] [--n-sft N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+
+DATA_SOURCE = "synthetic_math"
+ABILITY = "math"
+
+_NAMES = (("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"),
+          ("Ann", "She"), ("Mia", "She"), ("Eva", "She"), ("Lily", "She"))
+_ITEMS = ("apples", "pens", "cards", "coins", "books", "marbles", "stickers", "shells")
+_GAIN_VERBS = ("buys", "finds", "gets", "wins")
+_LOSS_VERBS = ("gives away", "loses", "sells")
+
+
+def _apply(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x - y
+
+
+def _chain(rng: random.Random, start: int, steps: int, max_operand: int) -> list[tuple[str, int]]:
+    """Random (op, operand) steps whose running value never goes negative."""
+    value, chain = start, []
+    for _ in range(steps):
+        op = rng.choice("+-") if value > 0 else "+"
+        operand = rng.randint(1, max_operand) if op == "+" else rng.randint(1, min(value, max_operand))
+        chain.append((op, operand))
+        value = _apply(value, op, operand)
+    return chain
+
+
+def _trace(start: int, chain: Sequence[tuple[str, int]]) -> tuple[str, int]:
+    """The step-by-step solution text and the final value."""
+    lines, value = [], start
+    for op, operand in chain:
+        result = _apply(value, op, operand)
+        lines.append(f"{value} {op} {operand} = {result}")
+        value = result
+    lines.append(f"Answer: {value}")
+    return "\n".join(lines), value
+
+
+def _expression_question(start: int, chain: Sequence[tuple[str, int]]) -> str:
+    terms = " ".join(f"{op} {operand}" for op, operand in chain)
+    return f"What is {start} {terms}?"
+
+
+def _word_question(rng: random.Random, start: int, chain: Sequence[tuple[str, int]]) -> str:
+    name, pronoun = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    actions = [f"{rng.choice(_GAIN_VERBS if op == '+' else _LOSS_VERBS)} {operand}" for op, operand in chain]
+    listed = ", ".join(actions[:-1]) + " and " + actions[-1]
+    return (f"{name} has {start} {item}. {pronoun} {listed}. "
+            f"How many {item} does {name} have now?")
+
+
+def _level1(rng: random.Random) -> tuple[str, int, list[tuple[str, int]]]:
+    start = rng.randint(0, 20)
+    return "expr", start, _chain(rng, start, steps=1, max_operand=20)
+
+
+def _level2(rng: random.Random) -> tuple[str, int, list[tuple[str, int]]]:
+    start = rng.randint(1, 30)
+    return "expr", start, _chain(rng, start, steps=2, max_operand=30)
+
+
+def _level3(rng: random.Random) -> tuple[str, int, list[tuple[str, int]]]:
+    start = rng.randint(5, 30)
+    return "word", start, _chain(rng, start, steps=3, max_operand=10)
+
+
+LEVELS = {1: _level1, 2: _level2, 3: _level3}
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    """One problem dict: question, solution (ends in 'Answer: N'), answer, level."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown synthetic_math level {level!r}; known: {sorted(LEVELS)}")
+    kind, start, chain = LEVELS[level](rng)
+    question = _expression_question(start, chain) if kind == "expr" else _word_question(rng, start, chain)
+    solution, answer = _trace(start, chain)
+    return {"question": question, "solution": solution, "answer": answer, "level": level}
+
+
+def generate_problems(n: int, seed: int, levels: Sequence[int] = (1, 2, 3),
+                      exclude: Iterable[str] = (), unique: bool = False) -> list[dict]:
+    """`n` problems, deterministic in all arguments.
+
+    Levels are assigned round-robin over `levels` (so repeating a level weights it, e.g.
+    `(1, 1, 2, 3)`), then the list is shuffled. Questions in `exclude` are never produced;
+    `unique=True` also forbids repeats within the result (used for held-out test sets).
+    """
+    rng = random.Random(seed)
+    banned = set(exclude)
+    problems = []
+    for i in range(n):
+        problems.append(_draw(rng, levels[i % len(levels)], banned, i))
+        if unique:
+            banned.add(problems[-1]["question"])
+    rng.shuffle(problems)
+    return problems
+
+
+def _draw(rng: random.Random, level: int, banned: set[str], index: int) -> dict:
+    # Level 1 has only ~630 distinct questions; give up loudly instead of looping forever.
+    for _ in range(1000):
+        problem = make_problem(rng, level)
+        if problem["question"] not in banned:
+            return problem
+    raise ValueError(f"synthetic_math: ran out of distinct level-{level} questions at problem {index}; "
+                     f"ask for fewer problems or more levels")
+
+
+def split_problems(n_train: int, n_test: int, seed: int,
+                   levels: Sequence[int] = (1, 2, 3)) -> tuple[list[dict], list[dict]]:
+    """Train and test problems with no question in common; test questions are unique."""
+    test = generate_problems(n_test, _stream_seed(seed, "test"), levels, unique=True)
+    train = generate_problems(n_train, _stream_seed(seed, "train"), levels, exclude=_questions(test))
+    return train, test
+
+
+def _stream_seed(seed: int, stream: str) -> int:
+    # Distinct, non-overlapping streams: seed 0's test set must not be seed 1's train set.
+    return 3 * seed + ("train", "test", "sft").index(stream)
+
+
+def _questions(problems: Iterable[dict]) -> set[str]:
+    return {p["question"] for p in problems}
+
+
+def chat_prompt(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def to_rl_row(problem: dict, index: int, split: str) -> dict:
+    """One row of verl's RL parquet format."""
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": chat_prompt(problem["question"]),
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": str(problem["answer"])},
+        "extra_info": {"index": index, "level": problem["level"],
+                       "solution": problem["solution"], "split": split},
+    }
+
+
+def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
+                     levels: Sequence[int] = (1, 2, 3), n_sft: int = 0) -> dict[str, str]:
+    """Write `train.parquet` and `test.parquet` (and `sft.jsonl` if `n_sft > 0`).
+
+    The SFT corpus never contains a test question, so evaluation measures generalisation
+    rather than recall. Returns the written paths by split name.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(out_dir, exist_ok=True)
+    train, test = split_problems(n_train, n_test, seed, levels)
+    paths = {}
+    for split, problems in (("train", train), ("test", test)):
+        rows = [to_rl_row(p, i, split) for i, p in enumerate(problems)]
+        paths[split] = os.path.join(out_dir, f"{split}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), paths[split])
+    if n_sft > 0:
+        paths["sft"] = write_sft_corpus(os.path.join(out_dir, "sft.jsonl"), n_sft,
+                                        _stream_seed(seed, "sft"), levels, exclude=_questions(test))
+    return paths
+
+
+def write_sft_corpus(path: str, n: int, seed: int, levels: Sequence[int] = (1, 2, 3),
+                     exclude: Iterable[str] = ()) -> str:
+    """JSONL lines `{"prompt": [chat messages], "response": solution}`; returns `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        for problem in generate_problems(n, seed, levels, exclude=exclude):
+            record = {"prompt": chat_prompt(problem["question"]), "response": problem["solution"]}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def iter_corpus_text(n: int, seed: int, levels: Sequence[int] = (1, 2, 3)) -> Iterator[str]:
+    """Plain texts for tokenizer training: each turn as the chat template lays it out.
+
+    The role names are kept because the template writes them as plain text, and we want
+    `user` and `assistant` to become single tokens.
+    """
+    for problem in generate_problems(n, seed, levels):
+        yield f"user\n{problem['question']}"
+        yield f"assistant\n{problem['solution']}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--n-train", type=int, default=4096)
+    parser.add_argument("--n-test", type=int, default=256)
+    parser.add_argument("--n-sft", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args(argv)
+    paths = write_rl_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.levels, args.n_sft)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The native rollout engine: preallocated KV cache, continuous batching, lossless MTP speculation.
+
+State of an active sequence slot with tokens x_0..x_n (x_n sampled but not yet run through the trunk):
+  * trunk KV and trunk hidden states (buffer 0) are valid for positions [0, n);
+  * MTP layer i has KV valid for positions [0, c_i), c_i <= n - i; its outputs are buffer i+1.
+One decode round with draft depth S:
+  1. draft: MTP layer i (i < min(S, K)) runs once over [c_i, n): the part below n - i catches the layer
+     up on confirmed tokens, the rest is speculative and uses drafts d_1..d_i; its output at n-1 drafts
+     d_{i+1}. Depths past K reuse the last layer, one position further each step (EAGLE-style);
+  2. verify: the trunk runs [x_n, d_1..d_S] in one pass; the acceptance rule keeps a prefix and
+     samples one more token, whose logprob (like every returned logprob) comes from this pass;
+  3. roll back by bookkeeping only: lengths move forward by what was accepted, and cache entries past
+     them are stale, masked by position and overwritten later.
+Layers not drafting in a round simply lag and catch up when next used, so depth 0 costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from verl_mtp.models import MTPCausalLM, state_checksum
+from verl_mtp.rollout.depth import DepthController
+from verl_mtp.rollout.sampling import SamplingParams, sample, speculative_accept, target_logprobs, warp_probs
+
+
+@dataclass
+class SpecStats:
+    """Speculation counters; accept_length = generated tokens / target decode passes (per sequence)."""
+
+    verify_passes: int = 0
+    generated: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)  # passes whose draft at depth k was kept
+    passes_per_depth: list[int] = field(default_factory=list)  # passes that drafted at depth k
+
+    def record(self, depth: int, accepted: torch.Tensor) -> None:
+        rows = accepted.numel()
+        self.verify_passes += rows
+        self.generated += int(accepted.sum()) + rows
+        self.drafted += depth * rows
+        self.accepted += int(accepted.sum())
+        self._grow(depth)
+        for k in range(depth):
+            self.passes_per_depth[k] += rows
+            self.accepted_per_depth[k] += int((accepted > k).sum())
+
+    def _grow(self, depth: int) -> None:
+        while len(self.passes_per_depth) < depth:
+            self.passes_per_depth.append(0)
+            self.accepted_per_depth.append(0)
+
+    def merge(self, other: "SpecStats") -> None:
+        self.verify_passes += other.verify_passes
+        self.generated += other.generated
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self._grow(len(other.passes_per_depth))
+        for k, (p, a) in enumerate(zip(other.passes_per_depth, other.accepted_per_depth)):
+            self.passes_per_depth[k] += p
+            self.accepted_per_depth[k] += a
+
+    @property
+    def accept_length(self) -> float:
+        return self.generated / self.verify_passes if self.verify_passes else 1.0
+
+    def accept_rate(self, depth: int) -> float:
+        """P(draft at depth `depth` (1-based) accepted | it was drafted)."""
+        k = depth - 1
+        if k >= len(self.passes_per_depth) or not self.passes_per_depth[k]:
+            return 0.0
+        return self.accepted_per_depth[k] / self.passes_per_depth[k]
+
+    def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        out = {f"{prefix}accept_length": self.accept_length, f"{prefix}draft_tokens": float(self.drafted),
+               f"{prefix}accepted_tokens": float(self.accepted), f"{prefix}verify_passes": float(self.verify_passes)}
+        for k in range(1, len(self.passes_per_depth) + 1):
+            out[f"{prefix}accept_rate_{k}"] = self.accept_rate(k)
+        return out
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # target-model log softmax(logits / T) of each generated token
+    finish_reason: str  # "stop" | "length"
+    stats: SpecStats
+
+
+@dataclass
+class GenerateOutput:
+    samples: list[Sample]  # prompt-major: the n samples of prompt 0, then prompt 1, ...
+    stats: SpecStats
+    seconds: float
+    depth_histogram: dict[int, int]  # decode rounds per chosen draft depth
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Seq:
+    prompt_index: int
+    prompt_len: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+class NativeEngine:
+    """Batched generation with the policy's own MTP layers as the draft.
+
+    speculative: default draft depth for `generate`: an int (0 = plain decoding; more steps than MTP
+    layers reuse the last layer) or "auto" (depth chosen per round from measured acceptance and costs).
+    """
+
+    def __init__(self, model: MTPCausalLM, tokenizer=None, max_batch_size: int = 64, max_seq_len: int = 1024,
+                 speculative: int | str = "auto", max_draft_depth: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.speculative = speculative
+        k = model.num_mtp_layers
+        # fixed depths may reuse the last MTP layer past K; "auto" searches 0..K, where reuse rarely pays
+        self.max_draft_depth = max_draft_depth if max_draft_depth is not None else (k + 4 if k else 0)
+        self.version: int | None = None
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        # one spare position past the end: padded chunk entries go there and are never read as valid
+        self._scratch = max_seq_len + self.max_draft_depth + 1
+        self.cache = model.allocate_cache(max_batch_size, self._scratch + 1)
+        hidden = model.config.hidden_size
+        self._hidden = torch.zeros(k + 1, max_batch_size, self._scratch + 1, hidden, dtype=self.dtype, device=self.device)
+        self._tokens = torch.zeros(max_batch_size, self._scratch + 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # n per slot
+        self._mtp_len = torch.zeros(max(k, 1), max_batch_size, dtype=torch.long, device=self.device)  # c_i
+        self.depth_controller = DepthController(k, min(k, self.max_draft_depth))
+
+    # ---- public API ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams | None = None,
+                 speculative: int | str | None = None) -> GenerateOutput:
+        params = params or SamplingParams()
+        depth_setting = self.speculative if speculative is None else speculative
+        self._check_request(prompt_token_ids, params, depth_setting)
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        queue = deque((i, p) for i, p in enumerate(prompt_token_ids) for _ in range(params.n))
+        free = list(range(self.max_batch_size - 1, -1, -1))
+        active: dict[int, _Seq] = {}
+        done: list[_Seq] = []
+        stats, histogram = SpecStats(), {}
+        start = time.perf_counter()
+        while queue or active:
+            admitted = []
+            while queue and free:
+                index, prompt = queue.popleft()
+                slot = free.pop()
+                active[slot] = _Seq(prompt_index=index, prompt_len=len(prompt))
+                admitted.append((slot, prompt))
+            if admitted:
+                self._prefill(admitted, active, params, gen)
+            live = [s for s, q in active.items() if q.finish_reason is None]
+            if live:
+                depth = self._round_depth(depth_setting, len(live))
+                t0 = time.perf_counter()
+                accepted = self._decode_round(live, active, depth, params, gen)
+                self.depth_controller.observe(depth, len(live), time.perf_counter() - t0, accepted)
+                stats.record(depth, accepted)
+                histogram[depth] = histogram.get(depth, 0) + 1
+            for slot in [s for s, q in active.items() if q.finish_reason is not None]:
+                done.append(active.pop(slot))
+                free.append(slot)
+        done.sort(key=lambda q: q.prompt_index)  # stable: samples of a prompt keep their order
+        samples = [Sample(q.prompt_index, q.tokens, q.logprobs, q.finish_reason, q.stats) for q in done]
+        return GenerateOutput(samples, stats, time.perf_counter() - start, histogram)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors, version: int | None = None) -> str:
+        """Copy trunk and MTP tensors in place; returns the new checksum for the caller to compare."""
+        state = self.model.state_dict()
+        for name, tensor in named_tensors:
+            if name not in state:
+                raise KeyError(f"update_weights: unknown tensor '{name}'")
+            if state[name].shape != tensor.shape:
+                raise ValueError(f"update_weights: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"engine expects {tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+        self.version = version
+        # the acceptance estimate belongs to the old draft: a fresh (or stale) draft must be re-measured
+        self.depth_controller.reset_acceptance()
+        return self.weights_checksum()
+
+    def weights_checksum(self) -> str:
+        return state_checksum(self.model.state_dict().items())
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _check_request(self, prompts, params: SamplingParams, depth_setting) -> None:
+        if depth_setting != "auto" and not (isinstance(depth_setting, int) and depth_setting >= 0):
+            raise ValueError(f"speculative must be a non-negative int or 'auto', got {depth_setting!r}")
+        if isinstance(depth_setting, int) and depth_setting > 0 and self.model.num_mtp_layers == 0:
+            raise ValueError("speculative decoding needs MTP layers; the model has none (use speculative=0)")
+        if isinstance(depth_setting, int) and depth_setting > self.max_draft_depth:
+            raise ValueError(f"speculative={depth_setting} exceeds the engine's max_draft_depth={self.max_draft_depth}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs an engine built with a tokenizer")
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + params.max_new_tokens > self.max_seq_len:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} "
+                                 f"exceeds max_seq_len {self.max_seq_len}")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i}: token id out of range [0, {vocab})")
+
+    def _round_depth(self, setting, batch_size: int) -> int:
+        if setting == "auto":
+            return self.depth_controller.choose(batch_size) if self.model.num_mtp_layers else 0
+        return setting
+
+    def _prefill(self, admitted, active, params: SamplingParams, gen) -> None:
+        slots = torch.tensor([s for s, _ in admitted], device=self.device)
+        lens = torch.tensor([len(p) for _, p in admitted], device=self.device)
+        width = int(lens.max())
+        chunk = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)
+        for row, (_, prompt) in enumerate(admitted):
+            chunk[row, : len(prompt)] = torch.tensor(prompt)
+        positions = torch.arange(width, device=self.device).expand(len(admitted), width)
+        self._tokens[slots, :width] = chunk
+        hidden = self.model.trunk_step(chunk, positions, self.cache, slots)
+        self._hidden[0][slots[:, None], positions] = hidden
+        logits = self.model.lm_logits(hidden[torch.arange(len(admitted)), lens - 1])
+        token = sample(warp_probs(logits, params), gen)
+        self._tokens[slots, lens] = token
+        self._pos[slots] = lens
+        self._mtp_len[:, slots] = 0
+        logprob = target_logprobs(logits, token, params)
+        for row, (slot, _) in enumerate(admitted):
+            self._append(active[slot], [int(token[row])], [float(logprob[row])], params)
+
+    def _decode_round(self, live: list[int], active, depth: int, params: SamplingParams, gen) -> torch.Tensor:
+        slots = torch.tensor(live, device=self.device)
+        n = self._pos[slots]
+        drafts, draft_probs = self._draft(slots, n, depth, params, gen)
+        steps = torch.arange(depth + 1, device=self.device)
+        positions = n[:, None] + steps
+        chunk = self._tokens[slots[:, None], positions]  # x_n, d_1..d_S
+        hidden = self.model.trunk_step(chunk, positions, self.cache, slots)
+        self._hidden[0][slots[:, None], positions] = hidden
+        logits = self.model.lm_logits(hidden)  # (B, S+1, V)
+        accepted, nxt = speculative_accept(warp_probs(logits, params), draft_probs, drafts, params.greedy, gen)
+        rows = torch.arange(len(live), device=self.device)
+        self._tokens[slots, n + accepted + 1] = nxt
+        self._pos[slots] = n + accepted + 1
+        new_tokens = torch.cat([drafts, nxt[:, None]], dim=1)
+        new_tokens[rows, accepted] = nxt
+        logprobs = target_logprobs(logits, new_tokens, params)
+        for row, slot in enumerate(live):
+            a = int(accepted[row]) + 1
+            seq = active[slot]
+            seq.stats.record(depth, accepted[row : row + 1])
+            self._append(seq, new_tokens[row, :a].tolist(), logprobs[row, :a].tolist(), params)
+        return accepted
+
+    def _draft(self, slots, n, depth: int, params: SamplingParams, gen):
+        """Draft `depth` tokens per row into the token buffer at n+1..n+depth; returns (drafts, q)."""
+        b = slots.numel()
+        if depth == 0:
+            empty = torch.zeros(b, 0, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(b, 0, self.model.config.vocab_size, device=self.device)
+        k = self.model.num_mtp_layers
+        drafts, probs = [], []
+        for i in range(min(depth, k)):
+            start = self._mtp_len[i, slots]
+            width = int((n - start).max())
+            positions = start[:, None] + torch.arange(width, device=self.device)
+            positions = torch.where(positions < n[:, None], positions, self._scratch)
+            out = self.model.mtp_step(i, self._hidden[i][slots[:, None], positions],
+                                      self._tokens[slots[:, None], (positions + i + 1).clamp(max=self._scratch)],
+                                      positions, self.cache, slots)
+            self._hidden[i + 1][slots[:, None], positions] = out
+            self._mtp_len[i, slots] = n - i
+            last = out[torch.arange(b, device=self.device), n - 1 - start]
+            self._push_draft(last, slots, n + i + 1, drafts, probs, params, gen)
+        for j in range(k + 1, depth + 1):  # reuse the last layer, one position further per step
+            pos = n - 1 + (j - k)
+            out = self.model.mtp_step(k - 1, self._hidden[k][slots, pos - 1][:, None],
+                                      self._tokens[slots, pos + k][:, None], pos[:, None], self.cache, slots)
+            self._hidden[k][slots, pos] = out[:, 0]
+            self._push_draft(out[:, 0], slots, n + j, drafts, probs, params, gen)
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
+
+    def _push_draft(self, hidden, slots, at, drafts, probs, params, gen) -> None:
+        q = warp_probs(self.model.lm_logits(hidden), params)
+        token = q.argmax(-1) if params.greedy else sample(q, gen)
+        self._tokens[slots, at] = token
+        drafts.append(token)
+        probs.append(q)
+
+    def _append(self, seq: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> None:
+        for token, logprob in zip(tokens, logprobs):
+            seq.tokens.append(token)
+            seq.logprobs.append(logprob)
+            if token in params.stop_token_ids or self._hit_stop_string(seq, params):
+                seq.finish_reason = "stop"
+            elif len(seq.tokens) >= params.max_new_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                return
+
+    def _hit_stop_string(self, seq: _Seq, params: SamplingParams) -> bool:
+        if not params.stop:
+            return False
+        text = self.tokenizer.decode(seq.tokens[-16:])
+        return any(s in text for s in params.stop)

@@ -1,0 +1,103 @@
+"""Sampling parameters, logit warping and the lossless speculative acceptance rule (pure functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # <= 0: off
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"n": self.n >= 1, "temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
+                  "max_new_tokens": self.max_new_tokens >= 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SamplingParams.{key} is invalid: {getattr(self, key)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(..., V) logits -> probabilities after temperature, top-k and top-p. Greedy gives one-hot.
+
+    Target p and draft q both go through this function, so the acceptance rule compares
+    distributions warped identically (the condition for the output to equal plain sampling).
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p; the first token always stays
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def target_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens`: the behaviour logprob PPO compares against (T=1 if greedy).
+    Top-k/top-p are not applied, as the actor's recomputation does not apply them either."""
+    t = params.temperature if params.temperature > 0 else 1.0
+    return torch.log_softmax(logits.float() / t, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) -> (B,) token ids."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, greedy: bool,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lossless rule, batched.
+
+    p:     (B, S+1, V) warped target distributions; p[:, j] is for the token after j accepted drafts.
+    q:     (B, S, V)   warped draft distributions of the drafted tokens.
+    draft: (B, S)      drafted tokens.
+    Returns (num_accepted (B,), next_token (B,)): accept draft j with probability min(1, p/q); at the
+    first rejection sample from norm(max(0, p - q)); if all are accepted, a bonus token from p[:, S].
+    """
+    b, s = draft.shape
+    rows = torch.arange(b, device=draft.device)
+    if s == 0:
+        accepted = torch.zeros(b, dtype=torch.long, device=draft.device)
+    else:
+        p_d = p[:, :s].gather(-1, draft[..., None]).squeeze(-1)
+        if greedy:
+            ok = p_d > 0.5  # one-hot p: the draft is the target's argmax
+        else:
+            q_d = q.gather(-1, draft[..., None]).squeeze(-1)
+            r = torch.rand(b, s, generator=generator, device=draft.device)
+            ok = r * q_d < p_d  # r < p/q without dividing by a zero q
+        accepted = ok.long().cumprod(-1).sum(-1)
+    p_next = p[rows, accepted]
+    if greedy:
+        return accepted, p_next.argmax(-1)
+    rejected = accepted < s
+    if s > 0 and bool(rejected.any()):
+        q_next = q[rows, accepted.clamp(max=s - 1)]
+        residual = (p_next - q_next).clamp(min=0)
+        mass = residual.sum(-1, keepdim=True)
+        # mass 0 only when p == q exactly, in which case rejection had probability 0: fall back to p
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)
+        p_next = torch.where(rejected[:, None], residual, p_next)
+    return accepted, sample(p_next, generator)
