@@ -25,7 +25,7 @@ from .tensor_ops import (
     masked_sum,
 )
 
-# The MTP loss (mtp_loss.py) is re-exported here by its author.
+from .mtp_loss import compute_mtp_loss
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -38,6 +38,7 @@ __all__ = [
     "apply_kl_in_reward",
     "build_kl_controller",
     "compute_grpo_outcome_advantage",
+    "compute_mtp_loss",
     "compute_policy_loss",
     "compute_rloo_outcome_advantage",
     "entropy_from_logits",

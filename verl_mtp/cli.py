@@ -1,0 +1,38 @@
+"""`verl-mtp <command> [args]`: one entry point for every stage. Each command lives in its own module
+with a `main(argv)`; this file only dispatches, so `verl-mtp --help` stays cheap (no torch import)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "smoke": ("verl_mtp.smoke", "CPU smoke run: train a tiny MTP model for seconds, then speculative generation"),
+    "data": ("verl_mtp.data.synthetic_math", "write the synthetic math task as verl parquet (+ SFT corpus)"),
+    "tokenizer": ("verl_mtp.data.tokenizer", "train a small BPE tokenizer with a chat template"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: verl-mtp <command> [args]   (verl-mtp <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"verl-mtp: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
