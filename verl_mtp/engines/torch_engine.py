@@ -1,0 +1,105 @@
+"""Plain-PyTorch training engine: one process per rank, DDP over gloo (CPU) or NCCL (GPU)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from verl_mtp.algos import lr_lambda
+from verl_mtp.batch import Batch
+from verl_mtp.engines.base import LossFn, TrainingEngine
+from verl_mtp.models import MTPCausalLM
+
+
+class TorchEngine(TrainingEngine):
+    """model: an MTPCausalLM already on its device. optim: the `actor.optim` config as a dict, or None
+    for a frozen role (reference policy). num_mtp / mtp_detach decide what the forward computes."""
+
+    def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1,
+                 num_mtp: int = 0, mtp_detach: bool = True):
+        self.module = model
+        self.num_mtp = num_mtp
+        self.mtp_detach = mtp_detach
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # MTP layers sit idle when MTP training is off: then DDP must tolerate unused parameters
+        idle = num_mtp < model.num_mtp_layers
+        self.model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=idle)
+                      if distributed and optim else model)
+        self.optimizer = self.scheduler = None
+        self.clip_grad = None
+        if optim is not None:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
+                                               weight_decay=optim["weight_decay"])
+            warmup = optim["lr_warmup_steps"]
+            if warmup is None or warmup < 0:
+                warmup = int(optim["lr_warmup_steps_ratio"] * total_steps)
+            schedule = functools.partial(lr_lambda, warmup_steps=warmup, total_steps=total_steps,
+                                         style=optim["lr_scheduler_type"], min_lr_ratio=optim["min_lr_ratio"])
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+            self.clip_grad = optim["clip_grad"]
+        else:
+            model.requires_grad_(False)
+
+    def _forward(self, micro: Batch):
+        return self.model(micro.input_ids, attention_mask=micro.attention_mask, position_ids=micro.position_ids,
+                          num_mtp=self.num_mtp, mtp_detach=self.mtp_detach)
+
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn) -> list[dict[str, float]]:
+        self.model.train()
+        metrics = []
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients once, on the last micro-batch
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss, m = loss_fn(self._forward(micro), micro)
+                loss.backward()
+            metrics.append(m)
+        return metrics
+
+    def optimizer_step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad or math.inf) if params else torch.tensor(0.0)
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @torch.no_grad()
+    def infer(self, micro_batches: list[Batch], fn: Callable) -> list[Any]:
+        self.model.eval()
+        return [fn(self._forward(m), m) for m in micro_batches]
+
+    def named_tensors(self):
+        return self.module.state_dict().items()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.module.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_hf(self, path: str) -> None:
+        self.module.save_pretrained(path)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return self.module.num_mtp_layers

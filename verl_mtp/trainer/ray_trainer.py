@@ -1,0 +1,345 @@
+"""The single-controller driver. One step, as in DESIGN.md's picture:
+
+    prompts -> rollout (speculative, n per prompt) -> reward -> group filter (DAPO dynamic sampling)
+            -> old (and ref) log-probs -> advantages -> PPO + MTP update -> weight sync (verified)
+            -> metrics, checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import ray
+import torch
+from omegaconf import OmegaConf
+
+from verl_mtp.algos import (DynamicSamplingState, accumulate_groups, build_kl_controller, filter_groups,
+                            get_adv_estimator)
+from verl_mtp.algos.kl import apply_kl_in_reward
+from verl_mtp.batch import Batch, from_samples
+from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
+from verl_mtp.observability.tracking import Tracker
+from verl_mtp.rewards import RewardSample
+from verl_mtp.trainer import checkpoint
+from verl_mtp.trainer.setup import ensure_synthetic_task, load_tokenizer, resolve_device, tokenizer_path
+from verl_mtp.workers.group import WorkerGroup
+from verl_mtp.workers.policy_worker import PolicyWorker
+from verl_mtp.workers.reward_worker import RewardWorker
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+@contextmanager
+def timer(name: str, timing: dict[str, float]):
+    start = time.perf_counter()
+    yield
+    timing[f"timing_s/{name}"] = timing.get(f"timing_s/{name}", 0.0) + time.perf_counter() - start
+
+
+def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    x = x.float()
+    return {f"{prefix}/mean": float(x.mean()), f"{prefix}/max": float(x.max()), f"{prefix}/min": float(x.min())}
+
+
+def _mean_metrics(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*dicts)
+    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
+
+
+class DAPOTrainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_dir = cfg.trainer.log_dir
+        data = cfg.data
+        train_files, val_files = data.train_files, data.val_files
+        if train_files is None:
+            train_files, synthetic_val = ensure_synthetic_task(cfg, self.run_dir)
+            val_files = val_files or synthetic_val
+        self.tokenizer_dir = tokenizer_path(cfg, self.run_dir)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir, cfg.actor_rollout_ref.model.trust_remote_code)
+        dataset = lambda files: RLDataset(files, self.tokenizer, prompt_key=data.prompt_key,  # noqa: E731
+                                          max_prompt_length=data.max_prompt_length, truncation=data.truncation,
+                                          filter_invalid=data.filter_invalid)
+        self.train_set = dataset(train_files)
+        self.val_set = dataset(val_files) if val_files else None
+        self.loader = PromptLoader(self.train_set, data.gen_batch_size or data.train_batch_size,
+                                   shuffle=data.shuffle, seed=data.seed or cfg.trainer.seed)
+        steps_per_epoch = max(len(self.train_set) // data.train_batch_size, 1)
+        self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * steps_per_epoch
+        alg = cfg.algorithm
+        self.kl_ctrl = build_kl_controller(alg.kl_ctrl.type, alg.kl_ctrl.kl_coef, alg.kl_ctrl.target_kl,
+                                           alg.kl_ctrl.horizon) if alg.use_kl_in_reward else None
+        self.use_ref = alg.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss
+        self.step = 0
+        self.version = 0
+        self.history: list[dict[str, float]] = []
+        self.counters = {"trainer/worker_restarts": 0.0, "trainer/nan_skipped_steps": 0.0}
+        self._init_workers()
+
+    # ---- workers -------------------------------------------------------------------------
+
+    def _init_workers(self) -> None:
+        cfg = self.cfg
+        world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+        use_gpu = resolve_device(cfg.trainer.device) == "cuda"
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        common = dict(cfg=cfg_dict, tokenizer_dir=self.tokenizer_dir, total_steps=self.total_steps)
+
+        def policy_group(role: str, size: int) -> WorkerGroup:
+            master = ray.get(ray.remote(num_cpus=0)(_address).remote()) if size > 1 else None
+            ranks = [dict(common, role=role, rank=r, world_size=size, master=master) for r in range(size)]
+            return WorkerGroup(PolicyWorker, ranks, use_gpu, name=role)
+
+        self.colocated = cfg.actor_rollout_ref.hybrid_engine
+        if self.colocated:
+            self.actor = self.rollout = policy_group("actor_rollout", world)
+        else:
+            self.actor = policy_group("actor", world)
+            tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
+            self.rollout = policy_group("rollout", max(1, world // tp))
+        self.ref = policy_group("ref", 1) if self.use_ref else None
+        self.reward = WorkerGroup(RewardWorker, [dict(cfg=cfg_dict)], use_gpu=False, name="reward")
+
+    def shutdown(self) -> None:
+        for group in {id(g): g for g in (self.actor, self.rollout, self.ref, self.reward) if g}.values():
+            group.shutdown()
+
+    # ---- rollout and reward --------------------------------------------------------------
+
+    def _generate(self, items: list[dict], validate: bool, seed: int) -> tuple[Batch, dict[str, float]]:
+        """Prompts round-robin over rollout workers; rows come back prompt-major with meta filled."""
+        workers = len(self.rollout)
+        shards = [list(range(w, len(items), workers)) for w in range(workers)]
+        outs = self.rollout.call_shards("generate", [[items[i]["input_ids"] for i in s] for s in shards],
+                                        validate=validate, seed=seed)
+        rows = []
+        for shard, (samples, _) in zip(shards, outs):
+            rows += [(shard[pi], toks, lps, fin) for pi, toks, lps, fin in samples]
+        rows.sort(key=lambda r: r[0])
+        prompts = [items[i]["input_ids"] for i, *_ in rows]
+        meta = {
+            "uid": [f"{seed}-{i}" for i, *_ in rows],
+            "data_source": [items[i]["data_source"] for i, *_ in rows],
+            "ground_truth": [items[i]["ground_truth"] for i, *_ in rows],
+            "extra_info": [items[i]["extra_info"] for i, *_ in rows],
+            "finish_reason": [fin for *_, fin in rows],
+        }
+        batch = from_samples(prompts, [r[1] for r in rows], [r[2] for r in rows], self.tokenizer.pad_token_id, meta)
+        metrics = _mean_metrics([m for _, m in outs])
+        metrics["rollout/tokens_per_s"] = sum(m["rollout/tokens_per_s"] for _, m in outs)
+        return batch, metrics
+
+    def _score(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        lengths = batch.response_lengths.tolist()
+        texts = self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
+        samples = [RewardSample(response_str=t, response_length=int(n), data_source=ds, ground_truth=gt, extra_info=ei)
+                   for t, n, ds, gt, ei in zip(texts, lengths, batch.meta["data_source"], batch.meta["ground_truth"],
+                                               batch.meta["extra_info"])]
+        result = self.reward.call_rank0("score", samples)
+        scores = torch.tensor(result.scores, dtype=torch.float32)
+        rewards = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        last = (batch.response_lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(batch)), last] = scores  # outcome reward on the last response token
+        acc = result.extra.get("acc", [s > 0 for s in result.scores])
+        batch = batch.with_(scores=scores, token_level_rewards=rewards,
+                            meta={**batch.meta, "acc": [float(a) for a in acc], "response_text": texts})
+        return batch, result.metrics
+
+    def _collect(self, timing: dict[str, float]) -> tuple[Batch, dict[str, float]]:
+        """Generate and score batches until `train_batch_size` prompts have informative groups
+        (DAPO dynamic sampling), or a single batch when filtering is off."""
+        fg = self.cfg.algorithm.filter_groups
+        want = self.cfg.data.train_batch_size
+        state, kept, metrics = DynamicSamplingState(), [], []
+        while True:
+            items = self.loader.next_batch()
+            seed = self.cfg.trainer.seed * 1_000_003 + self.step * 101 + state.num_gen_batches
+            with timer("gen", timing):
+                batch, gen_metrics = self._generate(items, validate=False, seed=seed)
+            with timer("reward", timing):
+                batch, reward_metrics = self._score(batch)
+            metrics.append({**gen_metrics, **reward_metrics})
+            if not fg.enable:
+                kept.append(batch.select(list(range(min(len(batch), want * self.cfg.actor_rollout_ref.rollout.n)))))
+                break
+            values = {"acc": batch.meta["acc"], "score": batch.scores.tolist()}.get(
+                fg.metric, batch.token_level_rewards.sum(-1).tolist())
+            keep = filter_groups(batch.meta["uid"], values)
+            result = accumulate_groups(state, batch.meta["uid"], keep, want, fg.max_num_gen_batches)
+            kept.append(batch.select(result.take))
+            state = result.state
+            if not result.need_more:
+                break
+        merged = _mean_metrics(metrics)
+        merged["train/num_gen_batches"] = float(len(metrics))
+        return Batch.concat(kept), merged
+
+    # ---- advantages ----------------------------------------------------------------------
+
+    def _advantages(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        alg, metrics = self.cfg.algorithm, {}
+        rewards = batch.token_level_rewards
+        if self.kl_ctrl is not None:
+            rewards, metrics = apply_kl_in_reward(rewards, batch.response_mask, batch.old_log_probs,
+                                                  batch.ref_log_probs, self.kl_ctrl.value, alg.kl_penalty)
+            self.kl_ctrl.update(metrics["actor/reward_kl_penalty"], n_steps=len(batch))
+        estimator = get_adv_estimator(alg.adv_estimator)
+        adv, _ = estimator(rewards.sum(-1), batch.response_mask, batch.meta["uid"],
+                           norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
+        return batch.with_(token_level_rewards=rewards, advantages=adv), metrics
+
+    # ---- weight sync ---------------------------------------------------------------------
+
+    def _sync_weights(self) -> None:
+        """Trunk and MTP tensors to the rollout; the engine's checksum must equal what was sent,
+        or the draft (or target) is stale and speculation would silently degrade."""
+        self.version += 1
+        if self.colocated:
+            pairs = self.actor.call("sync_colocated", self.version)
+        else:
+            weights, sent = self.actor.call_rank0("get_weights")
+            ref = ray.put(weights)
+            pairs = [(sent, held) for held in self.rollout.call("update_rollout_weights", ref, self.version)]
+        for rank, (sent, held) in enumerate(pairs):
+            if sent != held:
+                raise WeightSyncError(f"weight sync v{self.version}: rollout rank {rank} holds checksum {held[:12]}, "
+                                      f"actor sent {sent[:12]}; refusing to generate with stale weights")
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        timing: dict[str, float] = {}
+        world = len(self.actor)
+        with timer("step", timing):
+            batch, metrics = self._collect(timing)
+            with timer("old_log_prob", timing):
+                old = self.actor.call_shards("compute_log_probs", batch.split(world))
+                batch = batch.with_(old_log_probs=torch.cat(old))
+            if self.ref is not None:
+                with timer("ref", timing):
+                    batch = batch.with_(ref_log_probs=self.ref.call_rank0("compute_log_probs", batch))
+            with timer("adv", timing):
+                batch, adv_metrics = self._advantages(batch)
+            with timer("update_actor", timing):
+                rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
+                actor_metrics = _mean_metrics(self.actor.call_shards("update_policy", batch.split(world),
+                                                                     max(rows // world, 1)))
+            with timer("update_weights", timing):
+                self._sync_weights()
+        metrics.update(adv_metrics)
+        metrics.update(actor_metrics)
+        metrics.update(self._batch_metrics(batch))
+        metrics.update(timing)
+        self.counters["trainer/nan_skipped_steps"] += actor_metrics.get("actor/nan_skipped_updates", 0.0)
+        metrics.update(self.counters)
+        metrics["trainer/weight_version"] = float(self.version)
+        return metrics
+
+    def _batch_metrics(self, batch: Batch) -> dict[str, float]:
+        mask = batch.response_mask.bool()
+        lengths = batch.response_lengths.float()
+        m = {**_stats("critic/score", batch.scores), **_stats("critic/rewards", batch.token_level_rewards.sum(-1)),
+             **_stats("critic/advantages", batch.advantages[mask]), **_stats("response_length", lengths),
+             **_stats("prompt_length", batch.prompt_mask.sum(-1))}
+        m["response_length/clip_ratio"] = float((lengths >= self.cfg.data.max_response_length).float().mean())
+        m["critic/acc/mean"] = float(np.mean(batch.meta["acc"]))
+        return m
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        n = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
+        items = [self.val_set[i] for i in range(len(self.val_set))]
+        batch, gen_metrics = self._generate(items, validate=True, seed=self.cfg.trainer.seed)
+        batch, _ = self._score(batch)
+        metrics = {f"val/{k}": v for k, v in gen_metrics.items()}
+        sources = batch.meta["data_source"]
+        for source in sorted(set(sources)):
+            accs = [a for a, s in zip(batch.meta["acc"], sources) if s == source]
+            metrics[f"val-core/{source}/acc/mean@{n}"] = float(np.mean(accs))
+        metrics["val-core/acc"] = float(np.mean(batch.meta["acc"]))
+        return metrics
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, float]]:
+        t = self.cfg.trainer
+        self._maybe_resume()
+        tracker = Tracker(t.logger, self.run_dir, t.project_name, t.experiment_name, self.total_steps, self.step)
+        try:
+            if self.val_set is not None and t.val_before_train and self.step == 0:
+                tracker.log(self.validate(), self.step)
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics["trainer/step"] = float(self.step)
+                metrics["trainer/epoch"] = float(self.loader.epoch)
+                last = self.step == self.total_steps
+                if self.val_set is not None and t.test_freq > 0 and (self.step % t.test_freq == 0 or last):
+                    with timer("testing", metrics):
+                        metrics.update(self.validate())
+                self.history.append(metrics)
+                tracker.log(metrics, self.step)
+                if t.save_freq > 0 and (self.step % t.save_freq == 0 or last):
+                    self.save_checkpoint()
+        finally:
+            tracker.close()
+        return self.history
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        state = {"step": self.step, "version": self.version, "loader": self.loader.state_dict(),
+                 "kl_coef": self.kl_ctrl.value if self.kl_ctrl else None, "counters": self.counters,
+                 "history": self.history}
+        return checkpoint.save(self.cfg.trainer.default_local_dir, self.step, state, self.actor, self.cfg,
+                               self.cfg.trainer.max_actor_ckpt_to_keep)
+
+    def _maybe_resume(self) -> None:
+        path = checkpoint.find_resume_path(self.cfg.trainer)
+        if path is None:
+            return
+        state = checkpoint.load(path, self.actor)
+        self.step, self.version = state["step"], state["version"]
+        self.loader.load_state_dict(state["loader"])
+        if self.kl_ctrl is not None:
+            self.kl_ctrl.value = state["kl_coef"]
+        self.counters.update(state["counters"])
+        self.history = state["history"]
+        self.version -= 1  # _sync_weights bumps it back to the saved version
+        self._sync_weights()
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+
+def _address():
+    from verl_mtp.workers.policy_worker import address
+
+    return address()
+
+
+def run(cfg) -> list[dict[str, float]]:
+    """Start (or join) Ray, train, and shut the workers down."""
+    if not ray.is_initialized():
+        kwargs = {k: v for k, v in OmegaConf.to_container(cfg.ray_kwargs.ray_init).items() if v is not None}
+        if "RAY_ADDRESS" not in os.environ and "address" not in kwargs:
+            kwargs.setdefault("num_cpus", _cpus_needed(cfg))
+            kwargs.setdefault("include_dashboard", False)
+        ray.init(**kwargs)
+    trainer = DAPOTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
+
+
+def _cpus_needed(cfg) -> int:
+    """Logical CPUs for a local Ray: one per worker bundle (policy ranks, rollout, ref, reward)."""
+    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    rollout = 0 if cfg.actor_rollout_ref.hybrid_engine else world
+    ref = 1 if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
+    return world + rollout + ref + 1

@@ -1,0 +1,128 @@
+"""One rank of the policy. Thin: it builds an engine / rollout engine and delegates to them.
+
+role: "actor_rollout" (colocated: trains, and generates with its own rollout copy of the weights),
+"actor" (trains only; split mode), "rollout" (generates only; split mode) or "ref" (frozen reference).
+The class is plain Python; worker groups wrap it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import torch
+from omegaconf import OmegaConf
+
+from verl_mtp.batch import Batch
+from verl_mtp.engines.actor import PolicyActor
+from verl_mtp.engines.base import build_engine
+from verl_mtp.models import MTPCausalLM, state_checksum
+from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.trainer.setup import build_policy_model, load_tokenizer, num_mtp_layers, resolve_device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def address() -> tuple[str, int]:
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+class PolicyWorker:
+    def __init__(self, cfg: dict, role: str, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None,
+                 tokenizer_dir: str | None = None, total_steps: int = 1):
+        self.cfg = OmegaConf.create(cfg)
+        self.role, self.rank, self.world_size = role, rank, world_size
+        arr = self.cfg.actor_rollout_ref
+        self.device = resolve_device(self.cfg.trainer.device)
+        torch.set_num_threads(max(1, int(os.environ.get("VERL_MTP_THREADS", "1"))))
+        if world_size > 1 and role in ("actor", "actor_rollout"):
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
+                                                 rank=rank, world_size=world_size)
+        self.tokenizer = load_tokenizer(tokenizer_dir, arr.model.trust_remote_code)
+        model = build_policy_model(self.cfg, len(self.tokenizer), self.device, self.cfg.trainer.seed)
+        self.actor = self.rollout = None
+        if role in ("actor", "actor_rollout", "ref"):
+            mtp = arr.model.mtp
+            train_mtp = role != "ref" and mtp.enable and mtp.enable_train
+            optim = OmegaConf.to_container(arr.actor.optim) if role != "ref" else None
+            engine = build_engine(arr.actor.strategy, model=model, optim=optim, total_steps=total_steps,
+                                  num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
+                                  mtp_detach=mtp.detach_encoder)
+            self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature)
+        if role in ("rollout", "actor_rollout"):
+            # colocated: the rollout holds its own copy, refreshed (and verified) after every update
+            rollout_model = copy.deepcopy(model) if self.actor else model
+            mtp = arr.model.mtp
+            self.speculative = mtp.speculative_num_steps if (mtp.enable and mtp.enable_rollout) else 0
+            self.rollout = NativeEngine(rollout_model, self.tokenizer, max_batch_size=arr.rollout.max_batch_size,
+                                        max_seq_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
+                                        speculative=self.speculative)
+
+    # ---- rollout -------------------------------------------------------------------------
+
+    def sampling_params(self, validate: bool = False, seed: int | None = None) -> SamplingParams:
+        r = self.cfg.actor_rollout_ref.rollout
+        src = r.val_kwargs if validate else r
+        greedy = not src.do_sample or src.temperature == 0
+        stop = [] if r.ignore_eos else [self.tokenizer.eos_token_id]
+        return SamplingParams(n=src.n, temperature=0.0 if greedy else src.temperature, top_p=src.top_p,
+                              top_k=src.top_k, max_new_tokens=self.cfg.data.max_response_length,
+                              stop_token_ids=stop, seed=seed)
+
+    def generate(self, prompts: list[list[int]], validate: bool = False, seed: int | None = None):
+        """-> (token ids, logprobs, finish reasons) per sample, prompt-major, and engine metrics."""
+        out = self.rollout.generate(prompts, self.sampling_params(validate, seed))
+        metrics = out.stats.metrics()
+        metrics["rollout/tokens_per_s"] = out.tokens_per_s
+        for depth, rounds in out.depth_histogram.items():
+            metrics[f"rollout/depth_rounds_{depth}"] = float(rounds)
+        samples = [(s.prompt_index, s.token_ids, s.logprobs, s.finish_reason) for s in out.samples]
+        return samples, metrics
+
+    def update_rollout_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> str:
+        return self.rollout.update_weights(named_tensors.items(), version)
+
+    def sync_colocated(self, version: int) -> tuple[str, str]:
+        """Hand the actor's weights to this process's rollout engine; (sent, held) checksums."""
+        named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
+        return state_checksum(named), self.rollout.update_weights(named, version)
+
+    def rollout_checksum(self) -> str:
+        return self.rollout.weights_checksum()
+
+    # ---- actor ---------------------------------------------------------------------------
+
+    def compute_log_probs(self, batch: Batch) -> torch.Tensor:
+        micro = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        return self.actor.compute_log_probs(batch.to(self.device), micro)[0].cpu()
+
+    def update_policy(self, batch: Batch, mini_batch_rows: int) -> dict[str, float]:
+        return self.actor.update_policy(batch.to(self.device), mini_batch_rows)
+
+    def get_weights(self) -> tuple[dict[str, torch.Tensor], str]:
+        named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
+        return named, state_checksum(named.items())
+
+    def save_checkpoint(self, folder: str) -> None:
+        """An HF/MiMo folder (weights, config, tokenizer) plus optimizer and LR-schedule state."""
+        self.actor.engine.save_hf(folder)
+        self.tokenizer.save_pretrained(folder)
+        state = {k: v for k, v in self.actor.engine.state_dict().items() if k != "model"}
+        torch.save(state, os.path.join(folder, "optimizer.pt"))
+
+    def load_checkpoint(self, folder: str) -> None:
+        named = MTPCausalLM.from_pretrained(folder).state_dict()
+        # weights_only: a checkpoint is data, never code
+        state = torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device, weights_only=True)
+        self.actor.engine.load_state_dict({"model": named, **state})
+
+    def pid(self) -> int:
+        return os.getpid()
