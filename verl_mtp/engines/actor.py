@@ -84,7 +84,7 @@ class PolicyActor:
                                                          self.mtp.mtp_loss_scaling_factor, token_count=tokens)
                 loss = loss + mtp_loss
                 metrics.update(mtp_metrics)
-                metrics["mtp/loss"] = float(mtp_loss)
+                metrics["mtp/loss"] = float(mtp_loss.detach())
             return loss, metrics
 
         return loss_fn
