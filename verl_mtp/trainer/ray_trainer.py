@@ -31,7 +31,15 @@ from verl_mtp.workers.reward_worker import RewardWorker
 
 
 class WeightSyncError(RuntimeError):
-    pass
+    """The rollout does not hold the weights the actor sent."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+# a worker process that died or became unreachable; errors raised *inside* a worker are bugs and propagate
+WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorUnavailableError)
 
 
 @contextmanager
@@ -78,6 +86,7 @@ class DAPOTrainer:
         self.step = 0
         self.version = 0
         self.history: list[dict[str, float]] = []
+        self._initial_loader_state = self.loader.state_dict()
         self.counters = {"trainer/worker_restarts": 0.0, "trainer/nan_skipped_steps": 0.0}
         self._init_workers()
 
@@ -269,27 +278,57 @@ class DAPOTrainer:
 
     def fit(self) -> list[dict[str, float]]:
         t = self.cfg.trainer
-        self._maybe_resume()
+        self._maybe_resume(checkpoint.find_resume_path(t))
         tracker = Tracker(t.logger, self.run_dir, t.project_name, t.experiment_name, self.total_steps, self.step)
+        nan_streak = 0
         try:
             if self.val_set is not None and t.val_before_train and self.step == 0:
                 tracker.log(self.validate(), self.step)
             while self.step < self.total_steps:
-                metrics = self.train_step()
-                self.step += 1
-                metrics["trainer/step"] = float(self.step)
-                metrics["trainer/epoch"] = float(self.loader.epoch)
-                last = self.step == self.total_steps
-                if self.val_set is not None and t.test_freq > 0 and (self.step % t.test_freq == 0 or last):
-                    with timer("testing", metrics):
-                        metrics.update(self.validate())
-                self.history.append(metrics)
+                try:
+                    metrics = self._step_and_validate()
+                except WORKER_DEATHS as error:
+                    self._recover(error)
+                    continue
                 tracker.log(metrics, self.step)
-                if t.save_freq > 0 and (self.step % t.save_freq == 0 or last):
+                nan_streak = nan_streak + 1 if metrics.get("actor/nan_skipped_updates", 0) > 0 else 0
+                if nan_streak >= t.max_nan_steps:
+                    raise NonFiniteLossError(
+                        f"{nan_streak} consecutive steps had non-finite loss or gradients (trainer.max_nan_steps="
+                        f"{t.max_nan_steps}); stopped. Weights were not updated by them; last checkpoint: "
+                        f"{checkpoint.latest(t.default_local_dir)}")
+                if t.save_freq > 0 and not nan_streak and (self.step % t.save_freq == 0 or self.step == self.total_steps):
                     self.save_checkpoint()
         finally:
             tracker.close()
         return self.history
+
+    def _step_and_validate(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        metrics = self.train_step()
+        self.step += 1
+        metrics["trainer/step"] = float(self.step)
+        metrics["trainer/epoch"] = float(self.loader.epoch)
+        if self.val_set is not None and t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
+            with timer("testing", metrics):
+                metrics.update(self.validate())
+        self.history.append(metrics)
+        return metrics
+
+    def _recover(self, error: Exception) -> None:
+        """A worker died: recreate every group and continue from the last checkpoint of this run
+        (or from the start when there is none yet)."""
+        restarts = self.counters["trainer/worker_restarts"] + 1
+        if restarts > self.cfg.trainer.max_worker_failures:
+            raise RuntimeError(f"worker died {restarts} times (trainer.max_worker_failures="
+                               f"{self.cfg.trainer.max_worker_failures}); giving up") from error
+        print(f"worker failure at step {self.step + 1} ({type(error).__name__}); recreating workers, "
+              f"recovery {restarts}/{self.cfg.trainer.max_worker_failures}", flush=True)
+        self.shutdown()
+        self._init_workers()
+        self._reset_state()
+        self._maybe_resume(checkpoint.latest(self.cfg.trainer.default_local_dir))
+        self.counters["trainer/worker_restarts"] = restarts
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -300,8 +339,15 @@ class DAPOTrainer:
         return checkpoint.save(self.cfg.trainer.default_local_dir, self.step, state, self.actor, self.cfg,
                                self.cfg.trainer.max_actor_ckpt_to_keep)
 
-    def _maybe_resume(self) -> None:
-        path = checkpoint.find_resume_path(self.cfg.trainer)
+    def _reset_state(self) -> None:
+        """The state of a fresh run (workers rebuild the same initial weights from the seed)."""
+        self.step, self.version, self.history = 0, 0, []
+        self.loader.load_state_dict(self._initial_loader_state)
+        if self.kl_ctrl is not None:
+            self.kl_ctrl.value = self.cfg.algorithm.kl_ctrl.kl_coef
+        self._sync_weights()
+
+    def _maybe_resume(self, path: str | None) -> None:
         if path is None:
             return
         state = checkpoint.load(path, self.actor)
