@@ -1,0 +1,164 @@
+"""Wall time of one RL (GRPO) step: verl_mtp vs TRL's GRPOTrainer, same model, prompts and lengths.
+
+    pip install -e '.[bench]'
+    python bench/rl_step.py [--steps 6] [--prompts 8] [--n 8] [--max-new 64] [--out bench/results/rl_step.json]
+
+Both sides start from the same tiny model folder (written by this script: random init, our MiMo
+layout which transformers' Qwen2ForCausalLM loads), the same synthetic-math prompts, group size n,
+completion length cap, temperature 1, no KL, one optimizer step per generation batch. The first step
+of each side is warm-up and not counted; the table reports the median of the rest, and for
+verl_mtp the share of step time per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_assets(work: Path, hidden: int, layers: int, mtp_layers: int) -> tuple[Path, Path]:
+    from verl_mtp.data.synthetic_math import iter_corpus_text, write_rl_dataset
+    from verl_mtp.data.tokenizer import train_tokenizer
+    from verl_mtp.models import MTPCausalLM, ModelConfig
+    from transformers import AutoTokenizer
+
+    paths = write_rl_dataset(str(work / "data"), n_train=512, n_test=16, seed=0)
+    model_dir = work / "model"
+    train_tokenizer(iter_corpus_text(5000, seed=0), str(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, num_nextn_predict_layers=mtp_layers,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    MTPCausalLM(cfg).save_pretrained(model_dir)
+    return model_dir, Path(paths["train"])
+
+
+def run_trl(model_dir: Path, train_file: Path, args) -> dict:
+    import pandas as pd
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Qwen2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from verl_mtp.rewards.scorers import math_dapo
+
+    rows = pd.read_parquet(train_file)
+    data = Dataset.from_dict({"prompt": [list(p) for p in rows["prompt"]],
+                              "ground_truth": [r["ground_truth"] for r in rows["reward_model"]]})
+
+    def reward(prompts, completions, ground_truth, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [math_dapo.compute_score(t, gt)["score"] for t, gt in zip(texts, ground_truth)]
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.n,
+                        num_generations=args.n, max_completion_length=args.max_new, max_steps=args.steps,
+                        learning_rate=1e-5, use_cpu=True, bf16=False, logging_steps=1, report_to=[],
+                        save_strategy="no", beta=0.0, temperature=1.0, top_p=1.0, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
+                          processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    steps = [b - a for a, b in zip(stamps[0::2], stamps[1::2])]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"step_s": steps, "mean_response_length": statistics.mean(lengths) if lengths else None}
+
+
+def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path) -> dict:
+    import ray
+
+    from verl_mtp.config import load_config
+    from verl_mtp.trainer.ray_trainer import DAPOTrainer
+
+    name = "mtp" if mtp else "plain"
+    overrides = [
+        f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train_file}", "data.val_files=null",
+        f"data.train_batch_size={args.prompts}", f"actor_rollout_ref.rollout.n={args.n}",
+        f"data.max_response_length={args.max_new}", "data.max_prompt_length=64",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={args.prompts}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.prompts * args.n}",
+        "actor_rollout_ref.actor.optim.lr=1e-5", "reward_model.reward_manager=naive",
+        "reward_model.overlong_buffer.enable=false", "reward_model.num_workers=1",
+        f"trainer.total_training_steps={args.steps}", "trainer.val_before_train=false", "trainer.test_freq=-1",
+        "trainer.save_freq=-1", "trainer.logger=[jsonl]", f"trainer.log_dir={work / name}",
+        f"trainer.default_local_dir={work / name / 'ckpt'}", f"actor_rollout_ref.model.mtp.enable={mtp}",
+        f"actor_rollout_ref.model.mtp.enable_train={mtp}", f"actor_rollout_ref.model.mtp.enable_rollout={mtp}",
+        f"actor_rollout_ref.model.mtp.num_layers={args.mtp_layers}",
+        f"actor_rollout_ref.rollout.max_batch_size={args.prompts * args.n}",
+    ]
+    cfg = load_config(overrides)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    trainer = DAPOTrainer(cfg)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.shutdown()
+    phases = ("gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights")
+    timed = history[1:]
+    return {"step_s": [h["timing_s/step"] for h in history],
+            "mean_response_length": statistics.mean(h["response_length/mean"] for h in history),
+            "accept_length": statistics.mean(h["rollout/accept_length"] for h in history),
+            "phase_share": {p: statistics.mean(h.get(f"timing_s/{p}", 0.0) / h["timing_s/step"] for h in timed)
+                            for p in phases}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--mtp-layers", type=int, default=1)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--out", default="bench/results/rl_step.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    work = Path(tempfile.mkdtemp(prefix="rl_step_"))
+    model_dir, train_file = build_assets(work, args.hidden, args.layers, args.mtp_layers)
+    results = {"config": vars(args), "torch": torch.__version__, "cpus": os.cpu_count()}
+    results["verl_mtp_plain"] = run_ours(model_dir, train_file, args, mtp=False, work=work)
+    results["verl_mtp_mtp"] = run_ours(model_dir, train_file, args, mtp=True, work=work)
+    if not args.skip_trl:
+        results["trl"] = run_trl(model_dir, train_file, args)
+    median = {k: statistics.median(v["step_s"][1:]) for k, v in results.items() if isinstance(v, dict) and "step_s" in v}
+    results["median_step_s"] = median
+    print(f"\none GRPO step: {args.prompts} prompts x n={args.n}, <= {args.max_new} new tokens, "
+          f"hidden {args.hidden}, {args.layers} layers; median of steps 2..{args.steps}")
+    print(f"{'system':<18}{'step s':>10}{'vs TRL':>10}{'resp len':>10}")
+    for k, s in median.items():
+        speedup = f"{median['trl'] / s:.2f}x" if "trl" in median else "-"
+        print(f"{k:<18}{s:>10.3f}{speedup:>10}{results[k]['mean_response_length'] or 0:>10.1f}")
+    for k in ("verl_mtp_plain", "verl_mtp_mtp"):
+        shares = ", ".join(f"{p} {100 * v:.0f}%" for p, v in results[k]["phase_share"].items())
+        print(f"{k} phase shares: {shares}; accept length {results[k]['accept_length']:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
