@@ -9,6 +9,7 @@ import sys
 # name -> (module with main(argv), one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "dapo": ("verl_mtp.trainer.main_dapo", "DAPO/GRPO with joint MTP training on Ray (verl config keys)"),
+    "report": ("verl_mtp.observability.report", "plots (PNG) and a markdown summary of a run from its metrics.jsonl"),
     "smoke": ("verl_mtp.smoke", "CPU smoke run: train a tiny MTP model for seconds, then speculative generation"),
     "data": ("verl_mtp.data.synthetic_math", "write the synthetic math task as verl parquet (+ SFT corpus)"),
     "tokenizer": ("verl_mtp.data.tokenizer", "train a small BPE tokenizer with a chat template"),

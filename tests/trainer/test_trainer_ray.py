@@ -98,3 +98,13 @@ def test_stale_rollout_weights_stop_the_run():
     trainer.actor = _FakeGroup([("abc", "abc"), ("abc", "stale")])
     with pytest.raises(WeightSyncError, match="rollout rank 1 holds checksum stale"):
         trainer._sync_weights()
+
+
+def test_prometheus_exporter_serves_the_run(ray_local, tmp_path):
+    from tests.observability.scrape import assert_scrape_matches, free_port, watch_run
+
+    port = free_port()
+    cfg = load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.prometheus.enable=true",
+                                f"trainer.prometheus.port={port}"))
+    history, samples = watch_run(f"http://127.0.0.1:{port}/metrics", lambda: _fit(cfg))
+    assert_scrape_matches(samples, history)

@@ -402,7 +402,7 @@ class AlgorithmConfig:
 class TrainerConfig:
     project_name: str = "verl_mtp"
     experiment_name: str = "default"
-    logger: List[str] = _list("console")  # console | jsonl | tensorboard | wandb
+    logger: List[str] = _list("console")  # console | jsonl | tensorboard
     log_dir: str = "runs/${trainer.project_name}/${trainer.experiment_name}"  # verl_mtp: jsonl + tensorboard
     nnodes: int = 1
     n_gpus_per_node: int = 8  # devices (CPU: worker processes) per node

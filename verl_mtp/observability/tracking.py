@@ -1,4 +1,10 @@
-"""Metric sinks selected by `trainer.logger`: console, jsonl, tensorboard."""
+"""Where each step's metrics go: the sinks named in `trainer.logger` (console, jsonl, tensorboard)
+and, when enabled, the Prometheus exporter. The driver only does
+
+    tracker = Tracker.from_config(cfg, total_steps, start_step)
+    tracker.log(metrics, step)        # every step
+    tracker.close()
+"""
 
 from __future__ import annotations
 
@@ -7,53 +13,106 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
+
+from verl_mtp.observability.prometheus import PrometheusExporter, exporter_from_config
+
+LOGGERS = ("console", "jsonl", "tensorboard")
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class ConsoleSink:
-    """One compact line per step, plus a progress bar with ETA over the total steps."""
+    """One compact line per step (with its own ETA, so plain log files show progress too), plus a
+    progress bar over the total steps on a terminal."""
 
     LABELS = {"critic/score/mean": "score", "critic/acc/mean": "acc", "actor/pg_loss": "pg_loss",
               "mtp/loss": "mtp_loss", "rollout/accept_length": "accept_len", "rollout/tokens_per_s": "tok/s",
               "response_length/mean": "resp_len", "val-core/acc": "val_acc", "timing_s/step": "step_s"}
+    # running totals shown only once they are non-zero: they mean something went wrong
+    ALARMS = {"trainer/worker_restarts": "restarts", "trainer/nan_skipped_steps": "nan_skipped"}
 
-    def __init__(self, total_steps: int, start_step: int = 0):
+    def __init__(self, total_steps: int, start_step: int = 0, file=None):
         from tqdm import tqdm
 
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.file = file or sys.stdout
+        # disable=None: no bar when stderr is not a terminal (Ray job logs); the lines still carry the ETA
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True, disable=None)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        text = " ".join(f"{label}={metrics[k]:.4g}" for k, label in self.LABELS.items() if k in metrics)
-        self.bar.write(f"step {step}: {text}")
-        if "timing_s/step" in metrics:
-            self.bar.update(1)
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        now = time.monotonic()
+        if step <= self.start_step:  # validation before the first step: not part of the step rate
+            self.started = now
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{label}={metrics[k]:.4g}" for k, label in self.LABELS.items() if k in metrics]
+        parts += [f"{label}={metrics[k]:.0f}" for k, label in self.ALARMS.items() if metrics.get(k, 0) > 0]
+        done = step - self.start_step
+        if done > 0 and step < self.total_steps:
+            parts.append(f"eta={format_duration((now - self.started) / done * (self.total_steps - step))}")
+        self.bar.write(" ".join(parts), file=self.file)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
 
 
 class JsonlSink:
+    """`metrics.jsonl` in the run folder: one object per step with `step`, `time` and every metric.
+    Non-finite values are written as null (JSON has no NaN), so a NaN loss stays visible."""
+
     def __init__(self, run_dir: str):
         os.makedirs(run_dir, exist_ok=True)
-        self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.f = open(self.path, "a", buffering=1)
+        if self.f.tell() and not _ends_with_newline(self.path):  # a killed run cut its last line
+            self.f.write("\n")  # so the resumed run's first row is not glued to it
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, "time": time.time(), **{k: v for k, v in metrics.items() if math.isfinite(v)}}
-        self.f.write(json.dumps(row) + "\n")
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        row = {"step": step, "time": time.time()}
+        for k, v in metrics.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else None
+        self.f.write(json.dumps(row) + "\n")  # line buffered: a reader sees whole lines (but the last may be cut)
 
     def close(self) -> None:
         self.f.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def tensorboard_dir(project: str, experiment: str) -> str:
+    """`$TENSORBOARD_DIR` when set, else `tensorboard_log/{project}/{experiment}` (verl's layout)."""
+    return os.environ.get("TENSORBOARD_DIR") or os.path.join("tensorboard_log", project, experiment)
 
 
 class TensorBoardSink:
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+            self.writer.add_scalar(k, float(v), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -61,23 +120,42 @@ class TensorBoardSink:
 
 
 class Tracker:
-    def __init__(self, loggers, run_dir: str, project: str, experiment: str, total_steps: int, start_step: int = 0):
+    def __init__(self, loggers, run_dir: str, project: str, experiment: str, total_steps: int, start_step: int = 0,
+                 exporter: PrometheusExporter | None = None):
+        if isinstance(loggers, str):  # trainer.logger=console
+            loggers = [loggers]
         self.sinks = []
-        for name in loggers:
-            if name == "console":
-                self.sinks.append(ConsoleSink(total_steps, start_step))
-            elif name == "jsonl":
-                self.sinks.append(JsonlSink(run_dir))
-            elif name == "tensorboard":
-                tb_dir = os.environ.get("TENSORBOARD_DIR") or os.path.join("tensorboard_log", project, experiment)
-                self.sinks.append(TensorBoardSink(tb_dir))
-            else:
-                raise ValueError(f"trainer.logger: {name!r} is not available (console | jsonl | tensorboard)")
+        self.exporter = exporter
+        try:
+            for name in loggers:
+                if name == "console":
+                    self.sinks.append(ConsoleSink(total_steps, start_step))
+                elif name == "jsonl":
+                    self.sinks.append(JsonlSink(run_dir))
+                elif name == "tensorboard":
+                    self.sinks.append(TensorBoardSink(tensorboard_dir(project, experiment)))
+                else:
+                    raise ValueError(f"trainer.logger: {name!r} is not available ({' | '.join(LOGGERS)})")
+        except BaseException:
+            self.close()  # do not leave the exporter's port bound
+            raise
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    @classmethod
+    def from_config(cls, cfg, total_steps: int, start_step: int = 0) -> Tracker:
+        """Sinks from `trainer.logger` (jsonl into `trainer.log_dir`) and the exporter from
+        `trainer.prometheus` / `actor_rollout_ref.rollout.prometheus`."""
+        t = cfg.trainer
+        exporter = exporter_from_config(cfg, total_steps)
+        return cls(t.logger, t.log_dir, t.project_name, t.experiment_name, total_steps, start_step, exporter)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         for sink in self.sinks:
             sink.log(metrics, step)
+        if self.exporter is not None:
+            self.exporter.update(metrics, step)
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+        if self.exporter is not None:
+            self.exporter.close()

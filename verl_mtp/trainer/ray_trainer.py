@@ -170,6 +170,7 @@ class DAPOTrainer:
             seed = self.cfg.trainer.seed * 1_000_003 + self.step * 101 + state.num_gen_batches
             with timer("gen", timing):
                 batch, gen_metrics = self._generate(items, validate=False, seed=seed)
+            gen_metrics["rollout/generated_tokens"] = float(batch.response_lengths.sum())
             with timer("reward", timing):
                 batch, reward_metrics = self._score(batch)
             metrics.append({**gen_metrics, **reward_metrics})
@@ -185,6 +186,8 @@ class DAPOTrainer:
             if not result.need_more:
                 break
         merged = _mean_metrics(metrics)
+        for key in [k for k in merged if k == "rollout/generated_tokens" or k.startswith("reward/failures_")]:
+            merged[key] = sum(m.get(key, 0.0) for m in metrics)  # totals over generation batches
         merged["train/num_gen_batches"] = float(len(metrics))
         return Batch.concat(kept), merged
 
@@ -279,7 +282,7 @@ class DAPOTrainer:
     def fit(self) -> list[dict[str, float]]:
         t = self.cfg.trainer
         self._maybe_resume(checkpoint.find_resume_path(t))
-        tracker = Tracker(t.logger, self.run_dir, t.project_name, t.experiment_name, self.total_steps, self.step)
+        tracker = Tracker.from_config(self.cfg, self.total_steps, self.step)
         nan_streak = 0
         try:
             if self.val_set is not None and t.val_before_train and self.step == 0:
