@@ -81,7 +81,8 @@ class PolicyActor:
             if out.mtp_logits:
                 full_mask = torch.cat([torch.zeros_like(micro.prompt_mask), mask], dim=1)
                 mtp_loss, mtp_metrics = compute_mtp_loss(out.mtp_logits, micro.input_ids, full_mask,
-                                                         self.mtp.mtp_loss_scaling_factor, token_count=tokens)
+                                                         self.mtp.mtp_loss_scaling_factor, token_count=tokens,
+                                                         attention_mask=micro.attention_mask)
                 loss = loss + mtp_loss
                 metrics.update(mtp_metrics)
                 metrics["mtp/loss"] = float(mtp_loss.detach())

@@ -4,10 +4,12 @@ a `TrainingEngine` and a backend-agnostic `PolicyActor` (engines/actor.py) that 
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from verl_mtp.batch import Batch
 from verl_mtp.models import MTPOutput
@@ -55,6 +57,15 @@ class TrainingEngine(ABC):
     @abstractmethod
     def num_mtp_layers(self) -> int: ...
 
+    @property
+    def data_parallel_rank(self) -> int:
+        """Which data shard this rank gets (ranks of one model-parallel group share a shard)."""
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
 
 # actor.strategy -> "module:Class"; imported lazily so that megatron loads only when chosen
 ENGINES = {
@@ -66,7 +77,10 @@ ENGINES = {
 
 
 def build_engine(strategy: str, **kwargs) -> TrainingEngine:
+    """Backend-specific settings (e.g. `megatron=` parallel sizes) go only to engines that take them."""
     if strategy not in ENGINES:
         raise ValueError(f"actor_rollout_ref.actor.strategy={strategy!r}: choose one of {sorted(ENGINES)}")
-    module, cls = ENGINES[strategy].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    module, name = ENGINES[strategy].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})

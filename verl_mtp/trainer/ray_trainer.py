@@ -111,8 +111,19 @@ class DAPOTrainer:
             self.actor = policy_group("actor", world)
             tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
             self.rollout = policy_group("rollout", max(1, world // tp))
-        self.ref = policy_group("ref", 1) if self.use_ref else None
+        self.ref = policy_group("ref", world) if self.use_ref else None
         self.reward = WorkerGroup(RewardWorker, [dict(cfg=cfg_dict)], use_gpu=False, name="reward")
+        # data-parallel rank of each worker: ranks of one tensor/pipeline-parallel group share a shard
+        self.dp_ranks = {id(g): g.call("data_parallel_rank") for g in (self.actor, self.ref) if g is not None}
+
+    def _dp_call(self, group: WorkerGroup, method: str, batch: Batch, *args) -> list:
+        """Shard `batch` over the group's data-parallel ranks; one result per shard, in order."""
+        ranks = self.dp_ranks[id(group)]
+        shards = batch.split(max(ranks) + 1)
+        results = {}
+        for rank, out in zip(ranks, group.call_shards(method, [shards[r] for r in ranks], *args)):
+            results.setdefault(rank, out)
+        return [results[r] for r in sorted(results)]
 
     def shutdown(self) -> None:
         for group in {id(g): g for g in (self.actor, self.rollout, self.ref, self.reward) if g}.values():
@@ -226,21 +237,19 @@ class DAPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         timing: dict[str, float] = {}
-        world = len(self.actor)
+        dp = max(self.dp_ranks[id(self.actor)]) + 1
         with timer("step", timing):
             batch, metrics = self._collect(timing)
             with timer("old_log_prob", timing):
-                old = self.actor.call_shards("compute_log_probs", batch.split(world))
-                batch = batch.with_(old_log_probs=torch.cat(old))
+                batch = batch.with_(old_log_probs=torch.cat(self._dp_call(self.actor, "compute_log_probs", batch)))
             if self.ref is not None:
                 with timer("ref", timing):
-                    batch = batch.with_(ref_log_probs=self.ref.call_rank0("compute_log_probs", batch))
+                    batch = batch.with_(ref_log_probs=torch.cat(self._dp_call(self.ref, "compute_log_probs", batch)))
             with timer("adv", timing):
                 batch, adv_metrics = self._advantages(batch)
             with timer("update_actor", timing):
                 rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
-                actor_metrics = _mean_metrics(self.actor.call_shards("update_policy", batch.split(world),
-                                                                     max(rows // world, 1)))
+                actor_metrics = _mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1)))
             with timer("update_weights", timing):
                 self._sync_weights()
         metrics.update(adv_metrics)
@@ -390,5 +399,5 @@ def _cpus_needed(cfg) -> int:
     """Logical CPUs for a local Ray: one per worker bundle (policy ranks, rollout, ref, reward)."""
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
     rollout = 0 if cfg.actor_rollout_ref.hybrid_engine else world
-    ref = 1 if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
+    ref = world if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
     return world + rollout + ref + 1

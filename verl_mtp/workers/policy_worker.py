@@ -42,7 +42,7 @@ class PolicyWorker:
         arr = self.cfg.actor_rollout_ref
         self.device = resolve_device(self.cfg.trainer.device)
         torch.set_num_threads(max(1, int(os.environ.get("VERL_MTP_THREADS", "1"))))
-        if world_size > 1 and role in ("actor", "actor_rollout"):
+        if world_size > 1 and role in ("actor", "actor_rollout", "ref"):
             backend = "nccl" if self.device == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
                                                  rank=rank, world_size=world_size)
@@ -53,9 +53,10 @@ class PolicyWorker:
             mtp = arr.model.mtp
             train_mtp = role != "ref" and mtp.enable and mtp.enable_train
             optim = OmegaConf.to_container(arr.actor.optim) if role != "ref" else None
+            parallel = OmegaConf.to_container(arr.ref.megatron if role == "ref" else arr.actor.megatron, resolve=True)
             engine = build_engine(arr.actor.strategy, model=model, optim=optim, total_steps=total_steps,
                                   num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
-                                  mtp_detach=mtp.detach_encoder)
+                                  mtp_detach=mtp.detach_encoder, megatron=parallel)
             self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature)
         if role in ("rollout", "actor_rollout"):
             # colocated: the rollout holds its own copy, refreshed (and verified) after every update
@@ -123,6 +124,9 @@ class PolicyWorker:
         # weights_only: a checkpoint is data, never code
         state = torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device, weights_only=True)
         self.actor.engine.load_state_dict({"model": named, **state})
+
+    def data_parallel_rank(self) -> int:
+        return self.actor.engine.data_parallel_rank
 
     def pid(self) -> int:
         return os.getpid()

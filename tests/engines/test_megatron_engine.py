@@ -1,0 +1,206 @@
+"""The megatron engine against our model and the torch engine, on CPU: equal logits (trunk and MTP
+depths), equal policy/MTP losses and gradients through PolicyActor, detached MTP heads, TP=2 over gloo
+(this file is also the TP worker script), weights out and back. PP/CP/TE paths are GPU-only."""
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+pytest.importorskip("megatron.core")
+
+from verl_mtp.batch import from_samples  # noqa: E402
+from verl_mtp.config import load_config  # noqa: E402
+from verl_mtp.engines.actor import PolicyActor  # noqa: E402
+from verl_mtp.engines.base import build_engine  # noqa: E402
+from verl_mtp.models import MTPCausalLM  # noqa: E402
+from tests.conftest import toy_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _arr(**over):
+    args = [f"{k}={v}" for k, v in over.items()]
+    return load_config(["actor_rollout_ref.actor.optim.lr=1e-2", "actor_rollout_ref.actor.optim.clip_grad=1e9",
+                        "actor_rollout_ref.model.mtp.num_layers=2",
+                        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", *args]).actor_rollout_ref
+
+
+def _batch(seed=0, rows=6, zero_advantages=False):
+    """Prompts of >= 3 tokens: with K=2 MTP layers every MTP target is then predicted from a real token.
+    (A target predicted from a pad position is read from padding garbage, which the two layouts fill
+    differently; see docs/megatron.md.)"""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lambda lo, hi: [int(torch.randint(lo, hi, (1,), generator=g)) for _ in range(rows)]  # noqa: E731
+    prompts = [torch.randint(1, 24, (n,), generator=g).tolist() for n in lengths(3, 7)]
+    responses = [torch.randint(1, 24, (n,), generator=g).tolist() for n in lengths(1, 7)]
+    b = from_samples(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
+    adv = torch.zeros(b.responses.shape) if zero_advantages else torch.randn(b.responses.shape, generator=g)
+    return b.with_(advantages=adv * b.response_mask)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return MTPCausalLM(toy_config(**kw))
+
+
+def _engine(strategy, model, arr, detach=True, megatron=None):
+    kwargs = {"megatron": megatron} if megatron else {}
+    return build_engine(strategy, model=copy.deepcopy(model), optim=OmegaConf.to_container(arr.actor.optim),
+                        total_steps=10, num_mtp=2, mtp_detach=detach, **kwargs)
+
+
+def _grads(engine):
+    if hasattr(engine, "named_grads"):
+        return engine.named_grads()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+            for n, p in engine.module.named_parameters()}
+
+
+def train_once(engine, arr, batch):
+    """Old log-probs, then one PPO mini-batch (3 micro-batches): what the engine computed on the way."""
+    actor = PolicyActor(engine, arr)
+    log_probs, _ = actor.compute_log_probs(batch, micro_size=4)
+    grads = {}
+    step = engine.optimizer_step
+
+    def record_then_step():
+        grads.update(_grads(engine))
+        return step()
+
+    engine.optimizer_step = record_then_step
+    metrics = actor.update_policy(batch.with_(old_log_probs=log_probs), mini_batch_rows=len(batch))
+    weights = {k: v.detach().clone() for k, v in engine.named_tensors()}
+    return {"log_probs": log_probs * batch.response_mask, "metrics": metrics, "grads": grads, "weights": weights}
+
+
+def _assert_same_training(ours, ref):
+    assert torch.allclose(ours["log_probs"], ref["log_probs"], atol=1e-5)
+    for key in ("actor/pg_loss", "mtp/loss", "mtp/loss_1", "mtp/loss_2", "actor/grad_norm"):
+        assert ours["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert ours["grads"].keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        assert torch.allclose(ours["grads"][name], g, atol=1e-6, rtol=1e-4), name
+    for name, w in ref["weights"].items():  # after one AdamW step
+        assert torch.allclose(ours["weights"][name], w, atol=1e-4), name
+
+
+# ---------------------------------------------------------------- TP=1, in process
+
+
+@pytest.mark.parametrize("layout", [{}, {"tie_word_embeddings": True, "vocab_size": 25},
+                                    {"qkv_bias": False, "num_key_value_heads": 4}])
+def test_logits_equal_our_model_for_trunk_and_every_mtp_depth(layout):
+    model = _model(**layout)
+    engine = build_engine("megatron", model=copy.deepcopy(model), optim=None, num_mtp=2)
+    b = _batch()
+    out = engine.infer([b], lambda o, _: o)[0]
+    with torch.no_grad():
+        ref = model(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, num_mtp=2)
+    real = b.attention_mask.bool()
+    assert torch.allclose(out.logits[real], ref.logits[real], atol=1e-4)
+    assert torch.allclose(out.hidden_states[real], ref.hidden_states[real], atol=1e-4)
+    for i, (ours, theirs) in enumerate(zip(out.mtp_logits, ref.mtp_logits)):
+        shift = i + 1  # depth i at t reads tokens up to t+i+1: both must be real
+        valid = real[:, :-shift] & real[:, shift:]
+        assert torch.allclose(ours[:, :-shift][valid], theirs[:, :-shift][valid], atol=1e-4)
+
+
+def test_torch_and_megatron_give_the_same_losses_and_gradients():
+    model, arr, b = _model(), _arr(), _batch()
+    ref = train_once(_engine("torch", model, arr), arr, b)
+    _assert_same_training(train_once(_engine("megatron", model, arr), arr, b), ref)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_with_zero_advantage_only_mtp_params_get_gradients_when_detached(detach):
+    arr = _arr()
+    grads = train_once(_engine("megatron", _model(), arr, detach=detach), arr, _batch(zero_advantages=True))["grads"]
+    learning = {n for n, g in grads.items() if g.abs().max() > 0}
+    assert any(".mtp_layers." in n for n in learning)
+    trunk = {n for n in learning if ".mtp_layers." not in n}
+    assert (not trunk) if detach else trunk
+
+
+def test_weights_checkpoint_and_resume_round_trip(tmp_path):
+    model, arr, b = _model(), _arr(), _batch()
+    engine = _engine("megatron", model, arr)
+    assert {k: torch.equal(v, model.state_dict()[k]) for k, v in engine.named_tensors()} == \
+        {k: True for k in model.state_dict()}
+    train_once(engine, arr, b)
+    engine.save_hf(str(tmp_path))
+    saved = MTPCausalLM.from_pretrained(str(tmp_path)).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in engine.named_tensors())
+    resumed = _engine("megatron", model, arr)
+    resumed.load_state_dict(copy.deepcopy(engine.state_dict()))  # as if through a file
+    assert resumed.lr == engine.lr
+    for e in (engine, resumed):  # the next update agrees bit for bit: weights, Adam moments and step restored
+        e.forward_backward([b], lambda out, _: (out.logits.logsumexp(-1).mean() + out.mtp_logits[1].mean(), {}))
+        e.optimizer_step()
+    after = [dict(e.named_tensors()) for e in (engine, resumed)]
+    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
+
+
+# ---------------------------------------------------------------- TP=2 over gloo, in subprocesses
+
+
+def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    arr = _arr()
+    engine = _engine("megatron", _model(), arr, megatron={"tensor_model_parallel_size": world})
+    result = train_once(engine, arr, _batch())
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "tp.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_2_matches_the_torch_engine():
+    from verl_mtp.engines.megatron_runtime import _free_port
+
+    world, port = 2, _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as out:
+        procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), out], env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+        model, arr, b = _model(), _arr(), _batch()
+        ref = train_once(_engine("torch", model, arr), arr, b)  # meanwhile, the reference
+        logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+        tp = torch.load(os.path.join(out, "tp.pt"), weights_only=False)
+    _assert_same_training(tp, ref)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("megatron", [{"pipeline_model_parallel_size": 2},
+                                      {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                                      {"tensor_model_parallel_size": 2, "optimizer_offload": True}])
+def test_gpu_parallel_layouts_match_the_torch_engine(megatron):
+    """2 GPUs under torchrun: `torchrun --nproc-per-node 2 -m pytest -m gpu tests/engines/test_megatron_engine.py`.
+    megatron's pipeline schedules and optimizers allocate on CUDA; sequence parallel needs the TE spec."""
+    if not torch.distributed.is_torchelastic_launched():
+        pytest.skip("run under torchrun with 2 GPUs")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl")
+    torch.cuda.set_device(torch.distributed.get_rank())
+    model, arr, b = _model(), _arr(), _batch().to("cuda")
+    ref = train_once(_engine("torch", model.cuda(), arr), arr, b)
+    _assert_same_training(train_once(_engine("megatron", model, arr, megatron=megatron), arr, b), ref)
+
+
+def test_context_parallel_is_refused_in_one_line():
+    with pytest.raises(NotImplementedError, match="context_parallel_size"):
+        build_engine("megatron", model=_model(), optim=None, megatron={"context_parallel_size": 2})
+
+
+if __name__ == "__main__":
+    _tp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

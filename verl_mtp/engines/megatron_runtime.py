@@ -1,0 +1,228 @@
+"""Megatron-core plumbing for the megatron engine: the import guard, the CPU workarounds, process
+groups, and building a `GPTModel` (+ MTP block) from our `ModelConfig`.
+
+Everything that touches megatron's global state lives here, so `megatron_engine.py` reads as the
+engine and `megatron_convert.py` stays pure tensor code. megatron-core is imported lazily: importing
+`verl_mtp` (or this module) never imports megatron.
+
+CPU workarounds (all in `apply_cpu_workarounds`, applied only when CUDA is absent):
+  1. megatron allocates many buffers with ``device=torch.cuda.current_device()``; on a CPU-only
+     torch that call raises, so it is made to answer ``"cpu"``.
+  2. ``model_parallel_cuda_manual_seed`` forks CUDA RNG states; on CPU the RNG tracker is created
+     with ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` instead, whose
+     ``fork()`` is a no-op context (dropout is 0 in RL fine-tuning, so no RNG stream is needed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from verl_mtp.models import ModelConfig
+
+INSTALL_HINT = ("actor_rollout_ref.actor.strategy=megatron needs megatron-core: "
+                "pip install 'verl_mtp[megatron]' (or pip install 'megatron-core>=0.12')")
+
+
+def require_megatron():
+    """Import megatron.core or fail with one line saying what to install."""
+    try:
+        import megatron.core  # noqa: F401
+        from megatron.core import parallel_state
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """The `actor.megatron` keys this engine reads (verl names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False  # only with TP > 1 and the TE spec (torch norms refuse it)
+    use_distributed_optimizer: bool = False
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
+    seed: int = 42
+
+    @classmethod
+    def from_config(cls, megatron: dict | None) -> "ParallelSizes":
+        known = {k: v for k, v in (megatron or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+# ---------------------------------------------------------------- CPU workarounds
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_cpu_workarounds() -> None:
+    """Make megatron-core run on a CPU-only torch (see the module docstring). Idempotent."""
+    if cuda_available() or getattr(torch.cuda.current_device, "_verl_mtp_cpu", False):
+        return
+
+    def current_device() -> str:
+        return "cpu"
+
+    current_device._verl_mtp_cpu = True
+    torch.cuda.current_device = current_device
+
+
+def seed_rng_tracker(seed: int) -> None:
+    """Megatron's model-parallel RNG: CUDA seeds on GPU, the no-op tracker on CPU."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if cuda_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+# ---------------------------------------------------------------- process groups
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(sizes: ParallelSizes) -> None:
+    """Megatron's TP/PP/CP/DP groups over the already-initialised default group; a single process
+    gets a world of one (megatron needs a default group even then). Reused when already set up
+    with the same sizes, e.g. the actor and the reference policy in one process."""
+    parallel_state = require_megatron()
+    apply_cpu_workarounds()
+    if not dist.is_initialized():
+        backend = "nccl" if cuda_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    want = (sizes.tensor_model_parallel_size, sizes.pipeline_model_parallel_size, sizes.context_parallel_size)
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_context_parallel_world_size())
+        if have == want:
+            return
+        parallel_state.destroy_model_parallel()
+    world = dist.get_world_size()
+    if world % sizes.model_parallel:
+        raise ValueError(f"actor_rollout_ref.actor.megatron: tp*pp*cp = {sizes.model_parallel} does not divide "
+                         f"the {world} ranks")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=want[0], pipeline_model_parallel_size=want[1],
+                                             context_parallel_size=want[2])
+    seed_rng_tracker(sizes.seed)
+
+
+# ---------------------------------------------------------------- model
+
+
+def use_transformer_engine() -> bool:
+    """The TE layer spec on GPU when transformer_engine imports; the local spec otherwise."""
+    if not cuda_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _linear_biases(cfg: ModelConfig) -> dict[str, bool]:
+    """Megatron has two switches: `add_qkv_bias` (QKV only) and `add_bias_linear` (every linear)."""
+    if not cfg.o_bias and not cfg.mlp_bias:
+        return {"add_bias_linear": False, "add_qkv_bias": cfg.qkv_bias}
+    if cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias:
+        return {"add_bias_linear": True, "add_qkv_bias": True}
+    raise ValueError(f"megatron cannot express biases qkv={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}: "
+                     "it has bias on QKV only, or on every linear layer")
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Megatron shards the vocabulary evenly over TP ranks; the pad rows are sliced off the logits."""
+    return -(-vocab_size // tp) * tp
+
+
+def transformer_config(cfg: ModelConfig, sizes: ParallelSizes, params_dtype: torch.dtype = torch.float32,
+                       overrides: dict[str, Any] | None = None):
+    """A TransformerConfig for a Qwen2/Llama/MiMo decoder: RMSNorm, SwiGLU, RoPE, GQA, no dropout."""
+    from megatron.core.transformer import TransformerConfig
+
+    te = use_transformer_engine()
+    kwargs = dict(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim, normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, **_linear_biases(cfg),
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.initializer_range,
+        tensor_model_parallel_size=sizes.tensor_model_parallel_size,
+        pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
+        context_parallel_size=sizes.context_parallel_size,
+        sequence_parallel=sizes.sequence_parallel and te and sizes.tensor_model_parallel_size > 1,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        # our ModelConfig has K layers; 0 means "no MTP block" to megatron, which spells that None
+        mtp_num_layers=cfg.num_nextn_predict_layers or None,
+        # the fused kernels need CUDA (and TE / apex); the reference path is exact and runs anywhere
+        bias_activation_fusion=te, masked_softmax_fusion=te, bias_dropout_fusion=te, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        # weights are then overwritten from our checkpoint, but megatron marks TP-sharded parameters
+        # (`tensor_model_parallel`, read by grad-norm code) only while initialising them
+        use_cpu_initialization=not cuda_available(), perform_initialization=True,
+        # micro-batches differ in length, so PP stages must exchange shapes first
+        variable_seq_lengths=sizes.pipeline_model_parallel_size > 1,
+        moe_token_dispatcher_type="alltoall",  # the only dispatcher that accepts variable lengths (no MoE here)
+        cpu_offloading=False,
+    )
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(cfg: ModelConfig, config, vocab_size: int):
+    """The megatron policy for this pipeline stage: trunk layers, and the MTP block on the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    te = use_transformer_engine()
+    spec = layer_spec(te)
+    mtp_spec = None
+    if config.mtp_num_layers:
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)
+    pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                    max_sequence_length=cfg.max_position_embeddings, pre_process=pre, post_process=post,
+                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+                    rotary_base=cfg.rope_theta, mtp_block_spec=mtp_spec)
+
+
+def layer_offset(config) -> int:
+    """Global index of this pipeline stage's first trunk layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    params = inspect.signature(get_transformer_layer_offset).parameters
+    return get_transformer_layer_offset(config) if len(params) else get_transformer_layer_offset()
