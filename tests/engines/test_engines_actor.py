@@ -124,3 +124,20 @@ def test_nan_loss_skips_the_update():
 def test_unknown_strategy_is_a_one_line_error():
     with pytest.raises(ValueError, match="actor_rollout_ref.actor.strategy='jax'"):
         build_engine("jax")
+
+
+def test_detached_mtp_gradient_does_not_shrink_the_policy_update():
+    """Clipping trunk and MTP layers separately: a huge MTP loss leaves the trunk's step unchanged."""
+    torch.manual_seed(0)
+    base = MTPCausalLM(toy_config())
+    b = _batch()
+    trunk_after = []
+    for scale in (0.1, 1000.0):
+        arr = _cfg(**{"actor_rollout_ref.actor.optim.clip_grad": 1.0,
+                      "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor": scale})
+        model = copy.deepcopy(base)
+        actor = _actor(model, arr, detach=True)
+        old = actor.compute_log_probs(b)[0]
+        actor.update_policy(b.with_(old_log_probs=old), 6)
+        trunk_after.append({n: t.clone() for n, t in model.state_dict().items() if ".mtp_layers." not in n})
+    assert all(torch.equal(trunk_after[0][n], trunk_after[1][n]) for n in trunk_after[0])

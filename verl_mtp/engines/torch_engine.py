@@ -63,14 +63,26 @@ class TorchEngine(TrainingEngine):
         return metrics
 
     def optimizer_step(self) -> float:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad or math.inf) if params else torch.tensor(0.0)
-        norm = float(norm)
+        """Returns the total grad norm. With a detached MTP loss the trunk and the MTP layers are
+        clipped separately, so a large MTP gradient cannot shrink the policy's update either."""
+        norms = [self._clip([p for p in group if p.grad is not None]) for group in self._clip_groups()]
+        norm = math.sqrt(sum(n * n for n in norms))
         if math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        named = list(self.module.named_parameters())
+        if not (self.mtp_detach and self.num_mtp):
+            return [[p for _, p in named]]
+        return [[p for n, p in named if ".mtp_layers." not in n], [p for n, p in named if ".mtp_layers." in n]]
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad or math.inf))
 
     @torch.no_grad()
     def infer(self, micro_batches: list[Batch], fn: Callable) -> list[Any]:
