@@ -83,7 +83,7 @@ def run_main(argv, capsys, stdin=None):
 def test_single_prompt_greedy_output_equals_the_engine(model_dir, loaded, capsys, speculative):
     model, tokenizer = loaded
     [expected], _ = engine_text(model, tokenizer, [encode_chat(tokenizer, [{"role": "user", "content": QUESTIONS[1]}])])
-    code, out, err = run_main([model_dir, "--prompt", QUESTIONS[1], "--max-new-tokens", "40", "--stream-chunk", "3",
+    code, out, err = run_main([model_dir, "--prompt", QUESTIONS[1], "--max-new-tokens", "40",
                                "--speculative", speculative, "--threads", "1"], capsys)
     assert code == 0 and expected.strip()
     assert out == expected + "\n"
@@ -91,12 +91,12 @@ def test_single_prompt_greedy_output_equals_the_engine(model_dir, loaded, capsys
 
 def test_stream_writes_pieces_as_they_come_and_counts_accepted_drafts(loaded):
     model, tokenizer = loaded
-    generator = Generator(model, tokenizer, greedy(tokenizer, 40), speculative=2, max_seq_len=256, stream_chunk=6)
+    generator = Generator(model, tokenizer, greedy(tokenizer, 40), speculative=2, max_seq_len=256)
     pieces = []
     prompt = encode_prompt(tokenizer, QUESTIONS[0])
     completion = generator.stream(prompt, pieces.append)
     assert len(pieces) > 3 and "".join(pieces) == completion.text
-    assert generator.stats.accept_length > 1.2  # drafts were accepted across the chunked calls
+    assert generator.stats.accept_length > 1.2  # drafts were accepted while streaming
     [expected], _ = engine_text(model, tokenizer, [prompt])
     assert completion.text == expected
 

@@ -16,10 +16,7 @@ target p and the draft q are warped identically; --repetition-penalty and --no-r
 p from the text generated so far, which the engine's drafts do not see, so with either of them on
 decoding is plain (non-speculative) and they are applied here, to every step's logits.
 
-The engine returns whole completions, so streaming with speculation generates in chunks of
---stream-chunk tokens, each continuing from the text so far: the output is the same as one call
-(exactly so when greedy; sampled chunks continue the same distribution), at the cost of one prefill
-per chunk.
+Streaming uses the engine's `on_tokens` callback: text is written as drafts are accepted.
 """
 
 from __future__ import annotations
@@ -190,11 +187,9 @@ class Generator:
     """
 
     def __init__(self, model: MTPCausalLM, tokenizer, params: SamplingParams, speculative: int | str = "auto",
-                 processors: Sequence[LogitsProcessor] = (), max_batch_size: int = 1, max_seq_len: int = 2048,
-                 stream_chunk: int = 8):
+                 processors: Sequence[LogitsProcessor] = (), max_batch_size: int = 1, max_seq_len: int = 2048):
         self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
         self.processors = list(processors)
-        self.stream_chunk = stream_chunk
         self.max_seq_len = max_seq_len
         self.speculation_note = None
         if self.processors:
@@ -253,26 +248,17 @@ class Generator:
             [(tokens, reason)] = decode_with_processors(self.model, [prompt], params, self.processors,
                                                         on_tokens=lambda row, ids: text.push(ids))
         else:
-            tokens, reason = self._stream_in_chunks(prompt, text)
+            tokens, reason = self._stream_engine(prompt, text)
         text.finish()
         self._account(len(tokens), started)
         return self._completion(tokens, reason)
 
-    def _stream_in_chunks(self, prompt: list[int], text: TextStream) -> tuple[list[int], str]:
-        """The engine returns whole completions: ask for `stream_chunk` tokens at a time, each call
-        continuing the text so far (one prefill per chunk; an engine callback would avoid it)."""
-        tokens: list[int] = []
-        while len(tokens) < self.params.max_new_tokens:
-            params = replace(self.params, seed=self._seeds.randrange(2**63),
-                             max_new_tokens=min(self.stream_chunk, self.params.max_new_tokens - len(tokens)))
-            out = self.engine.generate([prompt + tokens], params)
-            self.stats.merge(out.stats)
-            [piece] = out.samples
-            tokens += piece.token_ids
-            text.push(piece.token_ids)
-            if piece.finish_reason == "stop":
-                return tokens, "stop"
-        return tokens, "length"
+    def _stream_engine(self, prompt: list[int], text: TextStream) -> tuple[list[int], str]:
+        params = replace(self.params, seed=self._seeds.randrange(2**63))
+        out = self.engine.generate([prompt], params, on_tokens=lambda _, ids: text.push(ids))
+        self.stats.merge(out.stats)
+        [sample] = out.samples
+        return sample.token_ids, sample.finish_reason
 
     def _completion(self, tokens: list[int], reason: str) -> Completion:
         return Completion(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), reason)
@@ -458,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16, help="sequences decoded together (--prompts-file)")
     ap.add_argument("--max-seq-len", type=int, help="prompt + reply tokens (omitted: what the prompts need; "
                     "in chat, the model's context up to 4096)")
-    ap.add_argument("--stream-chunk", type=int, default=8, help="tokens per engine call when streaming")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return ap
@@ -471,7 +456,6 @@ def _check(args) -> None:
              ("repetition_penalty", args.repetition_penalty > 0, "must be > 0"),
              ("no_repeat_ngram", args.no_repeat_ngram >= 0, "must be >= 0"),
              ("batch_size", args.batch_size >= 1, "must be >= 1"),
-             ("stream_chunk", args.stream_chunk >= 1, "must be >= 1"),
              ("threads", args.threads >= 1, "must be >= 1"),
              ("max_seq_len", args.max_seq_len is None or args.max_seq_len >= 2, "must be >= 2")]
     for name, ok, requirement in rules:
@@ -547,7 +531,7 @@ def _run(args, stdin) -> int:
                                        else min(model.config.max_position_embeddings, 4096))
     generator = Generator(model, tokenizer, params, args.speculative, processors,
                           max_batch_size=args.batch_size if args.prompts_file is not None else 1,
-                          max_seq_len=max_seq_len, stream_chunk=args.stream_chunk)
+                          max_seq_len=max_seq_len)
     if args.prompts_file is not None:
         run_prompts(generator, prompts, ids)
     elif args.prompt is not None:

@@ -168,7 +168,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     _ARR + "rollout.val_kwargs.top_k": _at_least(-1),
     _ARR + "rollout.prometheus.port": _PORT,
     _ARR + "rollout.server.num_replicas": _at_least(1),
-    _ARR + "rollout.server.base_port": _PORT,
+    _ARR + "rollout.server.base_port": _in_range(0, 65535),  # 0: each replica picks a free port
     "reward_model.num_workers": _at_least(0),
     "reward_model.timeout_s": _in_range(0, float("inf"), open_low=True),
     "algorithm.kl_ctrl.kl_coef": _at_least(0),
@@ -278,9 +278,6 @@ def _check_backends(cfg: DictConfig) -> None:
     strategy, rollout = cfg.actor_rollout_ref.actor.strategy, cfg.actor_rollout_ref.rollout.name
     if strategy == "megatron":
         m = cfg.actor_rollout_ref.actor.megatron
-        if m.context_parallel_size > 1:
-            raise ConfigError(f"key '{_ARR}actor.megatron.context_parallel_size': context parallelism is not "
-                              "supported yet by the megatron engine; use 1")
         if cfg.trainer.device == "cpu" and m.pipeline_model_parallel_size > 1:
             raise ConfigError(f"key '{_ARR}actor.megatron.pipeline_model_parallel_size': pipeline parallelism "
                               "needs CUDA (megatron's schedules); trainer.device=cpu")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,13 +149,18 @@ class NativeEngine:
         self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # n per slot
         self._mtp_len = torch.zeros(max(k, 1), max_batch_size, dtype=torch.long, device=self.device)  # c_i
         self.depth_controller = DepthController(k, min(k, self.max_draft_depth))
+        self._on_tokens: Callable[[int, list[int]], None] | None = None
 
     # ---- public API ----------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams | None = None,
-                 speculative: int | str | None = None) -> GenerateOutput:
+                 speculative: int | str | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerateOutput:
+        """on_tokens(prompt_index, tokens) is called with each sequence's newly kept tokens as they
+        are produced (streaming); the n samples of a prompt share its index."""
         params = params or SamplingParams()
+        self._on_tokens = on_tokens
         depth_setting = self.speculative if speculative is None else speculative
         self._check_request(prompt_token_ids, params, depth_setting)
         seed = params.seed if params.seed is not None else random.randrange(2**63)
@@ -314,6 +320,7 @@ class NativeEngine:
         probs.append(q)
 
     def _append(self, seq: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> None:
+        start = len(seq.tokens)
         for token, logprob in zip(tokens, logprobs):
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
@@ -322,7 +329,9 @@ class NativeEngine:
             elif len(seq.tokens) >= params.max_new_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason:
-                return
+                break
+        if self._on_tokens is not None:
+            self._on_tokens(seq.prompt_index, seq.tokens[start:])
 
     def _hit_stop_string(self, seq: _Seq, params: SamplingParams) -> bool:
         if not params.stop:

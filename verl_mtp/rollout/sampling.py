@@ -101,3 +101,13 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, gr
         residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)
         p_next = torch.where(rejected[:, None], residual, p_next)
     return accepted, sample(p_next, generator)
+
+
+def rollout_sampling_params(rollout_cfg, max_new_tokens: int, eos_token_id: int | None, validate: bool = False,
+                            seed: int | None = None) -> SamplingParams:
+    """actor_rollout_ref.rollout (or its val_kwargs when validating) -> SamplingParams."""
+    src = rollout_cfg.val_kwargs if validate else rollout_cfg
+    greedy = not src.do_sample or src.temperature == 0
+    stop = [] if rollout_cfg.ignore_eos or eos_token_id is None else [eos_token_id]
+    return SamplingParams(n=src.n, temperature=0.0 if greedy else src.temperature, top_p=src.top_p, top_k=src.top_k,
+                          max_new_tokens=max_new_tokens, stop_token_ids=stop, seed=seed)

@@ -24,7 +24,9 @@ from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
 from verl_mtp.rewards import RewardSample
 from verl_mtp.trainer import checkpoint
-from verl_mtp.trainer.setup import ensure_synthetic_task, load_tokenizer, resolve_device, tokenizer_path
+from verl_mtp.rollout.client import ReplicaUnreachable, ServerRollout
+from verl_mtp.trainer.setup import (build_policy_model, ensure_synthetic_task, load_tokenizer, resolve_device,
+                                    tokenizer_path)
 from verl_mtp.workers.group import WorkerGroup
 from verl_mtp.workers.policy_worker import PolicyWorker
 from verl_mtp.workers.reward_worker import RewardWorker
@@ -39,7 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 # a worker process that died or became unreachable; errors raised *inside* a worker are bugs and propagate
-WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorUnavailableError)
+WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorUnavailableError,
+                 ReplicaUnreachable)
 
 
 @contextmanager
@@ -104,17 +107,30 @@ class DAPOTrainer:
             ranks = [dict(common, role=role, rank=r, world_size=size, master=master) for r in range(size)]
             return WorkerGroup(PolicyWorker, ranks, use_gpu, name=role)
 
-        self.colocated = cfg.actor_rollout_ref.hybrid_engine
+        server_mode = cfg.actor_rollout_ref.rollout.mode == "server"
+        self.colocated = cfg.actor_rollout_ref.hybrid_engine and not server_mode
         if self.colocated:
             self.actor = self.rollout = policy_group("actor_rollout", world)
         else:
             self.actor = policy_group("actor", world)
             tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
-            self.rollout = policy_group("rollout", max(1, world // tp))
+            self.rollout = self._server_rollout() if server_mode else policy_group("rollout", max(1, world // tp))
         self.ref = policy_group("ref", world) if self.use_ref else None
         self.reward = WorkerGroup(RewardWorker, [dict(cfg=cfg_dict)], use_gpu=False, name="reward")
         # data-parallel rank of each worker: ranks of one tensor/pipeline-parallel group share a shard
         self.dp_ranks = {id(g): g.call("data_parallel_rank") for g in (self.actor, self.ref) if g is not None}
+        if server_mode:  # the servers start from dummy weights: hand them the actor's before any generate
+            self._sync_weights(bump=False)
+
+    def _server_rollout(self) -> ServerRollout:
+        """HTTP rollout servers speaking SGLang's protocol: ours (rollout.name=native) or SGLang's."""
+        cfg = self.cfg
+        model_path = cfg.actor_rollout_ref.model.path
+        if cfg.actor_rollout_ref.rollout.name == "native":  # the actor's architecture, MTP layer count included
+            model_path = os.path.join(self.run_dir, "rollout_model")
+            build_policy_model(cfg, len(self.tokenizer), "cpu", cfg.trainer.seed).save_pretrained(model_path)
+        return ServerRollout.from_config(cfg, model_path, self.tokenizer.eos_token_id,
+                                         log_dir=os.path.join(self.run_dir, "rollout_servers"))
 
     def _dp_call(self, group: WorkerGroup, method: str, batch: Batch, *args) -> list:
         """Shard `batch` over the group's data-parallel ranks; one result per shard, in order."""
@@ -218,10 +234,11 @@ class DAPOTrainer:
 
     # ---- weight sync ---------------------------------------------------------------------
 
-    def _sync_weights(self) -> None:
+    def _sync_weights(self, bump: bool = True) -> None:
         """Trunk and MTP tensors to the rollout; the engine's checksum must equal what was sent,
         or the draft (or target) is stale and speculation would silently degrade."""
-        self.version += 1
+        if bump:
+            self.version += 1
         if self.colocated:
             pairs = self.actor.call("sync_colocated", self.version)
         else:

@@ -19,6 +19,7 @@ from verl_mtp.engines.actor import PolicyActor
 from verl_mtp.engines.base import build_engine
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.rollout.sampling import rollout_sampling_params
 from verl_mtp.trainer.setup import build_policy_model, load_tokenizer, num_mtp_layers, resolve_device
 
 
@@ -70,13 +71,8 @@ class PolicyWorker:
     # ---- rollout -------------------------------------------------------------------------
 
     def sampling_params(self, validate: bool = False, seed: int | None = None) -> SamplingParams:
-        r = self.cfg.actor_rollout_ref.rollout
-        src = r.val_kwargs if validate else r
-        greedy = not src.do_sample or src.temperature == 0
-        stop = [] if r.ignore_eos else [self.tokenizer.eos_token_id]
-        return SamplingParams(n=src.n, temperature=0.0 if greedy else src.temperature, top_p=src.top_p,
-                              top_k=src.top_k, max_new_tokens=self.cfg.data.max_response_length,
-                              stop_token_ids=stop, seed=seed)
+        return rollout_sampling_params(self.cfg.actor_rollout_ref.rollout, self.cfg.data.max_response_length,
+                                       self.tokenizer.eos_token_id, validate, seed)
 
     def generate(self, prompts: list[list[int]], validate: bool = False, seed: int | None = None):
         """-> (token ids, logprobs, finish reasons) per sample, prompt-major, and engine metrics."""

@@ -1,0 +1,209 @@
+"""The rollout server's SGLang protocol over real HTTP on 127.0.0.1 (server in-process, ephemeral port):
+/generate shapes and equality with the engine, seeds, errors, weight updates, pause/continue, the codec."""
+
+import copy
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from tests.conftest import toy_config
+from verl_mtp.models import MTPCausalLM, state_checksum
+from verl_mtp.models.toy import fit_markov, swap_peaks
+from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.rollout.client import ReplicaClient, ReplicaError, encode_native
+from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, decode_tensors, encode_tensors, sample_from_json,
+                                       sampling_params_to_json)
+from verl_mtp.rollout.server import RolloutServer
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [10], [11, 12]]
+DEPTH = 2
+
+
+def tiny_models():
+    """(good, bad): trunk and K=2 MTP layers fit to a toy chain in about a second; `bad` has MTP layers
+    refit to the chain with swapped peaks, so its greedy drafts are almost always rejected."""
+    torch.manual_seed(0)
+    good, transitions = fit_markov(MTPCausalLM(toy_config()), steps=40, batch_size=16, seq_len=16, lr=1e-2)
+    bad, _ = fit_markov(copy.deepcopy(good), steps=30, batch_size=16, seq_len=16, lr=1e-2,
+                        transitions=swap_peaks(transitions), mtp_only=True)
+    return good, bad
+
+
+def engine_for(model, depth=DEPTH):
+    return NativeEngine(copy.deepcopy(model), max_batch_size=64, max_seq_len=128, speculative=depth)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: more torch threads only add contention on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(one_thread):
+    return tiny_models()
+
+
+@pytest.fixture()
+def served(models):
+    """A fresh server per test (weights change in some tests); starting one in-process costs milliseconds."""
+    server = RolloutServer(engine_for(models[0]), "toy", port=0, speculative=True).start()
+    yield server, ReplicaClient(server.url, timeout=30)
+    server.shutdown()
+
+
+def _generate(client, params, prompts=PROMPTS):
+    body = {"input_ids": prompts, "sampling_params": sampling_params_to_json(params), "return_logprob": True}
+    return client.request("POST", "/generate", body)
+
+
+def test_server_binds_localhost_by_default(served):
+    server, client = served
+    assert server.url.startswith("http://127.0.0.1:")
+    assert client.request("GET", "/health") == ""
+    info = client.request("GET", "/get_model_info")
+    assert info["is_generation"] and info["weight_version"] == "default" and info["num_mtp_layers"] == 2
+
+
+def test_generate_matches_engine_with_sglang_shapes(served, models):
+    _, client = served
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=20, stop_token_ids=[3])
+    items = _generate(client, params)
+    ref = engine_for(models[0]).generate(PROMPTS, params)
+    assert len(items) == len(PROMPTS) * 2  # prompt-major, n per prompt
+    for k, (item, sample) in enumerate(zip(items, ref.samples)):
+        meta = item["meta_info"]
+        assert sample.prompt_index == k // 2
+        assert item["output_ids"] == sample.token_ids
+        assert meta["output_token_logprobs"] == [[lp, t, None] for lp, t in zip(sample.logprobs, sample.token_ids)]
+        assert meta["prompt_tokens"] == len(PROMPTS[k // 2]) and meta["completion_tokens"] == len(sample.token_ids)
+        finish = meta["finish_reason"]
+        assert finish["type"] == sample.finish_reason
+        expected = {"type": "stop", "matched": 3} if finish["type"] == "stop" else {"type": "length", "length": 20}
+        assert finish == expected
+        s = sample.stats
+        assert (meta["spec_verify_ct"], meta["spec_accept_token_num"], meta["spec_draft_token_num"]) == \
+            (s.verify_passes, s.accepted, s.drafted)
+        assert meta["spec_draft_token_num"] == DEPTH * meta["spec_verify_ct"]  # fixed depth: S drafts per pass
+        assert meta["spec_accept_length"] == (len(sample.token_ids) / s.verify_passes if s.verify_passes else 0.0)
+        tokens, logprobs, reason, stats = sample_from_json(item)
+        assert (tokens, logprobs, reason) == (sample.token_ids, sample.logprobs, sample.finish_reason)
+        assert stats.metrics() == s.metrics()
+    assert any(i["meta_info"]["finish_reason"]["type"] == "stop" for i in items)
+    assert ref.stats.accept_length > 2.0  # speculation really ran, and mostly accepted
+
+
+def test_single_prompt_returns_one_item_and_seed_reproduces(served):
+    _, client = served
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=7)
+    first = _generate(client, params, PROMPTS[0])
+    assert isinstance(first, dict) and len(first["output_ids"]) == 16
+    again = _generate(client, params, PROMPTS[0])
+    assert again["output_ids"] == first["output_ids"]
+    assert again["meta_info"]["output_token_logprobs"] == first["meta_info"]["output_token_logprobs"]
+    others = [_generate(client, SamplingParams(temperature=1.0, max_new_tokens=16, seed=s), PROMPTS[0])["output_ids"]
+              for s in (8, 9, 10)]
+    assert any(o != first["output_ids"] for o in others)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"text": "hi", "sampling_params": {}, "return_logprob": True}, "text prompts need a tokenizer"),
+    ({"input_ids": [[1, 2]], "sampling_params": {}}, "return_logprob must be true"),
+    ({"input_ids": [[1, 2]], "sampling_params": {"min_p": 0.1}, "return_logprob": True}, "sampling_params.min_p"),
+    ({"input_ids": [[1, 2]], "sampling_params": {"stop": ["x"]}, "return_logprob": True}, "stop strings"),
+    ({"input_ids": [[1, 99]], "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}, "out of range"),
+    ({"input_ids": [[1], [2]], "sampling_params": [{"n": 1}, {"n": 2}], "return_logprob": True}, "per-prompt"),
+])
+def test_generate_rejects_what_it_cannot_serve(served, body, needle):
+    _, client = served
+    with pytest.raises(ReplicaError, match="HTTP 400") as info:
+        client.request("POST", "/generate", body)
+    assert needle in str(info.value) and client.url in str(info.value)
+
+
+def test_unknown_endpoint_bad_json_and_distributed_sync_are_clear(served):
+    server, client = served
+    with pytest.raises(ReplicaError, match="HTTP 404"):
+        client.request("GET", "/nope")
+    with pytest.raises(ReplicaError, match="update_weights_from_tensor only"):
+        client.request("POST", "/update_weights_from_distributed", {"names": []})
+    req = urllib.request.Request(server.url + "/generate", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10)
+    assert info.value.code == 400 and b"not JSON" in info.value.read()
+
+
+def _update(client, named, **extra):
+    body = {"serialized_named_tensors": encode_native(named), "load_format": TENSOR_LOAD_FORMAT, **extra}
+    return client.request("POST", "/update_weights_from_tensor", body)
+
+
+def test_weight_update_returns_checksum_and_changes_outputs(served, models):
+    _, client = served
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    before = [i["output_ids"] for i in _generate(client, params)]
+    torch.manual_seed(123)
+    fresh = list(MTPCausalLM(toy_config()).state_dict().items())
+    answer = _update(client, fresh, weight_version="7")
+    assert answer["success"] and answer["weights_checksum"] == state_checksum(fresh)
+    info = client.request("GET", "/get_model_info")
+    assert info["weight_version"] == "7" and info["weights_checksum"] == state_checksum(fresh)
+    after = _generate(client, params)
+    assert [i["output_ids"] for i in after] != before and after[0]["meta_info"]["weight_version"] == "7"
+    good = list(models[0].state_dict().items())
+    assert _update(client, good)["weights_checksum"] == state_checksum(good)
+    assert [i["output_ids"] for i in _generate(client, params)] == before
+
+
+def test_bad_weight_updates_change_nothing(served, models):
+    _, client = served
+    checksum = client.request("GET", "/get_model_info")["weights_checksum"]
+    named = list(models[1].state_dict().items())
+    with pytest.raises(ReplicaError, match="load_format must be 'safetensors_base64'"):
+        client.request("POST", "/update_weights_from_tensor", {"serialized_named_tensors": encode_native(named)})
+    with pytest.raises(ReplicaError, match="unknown tensor 'model.nope'"):
+        _update(client, named + [("model.nope", torch.zeros(2))])
+    with pytest.raises(ReplicaError, match="has shape"):
+        _update(client, [(named[0][0], torch.zeros(3, 3))] + named[1:])
+    with pytest.raises(ReplicaError, match="not base64 safetensors"):
+        client.request("POST", "/update_weights_from_tensor",
+                       {"serialized_named_tensors": ["@@"], "load_format": TENSOR_LOAD_FORMAT})
+    assert client.request("GET", "/get_model_info")["weights_checksum"] == checksum
+
+
+def test_target_only_update_leaves_the_draft_stale(served, models):
+    """disable_draft_model (SGLang's flag) skips the MTP tensors: exactly the failure the guard exists for."""
+    _, client = served
+    named = list(models[1].state_dict().items())
+    answer = _update(client, named, disable_draft_model=True)
+    assert "left" in answer["message"] and answer["weights_checksum"] != state_checksum(named)
+    assert _update(client, named)["weights_checksum"] == state_checksum(named)
+
+
+def test_pause_holds_generation_until_continue(served):
+    server, client = served
+    assert client.request("POST", "/pause_generation", {"mode": "abort"})["status"] == "ok"
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (_generate(client, SamplingParams(temperature=0, max_new_tokens=4)),
+                                              done.set()))
+    worker.start()
+    assert not done.wait(0.5) and server.server_info({})[1]["paused"]
+    client.request("POST", "/continue_generation", {})
+    assert done.wait(20)
+    worker.join()
+    assert client.request("GET", "/get_server_info")["generate_requests"] == 1
+
+
+def test_codec_round_trips_tied_tensors_without_pickle():
+    shared = torch.randn(4, 3)
+    named = [("model.embed_tokens.weight", shared), ("lm_head.weight", shared), ("b", torch.arange(5))]
+    back = dict(decode_tensors(encode_tensors(named)))
+    assert set(back) == {n for n, _ in named}
+    for name, t in named:
+        assert torch.equal(back[name], t) and back[name].dtype == t.dtype

@@ -1,0 +1,161 @@
+"""SGLang launch arguments from our config: the cluster recipe's overrides (the seed setup) mapped to
+`sglang.launch_server` flags, the CPU recipe mapped to our server's flags; a GPU smoke test (skipped here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from verl_mtp.config import load_config
+from verl_mtp.rollout.client import native_server_args
+from verl_mtp.rollout.server import parse_args, speculative_depth
+from verl_mtp.rollout.sglang import (launch_command, replica_layout, server_cli_args, sglang_server_args,
+                                     speculative_args)
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_RECIPE = REPO / "recipes" / "dapo_mimo_7b_mtp_megatron_sglang.sh"
+CPU_RECIPE = REPO / "recipes" / "server_mode_cpu.sh"
+
+
+def recipe_overrides(path, **env):
+    out = subprocess.run(["bash", str(path)], env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True,
+                         text=True, timeout=30, check=True)
+    return out.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def cluster_cfg():
+    return load_config(recipe_overrides(CLUSTER_RECIPE, RAY_DATA_HOME="/data"), config_name="ppo_megatron_trainer")
+
+
+def test_cluster_recipe_is_the_seed_setup(cluster_cfg):
+    cfg = cluster_cfg
+    arr = cfg.actor_rollout_ref
+    assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node, cfg.trainer.device) == (16, 8, "cuda")
+    m = arr.actor.megatron
+    assert (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size) == (2, 2, 2)
+    assert m.param_offload and m.optimizer_offload and m.grad_offload and arr.actor.strategy == "megatron"
+    assert (arr.rollout.name, arr.rollout.mode, arr.rollout.tensor_model_parallel_size) == ("sglang", "server", 4)
+    assert arr.rollout.server.num_replicas == 16 * 8 // 4 and arr.rollout.n == 16
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (2048, 8192)
+    assert OmegaConf.to_container(cfg.reward_model.reward_kwargs) == {
+        "overlong_buffer_cfg": {"enable": True, "len": 4096, "penalty_factor": 1.0, "log": False}, "max_resp_len": 8192}
+    mtp = arr.model.mtp
+    assert mtp.enable and mtp.enable_train and mtp.detach_encoder and mtp.mtp_loss_scaling_factor == 0.1
+    assert arr.model.path == "/data/models/MiMo-7B-RL" and cfg.trainer.total_training_steps == 400
+
+
+def test_cluster_recipe_maps_to_sglang_flags(cluster_cfg):
+    args = sglang_server_args(cluster_cfg, port=31000, base_gpu_id=4)
+    assert {k: args[k] for k in ("model_path", "host", "port", "tp_size", "base_gpu_id", "mem_fraction_static",
+                                 "context_length", "chunked_prefill_size", "load_format", "skip_tokenizer_init")} == {
+        "model_path": "/data/models/MiMo-7B-RL", "host": "127.0.0.1", "port": 31000, "tp_size": 4, "base_gpu_id": 4,
+        "mem_fraction_static": 0.8, "context_length": 10240, "chunked_prefill_size": 10240, "load_format": "dummy",
+        "skip_tokenizer_init": True}
+    assert {k: v for k, v in args.items() if k.startswith("speculative_")} == {
+        "speculative_algorithm": "EAGLE", "speculative_num_steps": 2, "speculative_eagle_topk": 2,
+        "speculative_num_draft_tokens": 4}
+    assert args["enable_draft_weights_cpu_backup"] and args["enable_weights_cpu_backup"] and args["enable_metrics"]
+    cmd = launch_command(args)
+    assert cmd[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    pairs = dict(zip(cmd[3::1], cmd[4::1]))
+    assert pairs["--speculative-num-draft-tokens"] == "4" and pairs["--mem-fraction-static"] == "0.8"
+    assert pairs["--tp-size"] == "4" and "--enable-draft-weights-cpu-backup" in cmd
+    assert "--disable-radix-cache" not in cmd and "--disable-cuda-graph" not in cmd  # False flags are omitted
+
+
+def test_cluster_recipe_without_mtp_rollout_does_not_speculate():
+    cfg = load_config(recipe_overrides(CLUSTER_RECIPE, MTP_ROLLOUT="False"), config_name="ppo_megatron_trainer")
+    args = sglang_server_args(cfg)
+    assert not any(k.startswith("speculative_") for k in args) and "enable_draft_weights_cpu_backup" not in args
+    assert cfg.actor_rollout_ref.model.mtp.enable_train  # the MTP layer is still trained
+
+
+def test_engine_kwargs_pass_through_last(cluster_cfg):
+    extra = ["+actor_rollout_ref.rollout.engine_kwargs.sglang.attention_backend=fa3",
+             "+actor_rollout_ref.rollout.engine_kwargs.sglang.tp_size=8"]
+    cfg = load_config(recipe_overrides(CLUSTER_RECIPE) + extra, config_name="ppo_megatron_trainer")
+    args = sglang_server_args(cfg)
+    assert args["attention_backend"] == "fa3" and args["tp_size"] == 8
+
+
+@pytest.mark.parametrize("mtp, needle", [
+    ({"speculative_num_steps": "auto", "speculative_eagle_topk": 1}, "speculative_num_steps': SGLang needs a fixed"),
+    ({"speculative_num_steps": 3, "speculative_eagle_topk": 4}, "speculative_num_draft_tokens': must be set"),
+])
+def test_speculative_args_errors_name_the_key(mtp, needle):
+    node = OmegaConf.create({"speculative_algorithm": "NEXTN", "speculative_num_draft_tokens": None, **mtp})
+    with pytest.raises(ValueError, match=needle):
+        speculative_args(node)
+
+
+def test_chain_draft_tokens_default_to_steps_plus_one():
+    node = OmegaConf.create({"speculative_algorithm": "NEXTN", "speculative_num_steps": 3, "speculative_eagle_topk": 1,
+                             "speculative_num_draft_tokens": None})
+    assert speculative_args(node)["speculative_num_draft_tokens"] == 4
+
+
+def test_cli_flags_and_replica_layout(cluster_cfg):
+    assert server_cli_args({"a_b": 1, "flag": True, "off": False, "unset": None, "x": "y"}) == ["--a-b", "1", "--flag",
+                                                                                                "--x", "y"]
+    assert replica_layout(cluster_cfg, 2, 30000) == [(30000, 0), (30001, 4)]
+    with pytest.raises(ValueError, match="launch them per node"):
+        replica_layout(cluster_cfg, 3, 30000)
+
+
+def test_cpu_recipe_maps_to_native_server_flags():
+    cfg = load_config(recipe_overrides(CPU_RECIPE))
+    assert (cfg.actor_rollout_ref.rollout.mode, cfg.actor_rollout_ref.rollout.server.num_replicas) == ("server", 2)
+    flags = native_server_args(cfg)
+    args = parse_args(["--model-path", "unused", *flags])
+    assert (args.speculative_algorithm, args.speculative_num_steps, args.load_format) == ("EAGLE", "auto", "dummy")
+    assert args.context_length == cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert speculative_depth(args, num_mtp_layers=1) == "auto" and args.host == "127.0.0.1"
+    with pytest.raises(SystemExit, match="no MTP layers"):
+        speculative_depth(args, num_mtp_layers=0)
+    with pytest.raises(SystemExit, match="must be 1"):
+        speculative_depth(parse_args(["--model-path", "x", "--speculative-algorithm", "NEXTN",
+                                      "--speculative-eagle-topk", "2"]), num_mtp_layers=1)
+
+
+def _sglang_available() -> bool:
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sglang_available(), reason="needs CUDA and sglang")
+def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
+    """One SGLang replica with MTP speculation: /generate carries spec_* counters, and a colocated
+    (CUDA IPC) sync of trunk + MTP tensors lands with the new weight_version."""
+    from tests.conftest import toy_config
+    from verl_mtp.models import MTPCausalLM
+    from verl_mtp.rollout import SamplingParams
+    from verl_mtp.rollout.client import ReplicaClient, push_weights
+    from verl_mtp.rollout.sglang import launch_sglang_replicas, sglang_tensor_payload
+
+    torch.manual_seed(0)
+    model = MTPCausalLM(toy_config(vocab_size=256, num_nextn_predict_layers=1))
+    model.save_pretrained(tmp_path)
+    arr = "actor_rollout_ref."
+    cfg = load_config(["trainer.device=cuda", "trainer.n_gpus_per_node=1", f"{arr}rollout.name=sglang",
+                       f"{arr}rollout.mode=server", f"{arr}rollout.tensor_model_parallel_size=1",
+                       f"{arr}model.path={tmp_path}", f"{arr}rollout.load_format=auto",
+                       f"{arr}model.mtp.speculative_num_steps=1"])
+    (replica,) = launch_sglang_replicas(cfg, 1, base_port=31234, log_dir=str(tmp_path / "logs"), startup_timeout=900)
+    try:
+        client = ReplicaClient(replica.url, timeout=300)
+        items = client.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8))
+        assert "spec_verify_ct" in items[0]["meta_info"]
+        named = {n: t.cuda() for n, t in model.state_dict().items()}
+        push_weights([client], named, 1, encode=lambda part: sglang_tensor_payload(part, 1), load_format=None)
+        assert client.request("GET", "/get_model_info")["weight_version"] == "1"
+    finally:
+        replica.stop()

@@ -1,0 +1,225 @@
+"""Weight-sync sequencing (colocated tensor path and split NCCL path) against a recording fake SGLang
+backend on 127.0.0.1, and the stale-draft guard."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from verl_mtp.models import state_checksum
+from verl_mtp.rollout.client import ReplicaClient, ReplicaError, push_weights, run_plan
+from verl_mtp.rollout.engine import SpecStats
+from verl_mtp.rollout.sglang import StaleDraftError, StaleDraftGuard, weight_sync_plan
+
+NAMED = [("model.embed_tokens.weight", torch.ones(4, 2)), ("model.layers.0.mlp.up_proj.weight", torch.ones(3, 2)),
+         ("model.mtp_layers.0.input_proj.weight", torch.ones(2, 4, dtype=torch.bfloat16)),
+         ("lm_head.weight", torch.ones(4, 2))]
+TRUNK = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+MTP = ["model.mtp_layers.0.input_proj.weight"]
+ORDER = ["/pause_generation", "/update_weights_from_tensor", "/update_weights_from_tensor", "/flush_cache",
+         "/continue_generation", "/get_model_info"]
+
+
+def names_of(named):
+    return [n for n, _ in named]
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+
+def test_tensor_plan_pauses_sends_trunk_then_draft_then_flushes():
+    encoded = []
+    plan = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: encoded.append(names_of(part)) or ["blob"],
+                            load_format="fmt")
+    assert [c.path for c in plan] == ORDER and plan[0].body == {"mode": "abort"} and plan[-1].method == "GET"
+    assert encoded == [TRUNK, MTP]
+    trunk, draft = plan[1].body, plan[2].body
+    # the version moves only with the last part, so a half-synced replica never claims the new version
+    assert trunk["weight_version"] is None and draft["weight_version"] == "5"
+    for body in (trunk, draft):
+        assert body["serialized_named_tensors"] == ["blob"] and body["load_format"] == "fmt"
+        assert body["flush_cache"] is False and body["disable_draft_model"] is False
+    assert all(not c.broadcast for c in plan)
+
+
+def test_plan_of_a_model_without_mtp_layers_has_one_update_with_the_version():
+    plan = weight_sync_plan(NAMED[:2], 1, "tensor", encode=lambda part: ["blob"])
+    updates = [c for c in plan if c.path.startswith("/update")]
+    assert len(updates) == 1 and updates[0].body["weight_version"] == "1"
+
+
+def test_distributed_plan_initialises_the_group_once_and_lists_what_to_broadcast():
+    group = {"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 5}
+    first = weight_sync_plan(NAMED, 2, "distributed", init_group=group)
+    assert first[0].path == "/init_weights_update_group"
+    assert first[0].body == {"group_name": "weight_update_group", "backend": "nccl", **group}
+    assert [c.path for c in first[1:]] == [p.replace("tensor", "distributed") for p in ORDER]
+    trunk, draft = first[2], first[3]
+    assert trunk.body["names"] == TRUNK and list(trunk.broadcast) == TRUNK and draft.body["names"] == MTP
+    assert draft.body["dtypes"] == ["bfloat16"] and draft.body["shapes"] == [[2, 4]]
+    assert trunk.body["group_name"] == "weight_update_group" and draft.body["weight_version"] == "2"
+    assert weight_sync_plan(NAMED, 3, "distributed")[0].path == "/pause_generation"
+
+
+def test_plan_argument_errors():
+    with pytest.raises(ValueError, match="sync mode"):
+        weight_sync_plan(NAMED, 1, "ipc")
+    with pytest.raises(ValueError, match="encoder"):
+        weight_sync_plan(NAMED, 1, "tensor")
+
+
+# ---- executing it against a fake SGLang ---------------------------------------------------------------
+
+
+class FakeSGLang:
+    """Records every call; answers like SGLang (no weights checksum). /update_weights_from_distributed
+    blocks, as SGLang's does, until the trainer's broadcast has happened."""
+
+    def __init__(self, arrived: threading.Event, broadcast_done: threading.Event, fail_path: str | None = None):
+        self.calls, self.version, self.fail_path = [], "default", fail_path
+        self.arrived, self.broadcast_done = arrived, broadcast_done
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._answer()
+
+            def do_POST(self):
+                self._answer()
+
+            def _answer(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, payload = fake.handle(self.path, json.loads(raw) if raw else None)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def handle(self, path, body):
+        self.calls.append((path, body))
+        if path == self.fail_path:
+            return 400, {"success": False, "message": "boom"}
+        if path == "/update_weights_from_distributed":
+            self.arrived.set()
+            if not self.broadcast_done.wait(5):
+                return 400, {"success": False, "message": "no broadcast arrived"}
+        if body and body.get("weight_version"):
+            self.version = body["weight_version"]
+        if path == "/get_model_info":
+            return 200, {"model_path": "fake", "weight_version": self.version}
+        return 200, {"success": True, "message": "ok"}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def fakes():
+    started = []
+
+    def make(n=2, **kw):
+        arrived = [threading.Event() for _ in range(n)]
+        done = threading.Event()
+        started.extend(FakeSGLang(a, done, **kw) for a in arrived)
+        return started[-n:], arrived, done
+
+    yield make
+    for f in started:
+        f.close()
+
+
+def test_colocated_sync_reaches_every_replica_in_order(fakes):
+    replicas, _, _ = fakes()
+    clients = [ReplicaClient(f.url, timeout=10) for f in replicas]
+    held = push_weights(clients, dict(NAMED), 5, encode=lambda part: ["blob"], load_format=None)
+    assert held == [state_checksum(NAMED)] * 2  # SGLang reports no checksum: its version check stands in
+    for fake in replicas:
+        assert [p for p, _ in fake.calls] == ORDER and fake.version == "5"
+
+
+def test_split_sync_broadcasts_while_every_replica_waits(fakes):
+    replicas, arrived, done = fakes()
+    broadcasts = []
+
+    def broadcast(names):
+        # both replicas must already be inside their update call, as NCCL needs every receiver posted
+        assert all(a.wait(5) for a in arrived)
+        broadcasts.append(names)
+        done.set()
+
+    group = {"master_address": "127.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 3}
+    plan = weight_sync_plan(NAMED, 7, "distributed", init_group=group)
+    answers = run_plan([ReplicaClient(f.url, timeout=10) for f in replicas], plan, broadcast)
+    assert broadcasts == [TRUNK, MTP] and [a["weight_version"] for a in answers] == ["7", "7"]
+    assert [p for p, _ in replicas[0].calls][:2] == ["/init_weights_update_group", "/pause_generation"]
+    with pytest.raises(ValueError, match="broadcast="):
+        run_plan([ReplicaClient(replicas[0].url)], plan)
+
+
+def test_a_failed_step_names_the_replica_and_the_call(fakes):
+    replicas, _, _ = fakes(1, fail_path="/update_weights_from_tensor")
+    with pytest.raises(ReplicaError, match=f"{replicas[0].url}: POST /update_weights_from_tensor .*HTTP 400: boom"):
+        push_weights([ReplicaClient(replicas[0].url, timeout=10)], dict(NAMED), 1, encode=lambda part: ["blob"])
+    assert "/continue_generation" not in [p for p, _ in replicas[0].calls]  # stopped at the failure
+
+
+def test_a_replica_left_on_the_old_version_is_an_error(fakes):
+    replicas, _, _ = fakes(1)
+    plan = [c for c in weight_sync_plan(NAMED, 9, "tensor", encode=lambda part: ["blob"])
+            if c.path != "/update_weights_from_tensor"]
+    answers = run_plan([ReplicaClient(replicas[0].url)], plan)
+    assert answers[0]["weight_version"] == "default"
+    with pytest.raises(ReplicaError, match="weight sync v9 ended with weight_version 'default'"):
+        push_weights([ReplicaClient(replicas[0].url)], {}, 9, encode=lambda part: ["blob"])
+
+
+# ---- the stale-draft guard -------------------------------------------------------------------------------
+
+
+def stats(accept_length: float, passes: int = 64, depth: int = 2) -> SpecStats:
+    accepted = round((accept_length - 1) * passes)
+    return SpecStats(verify_passes=passes, generated=accepted + passes, drafted=depth * passes, accepted=accepted)
+
+
+def test_guard_raises_when_acceptance_collapses_right_after_a_sync():
+    guard = StaleDraftGuard()
+    for length in (2.6, 2.4):
+        guard.observe(stats(length))
+    guard.after_sync(12)
+    with pytest.raises(StaleDraftError, match=r"v12: accept length fell to 1\.05 from a running 2\.5.*not refreshed"):
+        guard.observe(stats(1.05))
+
+
+def test_guard_tolerates_drift_and_judges_only_batches_after_a_sync():
+    guard = StaleDraftGuard()
+    guard.observe(stats(2.5))
+    for version, length in enumerate((2.2, 1.9, 1.7, 1.6)):  # a draft slowly falling behind is not staleness
+        guard.after_sync(version)
+        guard.observe(stats(length))
+    guard.observe(stats(1.0))  # no sync just happened: not judged (e.g. a second DAPO generation round)
+    guard.after_sync(9)
+    guard.observe(stats(1.0, passes=8))  # too few verify passes to judge
+    guard.observe(stats(1.0, depth=0))  # speculation off (adaptive depth 0): nothing to judge
+    assert guard.armed_version == 9
+
+
+def test_guard_needs_a_baseline_worth_protecting():
+    guard = StaleDraftGuard()
+    guard.after_sync(1)
+    guard.observe(stats(1.0))  # first batch: no baseline yet
+    guard.observe(stats(1.1))
+    guard.after_sync(2)
+    guard.observe(stats(1.0))  # baseline ~1.05 < min_baseline: speculation never paid, nothing to lose

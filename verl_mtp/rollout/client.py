@@ -1,0 +1,396 @@
+"""The trainer's side of server-mode rollout: HTTP clients for rollout replicas (our server or SGLang), a
+least-outstanding load balancer, replica launching, and `ServerRollout`, which the driver uses in place
+of a rollout worker group (`call_shards("generate", ...)`, `call("update_rollout_weights", ...)`).
+
+It speaks only the SGLang protocol (protocol.py), so the same code runs against `python -m
+verl_mtp.rollout.server` on a laptop and against `sglang.launch_server` on a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from verl_mtp.models import state_checksum
+from verl_mtp.rollout.engine import SpecStats
+from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT, encode_tensors, sample_from_json, sampling_params_to_json
+from verl_mtp.rollout.sampling import SamplingParams, rollout_sampling_params
+from verl_mtp.rollout.sglang import StaleDraftGuard, SyncCall, weight_sync_plan
+
+# a replica that cannot answer within this long is treated as gone; generation of long responses on
+# GPUs takes minutes, so this is generous by design and configurable per ServerRollout
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class ReplicaError(RuntimeError):
+    """A rollout replica failed or refused a request; the message names its URL."""
+
+
+class ReplicaUnreachable(ReplicaError):
+    """The replica did not answer at all (refused, reset, timed out): its process is likely gone, which
+    the driver may treat like a dead worker. Refusals (HTTP errors) are plain ReplicaErrors: bugs."""
+
+
+class ReplicaClient:
+    """Blocking JSON-over-HTTP calls to one replica. Proxies are ignored: replicas are local or in-cluster."""
+
+    _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                raw, kind = resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            raise ReplicaError(f"rollout server {self.url}: {method} {path} failed with HTTP {e.code}: "
+                               f"{_error_message(e.read())}") from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, closed mid-answer
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise ReplicaUnreachable(f"rollout server {self.url} did not answer {method} {path} ({reason}); "
+                                     "is the replica still running?") from None
+        return json.loads(raw) if "json" in kind else raw.decode()
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            self.request("GET", "/health", timeout=timeout)
+            return True
+        except ReplicaError:
+            return False
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+        body = {"input_ids": prompts, "sampling_params": sampling_params_to_json(params), "return_logprob": True}
+        items = self.request("POST", "/generate", body)
+        expected = len(prompts) * params.n
+        if not isinstance(items, list) or len(items) != expected:
+            got = len(items) if isinstance(items, list) else type(items).__name__
+            raise ReplicaError(f"rollout server {self.url}: /generate returned {got} samples, expected {expected}")
+        return items
+
+
+def _error_message(raw: bytes) -> str:
+    """SGLang answers {"error": {"message"}} from /generate and {"success": false, "message"} from its
+    weight endpoints; anything else is shown as it came."""
+    try:
+        body = json.loads(raw)
+        return body["error"]["message"] if "error" in body else body["message"]
+    except (ValueError, KeyError, TypeError):
+        return raw.decode(errors="replace").strip() or "(no message)"
+
+
+class LeastOutstanding:
+    """Picks the replica with the fewest requests in flight, round-robin among ties, so concurrent shards
+    spread out and a replica busy with a long batch gets the next one last."""
+
+    def __init__(self, n: int):
+        self.outstanding = [0] * n
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def pick(self):
+        with self._lock:
+            n = len(self.outstanding)
+            order = [(self._next + k) % n for k in range(n)]
+            index = min(order, key=lambda i: self.outstanding[i])
+            self._next = (index + 1) % n
+            self.outstanding[index] += 1
+        try:
+            yield index
+        finally:
+            with self._lock:
+                self.outstanding[index] -= 1
+
+
+# ---- launching replicas ------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def native_server_command(model_path: str, host: str, port: int, port_file: str, server_args=()) -> list[str]:
+    return [sys.executable, "-m", "verl_mtp.rollout.server", "--model-path", str(model_path), "--host", host,
+            "--port", str(port), "--port-file", port_file, *map(str, server_args)]
+
+
+def launch_replicas(commands: list[list[str]], host: str, ports: list[int], log_dir: str | None = None,
+                    startup_timeout: float = 300.0) -> list[ServerProcess]:
+    """Start every command at once, then wait for each /health. Port 0 means the server picks one and
+    writes it to the --port-file given in its command (`native_server_command` does). On failure all
+    replicas are stopped and the error names the one that failed, with the end of its log."""
+    folder = Path(log_dir or tempfile.mkdtemp(prefix="verl_mtp_rollout_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    started = []
+    for i, cmd in enumerate(commands):
+        log = folder / f"replica{i}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        started.append((proc, log, _port_file(cmd)))
+    ready = []
+    try:
+        deadline = time.monotonic() + startup_timeout
+        for (proc, log, port_file), port in zip(started, ports):
+            ready.append(_wait_ready(proc, log, host, port, port_file, deadline))
+    except BaseException:
+        for proc, log, _ in started:
+            ServerProcess("", proc, log).stop()
+        raise
+    return ready
+
+
+def _port_file(cmd: list[str]) -> str | None:
+    return cmd[cmd.index("--port-file") + 1] if "--port-file" in cmd else None
+
+
+def _wait_ready(proc, log: Path, host: str, port: int, port_file: str | None, deadline: float) -> ServerProcess:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise ReplicaError(f"rollout server {host}:{port or '?'} exited with code {proc.returncode} during "
+                               f"startup; end of {log}:\n{tail}")
+        if not port and port_file and os.path.exists(port_file):
+            port = int(Path(port_file).read_text())
+        if port and ReplicaClient(f"http://{host}:{port}").healthy(timeout=1.0):
+            return ServerProcess(f"http://{host}:{port}", proc, log)
+        time.sleep(0.1)
+    raise ReplicaError(f"rollout server {host}:{port or '?'} not healthy within the startup timeout; see {log}")
+
+
+# ---- the rollout group --------------------------------------------------------------------------------
+
+
+def native_server_args(cfg) -> list[str]:
+    """Our config -> `python -m verl_mtp.rollout.server` flags (SGLang's names, as sglang_server_args)."""
+    arr = cfg.actor_rollout_ref
+    r, mtp = arr.rollout, arr.model.mtp
+    args = ["--context-length", r.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
+            "--max-running-requests", r.max_batch_size, "--random-seed", cfg.trainer.seed,
+            "--load-format", "dummy" if r.load_format == "dummy" else "auto"]
+    if mtp.enable and mtp.enable_rollout:
+        args += ["--speculative-algorithm", mtp.speculative_algorithm, "--speculative-num-steps",
+                 mtp.speculative_num_steps, "--speculative-eagle-topk", mtp.speculative_eagle_topk]
+        if mtp.speculative_num_draft_tokens is not None:
+            args += ["--speculative-num-draft-tokens", mtp.speculative_num_draft_tokens]
+    return [str(a) for a in args]
+
+
+class ServerRollout:
+    """Rollout replicas behind HTTP, shaped like a rollout WorkerGroup for the driver.
+
+    sampling_params(validate, seed) -> SamplingParams, as PolicyWorker.sampling_params.
+    sync_mode, encode, load_format, broadcast, init_group: how weights travel (see push_weights); the
+    defaults are our CPU server's tensor transport.
+    guard: judges the first training batch after each sync (None = off).
+    """
+
+    def __init__(self, urls: list[str], sampling_params: Callable[[bool, int | None], SamplingParams], *,
+                 processes: list[ServerProcess] = (), timeout: float = DEFAULT_TIMEOUT_S,
+                 sync_mode: str = "tensor", encode: Callable | None = None,
+                 load_format: str | None = TENSOR_LOAD_FORMAT, broadcast: Callable | None = None,
+                 init_group: dict | None = None, guard: StaleDraftGuard | None = None):
+        if not urls:
+            raise ValueError("ServerRollout needs at least one replica URL")
+        self.clients = [ReplicaClient(u, timeout) for u in urls]
+        self.sampling_params = sampling_params
+        self.processes = list(processes)
+        self.sync = dict(mode=sync_mode, encode=encode or encode_native, load_format=load_format, broadcast=broadcast)
+        self.init_group = init_group  # distributed mode: sent with the first sync only
+        self.guard = guard
+        self.balancer = LeastOutstanding(len(urls))
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(urls)), thread_name_prefix="rollout-client")
+
+    @classmethod
+    def launch(cls, model_path: str, num_replicas: int, sampling_params, *, server_args=(), host: str = "127.0.0.1",
+               base_port: int = 0, log_dir: str | None = None, startup_timeout: float = 300.0, **kwargs):
+        """Start `num_replicas` native servers (ports base_port + i, or free ones when 0) and connect."""
+        folder = log_dir or tempfile.mkdtemp(prefix="verl_mtp_rollout_")
+        ports = [base_port + i if base_port else 0 for i in range(num_replicas)]
+        commands = [native_server_command(model_path, host, port, os.path.join(folder, f"replica{i}.port"), server_args)
+                    for i, port in enumerate(ports)]
+        processes = launch_replicas(commands, host, ports, folder, startup_timeout)
+        return cls([p.url for p in processes], sampling_params, processes=processes, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, eos_token_id: int | None, log_dir: str | None = None, **kwargs):
+        """rollout.mode=server: start actor_rollout_ref.rollout.server.num_replicas replicas of
+        rollout.name (native: this machine; sglang: this node's GPUs, see launch_sglang_replicas) and
+        connect. The guard is on whenever the rollout speculates. For sglang pass broadcast= and
+        init_group= (the NCCL weight path, see push_weights)."""
+        r, mtp = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model.mtp
+        sampling = functools.partial(rollout_sampling_params, r, cfg.data.max_response_length, eos_token_id)
+        kwargs.setdefault("guard", StaleDraftGuard() if mtp.enable and mtp.enable_rollout else None)
+        if r.name == "native":
+            return cls.launch(model_path, r.server.num_replicas, sampling, server_args=native_server_args(cfg),
+                              host=r.server.host, base_port=r.server.base_port, log_dir=log_dir, **kwargs)
+        if r.name == "sglang":
+            from verl_mtp.rollout.sglang import launch_sglang_replicas
+
+            processes = launch_sglang_replicas(cfg, r.server.num_replicas, host=r.server.host,
+                                               base_port=r.server.base_port, model_path=model_path, log_dir=log_dir)
+            kwargs.update(sync_mode="distributed", load_format=None)
+            return cls([p.url for p in processes], sampling, processes=processes, **kwargs)
+        raise ValueError(f"key 'actor_rollout_ref.rollout.name': server mode serves native or sglang, not {r.name!r}")
+
+    @property
+    def urls(self) -> list[str]:
+        return [c.url for c in self.clients]
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    # ---- the WorkerGroup surface the driver uses ---------------------------------------------------
+
+    def call_shards(self, method: str, shards: list, *args, **kwargs) -> list:
+        if method != "generate":
+            raise AttributeError(f"ServerRollout.call_shards supports 'generate' only, not {method!r}")
+        return self._generate_many(shards, *args, **kwargs)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """One result per replica, as WorkerGroup.call gives one per worker."""
+        if method != "update_rollout_weights":
+            raise AttributeError(f"ServerRollout.call supports 'update_rollout_weights' only, not {method!r}")
+        return self._sync(*_resolve_refs(args), **kwargs)
+
+    # ---- PolicyWorker's rollout methods ---------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], validate: bool = False, seed: int | None = None):
+        """-> ([(prompt_index, token_ids, logprobs, finish_reason)], metrics), like PolicyWorker.generate."""
+        return self._generate_many([prompts], validate, seed)[0]
+
+    def update_rollout_weights(self, named_tensors: dict, version: int) -> str:
+        held = self._sync(named_tensors, version)
+        for client, checksum in zip(self.clients, held):
+            if checksum != held[0]:
+                raise ReplicaError(f"rollout server {client.url} holds checksum {checksum[:12]} after sync "
+                                   f"v{version}, {self.clients[0].url} holds {held[0][:12]}")
+        return held[0]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in self.processes:
+            p.stop()
+
+    # ---- internals -------------------------------------------------------------------------------------
+
+    def _generate_many(self, shards: list, validate: bool = False, seed: int | None = None) -> list:
+        params = self.sampling_params(validate, seed)
+        outs = list(self._pool.map(lambda shard: self._generate_shard(shard, params), shards))
+        if self.guard is not None and not validate:  # validation decodes differently: its own regime
+            total = SpecStats()
+            for _, stats, _ in outs:
+                total.merge(stats)
+            self.guard.observe(total)
+        return [(samples, metrics) for samples, _, metrics in outs]
+
+    def _generate_shard(self, prompts: list[list[int]], params: SamplingParams):
+        stats, samples = SpecStats(), []
+        start = time.perf_counter()
+        if prompts:
+            with self.balancer.pick() as index:
+                items = self.clients[index].generate(prompts, params)
+            for k, item in enumerate(items):  # SGLang orders samples prompt-major: n of prompt 0, then 1, ...
+                tokens, logprobs, finish, sample_stats = sample_from_json(item)
+                samples.append((k // params.n, tokens, logprobs, finish))
+                if sample_stats is not None:
+                    stats.merge(sample_stats)
+        metrics = stats.metrics()
+        metrics["rollout/tokens_per_s"] = sum(len(s[1]) for s in samples) / max(time.perf_counter() - start, 1e-9)
+        return samples, stats, metrics
+
+    def _sync(self, named_tensors: dict, version) -> list[str]:
+        held = push_weights(self.clients, named_tensors, version, init_group=self.init_group, **self.sync)
+        self.init_group = None
+        if self.guard is not None:
+            self.guard.after_sync(version)
+        return held
+
+
+def encode_native(named) -> list[str]:
+    """serialized_named_tensors for our CPU server: one rank, base64 safetensors."""
+    return [encode_tensors(named)]
+
+
+def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, mode: str = "tensor",
+                 encode: Callable = encode_native, load_format: str | None = TENSOR_LOAD_FORMAT,
+                 broadcast: Callable | None = None, init_group: dict | None = None) -> list[str]:
+    """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan); -> the checksum each holds.
+
+    mode "tensor": the tensors travel in the request, serialized by `encode` (colocated; on GPUs run it
+    in the process that owns them, with sglang_tensor_payload). mode "distributed": `broadcast(names)`
+    sends them over the NCCL group set up by `init_group` (split). SGLang cannot hash its weights: there
+    the reported weight_version stands in, and the sent checksum is returned once it matches; the
+    stale-draft guard then judges the next batch.
+    """
+    named = list(named_tensors.items())
+    plan = weight_sync_plan(named, version, mode, encode=encode, load_format=load_format, init_group=init_group)
+    infos = run_plan(clients, plan, broadcast)
+    sent, held = state_checksum(named), []
+    for client, info in zip(clients, infos):
+        if str(info.get("weight_version")) != str(version):
+            raise ReplicaError(f"rollout server {client.url}: weight sync v{version} ended with weight_version "
+                               f"{info.get('weight_version')!r}")
+        held.append(info.get("weights_checksum", sent))
+    return held
+
+
+def run_plan(clients: list[ReplicaClient], plan: list[SyncCall], broadcast: Callable | None = None) -> list:
+    """Send each call of the plan to every replica at once and wait for all before the next call; a call
+    with `broadcast` names runs `broadcast(names)` here while the replicas wait to receive. Returns the
+    replicas' answers to the last call."""
+    needy = [c.path for c in plan if c.broadcast]
+    if needy and broadcast is None:  # checked first: replicas would otherwise wait for tensors that never come
+        raise ValueError(f"{needy[0]} needs the trainer to broadcast tensors; pass broadcast=")
+    answers: list = []
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        for call in plan:
+            futures = [pool.submit(c.request, call.method, call.path, call.body) for c in clients]
+            if call.broadcast:
+                broadcast(list(call.broadcast))
+            answers = [f.result() for f in futures]
+            for client, answer in zip(clients, answers):
+                if isinstance(answer, dict) and answer.get("success") is False:
+                    raise ReplicaError(f"rollout server {client.url}: {call.path} failed: {answer.get('message')}")
+    return answers
+
+
+def _resolve_refs(args: tuple) -> tuple:
+    """The driver passes weights as a Ray object ref (ray.put) to worker groups; resolve it here too."""
+    if not any(type(a).__name__ == "ObjectRef" for a in args):
+        return args
+    import ray
+
+    return tuple(ray.get(a) if type(a).__name__ == "ObjectRef" else a for a in args)

@@ -1,0 +1,323 @@
+"""The native engine as an HTTP rollout server speaking the SGLang subset the trainer uses.
+
+    python -m verl_mtp.rollout.server --model-path DIR [--port 30000] \
+        [--speculative-algorithm EAGLE --speculative-num-steps 2] [--load-format dummy]
+
+Endpoints (SGLang's names and shapes, see protocol.py): POST /generate, POST /update_weights_from_tensor,
+GET|POST /flush_cache, POST /pause_generation, POST /continue_generation, GET /get_model_info,
+GET /get_server_info, GET /health. Binds 127.0.0.1 unless --host says otherwise: the weight endpoint
+rewrites the model, so exposing it is an explicit choice. Requests run one engine call at a time (the
+engine batches within a call); /health answers even while a batch runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import traceback
+import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from verl_mtp.models import MTPCausalLM, read_config
+from verl_mtp.rollout.engine import NativeEngine
+from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
+                                       prompts_from_request, sample_to_json)
+from verl_mtp.rollout.sglang import MTP_MARK
+
+
+class Unavailable(RuntimeError):
+    """The server cannot take the request now (generation paused too long); HTTP 503."""
+
+
+class RolloutServer:
+    """Routes SGLang-shaped requests to one NativeEngine. `speculative` says whether the engine drafts,
+    which decides (as in SGLang) whether responses carry spec_* counters."""
+
+    def __init__(self, engine: NativeEngine, model_path: str, host: str = "127.0.0.1", port: int = 0,
+                 weight_version: str = "default", speculative: bool = False, pause_timeout: float = 600.0):
+        self.engine = engine
+        self.model_path = model_path
+        self.weight_version = weight_version
+        self.speculative = speculative
+        self.pause_timeout = pause_timeout
+        self.counters = {"generate_requests": 0, "weight_updates": 0, "cache_flushes": 0}
+        self._engine_lock = threading.Lock()  # engine calls never interleave
+        self._gate = threading.Condition()  # pause/continue bookkeeping
+        self._paused = False
+        self._active = 0
+        self._routes = {
+            ("GET", "/health"): self.health, ("GET", "/health_generate"): self.health,
+            ("GET", "/get_model_info"): self.model_info, ("GET", "/get_server_info"): self.server_info,
+            ("POST", "/generate"): self.generate,
+            ("POST", "/update_weights_from_tensor"): self.update_weights_from_tensor,
+            ("GET", "/flush_cache"): self.flush_cache, ("POST", "/flush_cache"): self.flush_cache,
+            ("POST", "/pause_generation"): self.pause_generation,
+            ("POST", "/continue_generation"): self.continue_generation,
+            ("POST", "/init_weights_update_group"): self.distributed_unsupported,
+            ("POST", "/update_weights_from_distributed"): self.distributed_unsupported,
+        }
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.app = self
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "RolloutServer":
+        """Serve from a background thread (in-process use, e.g. tests)."""
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="rollout-server",
+                         daemon=True).start()
+        return self
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def route(self, method: str, path: str):
+        return self._routes.get((method, path.split("?", 1)[0]))
+
+    # ---- endpoints: each takes the JSON body and returns (status, JSON-able or text) ------------------
+
+    def health(self, body):
+        return 200, ""
+
+    def model_info(self, body):
+        return 200, {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
+                     "weight_version": self.weight_version, "weights_checksum": self._checksum(),
+                     "num_mtp_layers": self.engine.model.num_mtp_layers, "context_length": self.engine.max_seq_len}
+
+    def server_info(self, body):
+        return 200, {**self.counters, "paused": self._paused, "speculative_num_steps": self.engine.speculative
+                     if self.speculative else 0, "max_running_requests": self.engine.max_batch_size}
+
+    def generate(self, body):
+        prompts, batched = prompts_from_request(body)
+        params = batch_sampling_params(body.get("sampling_params"))
+        if not body.get("return_logprob", False):
+            # training needs the behaviour logprobs; a request without them is a client bug, not a preference
+            raise ProtocolError("return_logprob must be true: rollout servers always report the target logprobs")
+        with self._generation_slot(), self._engine_lock:
+            self.counters["generate_requests"] += 1
+            out = self.engine.generate(prompts, params)
+        rid = body.get("rid") or uuid.uuid4().hex
+        items = [sample_to_json(s, len(prompts[s.prompt_index]), f"{rid}-{i}", self.weight_version, params,
+                                self.speculative) for i, s in enumerate(out.samples)]
+        return 200, items if batched or params.n > 1 else items[0]
+
+    def update_weights_from_tensor(self, body):
+        if body.get("load_format") != TENSOR_LOAD_FORMAT:
+            raise ProtocolError(f"load_format must be {TENSOR_LOAD_FORMAT!r} (got {body.get('load_format')!r}); "
+                                "SGLang's default serializer carries CUDA IPC handles, which a CPU server cannot open")
+        payloads = body.get("serialized_named_tensors")
+        if not isinstance(payloads, list) or len(payloads) != 1:
+            raise ProtocolError("serialized_named_tensors: expected a list with one entry (one tensor-parallel rank)")
+        named = decode_tensors(payloads[0])
+        skipped = 0
+        if body.get("disable_draft_model"):  # SGLang: update the target only, leave the draft as it is
+            kept = [(n, t) for n, t in named if MTP_MARK not in n]
+            skipped, named = len(named) - len(kept), kept
+        self._check_tensors(named)
+        with self._engine_lock:
+            checksum = self.engine.update_weights(named)
+            self.counters["weight_updates"] += 1
+            if body.get("weight_version") is not None:
+                self.weight_version = str(body["weight_version"])
+            if body.get("flush_cache", True):
+                self.counters["cache_flushes"] += 1
+        message = f"updated {len(named)} tensors" + (f", left {skipped} draft tensors as they were" if skipped else "")
+        return 200, {"success": True, "message": message, "weights_checksum": checksum,
+                     "weight_version": self.weight_version}
+
+    def flush_cache(self, body):
+        # the engine keeps no prefix cache across requests, so there is never anything stale to drop
+        with self._engine_lock:
+            self.counters["cache_flushes"] += 1
+        return 200, "Cache flushed.\n"
+
+    def pause_generation(self, body):
+        """New /generate requests wait; returns once the running one (if any) is done. SGLang's modes
+        (abort / retract / in_place) all reduce to this, as a request here is one engine call."""
+        with self._gate:
+            self._paused = True
+            self._gate.wait_for(lambda: self._active == 0)
+        return 200, {"message": "Generation paused successfully.", "status": "ok"}
+
+    def continue_generation(self, body):
+        with self._gate:
+            self._paused = False
+            self._gate.notify_all()
+        return 200, {"message": "Generation continued successfully.", "status": "ok"}
+
+    def distributed_unsupported(self, body):
+        raise ProtocolError("this CPU rollout server takes weights through /update_weights_from_tensor only; "
+                            "NCCL weight groups (update_weights_from_distributed) need SGLang on GPUs")
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _generation_slot(self):
+        with self._gate:
+            if not self._gate.wait_for(lambda: not self._paused, timeout=self.pause_timeout):
+                raise Unavailable(f"generation paused for more than {self.pause_timeout:.0f}s")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    def _check_tensors(self, named) -> None:
+        """All names and shapes first, so a bad request changes nothing rather than half the model."""
+        state = self.engine.model.state_dict()
+        for name, t in named:
+            if name not in state:
+                raise ProtocolError(f"unknown tensor '{name}'")
+            if tuple(t.shape) != tuple(state[name].shape):
+                raise ProtocolError(f"tensor '{name}' has shape {tuple(t.shape)}, "
+                                    f"the served model has {tuple(state[name].shape)}")
+
+    def _checksum(self) -> str:
+        with self._engine_lock:
+            return self.engine.weights_checksum()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "verl_mtp-rollout"
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        app: RolloutServer = self.server.app
+        handler = app.route(method, self.path)
+        if handler is None:
+            return self._send(404, {"error": {"message": f"no endpoint {method} {self.path}"}})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ProtocolError("request body must be a JSON object")
+            status, payload = handler(body)
+        except json.JSONDecodeError as e:
+            status, payload = 400, {"error": {"message": f"request body is not JSON: {e}"}}
+        except (ProtocolError, ValueError, KeyError) as e:
+            message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes its str
+            status, payload = 400, {"error": {"message": message}}
+        except Unavailable as e:
+            status, payload = 503, {"error": {"message": str(e)}}
+        except Exception as e:  # keep serving; the client gets the reason, the log gets the traceback
+            traceback.print_exc()
+            status, payload = 500, {"error": {"message": f"{type(e).__name__}: {e}"}}
+        self._send(status, payload)
+
+    def _send(self, status: int, payload) -> None:
+        if isinstance(payload, str):
+            data, kind = payload.encode(), "text/plain; charset=utf-8"
+        else:
+            data, kind = json.dumps(payload).encode(), "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # one line per request is noise in a training log
+        pass
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+def _depth(value: str):
+    return value if value == "auto" else int(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m verl_mtp.rollout.server", description=__doc__.splitlines()[0])
+    ap.add_argument("--model-path", "--model", required=True, help="HF/MiMo model folder (config.json + safetensors)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    ap.add_argument("--port", type=int, default=30000, help="0 = any free port (see --port-file)")
+    ap.add_argument("--port-file", help="write the bound port here once serving (for launchers)")
+    ap.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                    help="dummy: random weights from config.json only; real ones arrive by weight sync")
+    ap.add_argument("--random-seed", type=int, default=0, help="seed of the dummy weights")
+    ap.add_argument("--context-length", type=int, help="prompt + response tokens (default: the model's maximum)")
+    ap.add_argument("--max-running-requests", type=int, default=64, help="concurrent sequences in the engine")
+    ap.add_argument("--speculative-algorithm", choices=("EAGLE", "NEXTN"),
+                    help="draft with the model's MTP layers (both names mean the same chain drafter here)")
+    ap.add_argument("--speculative-num-steps", type=_depth, default="auto",
+                    help="draft depth per verify pass, or 'auto' (chosen per batch from measured acceptance)")
+    ap.add_argument("--speculative-eagle-topk", type=int, default=1, help="must be 1: the native engine drafts a chain")
+    ap.add_argument("--speculative-num-draft-tokens", type=int, help="must be num-steps + 1 when given")
+    ap.add_argument("--weight-version", default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads")
+    return ap.parse_args(argv)
+
+
+def speculative_depth(args: argparse.Namespace, num_mtp_layers: int):
+    """SGLang flags -> the engine's depth setting (0 = plain decoding); errors name the flag."""
+    if args.speculative_algorithm is None:
+        return 0
+    if args.speculative_eagle_topk != 1:
+        raise SystemExit(f"--speculative-eagle-topk {args.speculative_eagle_topk}: the native engine drafts a "
+                         "chain, so it must be 1 (tree drafting is SGLang's)")
+    steps = args.speculative_num_steps
+    draft_tokens = args.speculative_num_draft_tokens
+    if draft_tokens is not None and steps != "auto" and draft_tokens != steps + 1:
+        raise SystemExit(f"--speculative-num-draft-tokens {draft_tokens}: a chain of {steps} drafts verifies "
+                         f"{steps + 1} tokens")
+    if num_mtp_layers == 0:
+        raise SystemExit(f"--speculative-algorithm {args.speculative_algorithm}: the model has no MTP layers "
+                         "to draft with")
+    return steps
+
+
+def build_server(args: argparse.Namespace) -> RolloutServer:
+    torch.set_num_threads(args.num_threads)
+    if args.load_format == "dummy":
+        torch.manual_seed(args.random_seed)
+        with torch.device(args.device):
+            model = MTPCausalLM(read_config(args.model_path))
+    else:
+        model = MTPCausalLM.from_pretrained(args.model_path, device=args.device)
+    depth = speculative_depth(args, model.num_mtp_layers)
+    context = args.context_length or model.config.max_position_embeddings
+    engine = NativeEngine(model, max_batch_size=args.max_running_requests, max_seq_len=context, speculative=depth)
+    return RolloutServer(engine, args.model_path, args.host, args.port, weight_version=args.weight_version,
+                         speculative=depth != 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    server = build_server(args)
+    if args.port_file:  # written whole, then renamed, so a launcher never reads half a number
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(server.httpd.server_address[1]))
+        os.replace(tmp, args.port_file)
+    print(f"verl_mtp rollout server: {args.model_path} on {server.url}", file=sys.stderr, flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

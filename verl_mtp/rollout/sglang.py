@@ -1,0 +1,234 @@
+"""SGLang rollout: server arguments from our config, the weight-sync call sequence, the stale-draft guard.
+
+Pure functions and small classes; `sglang` itself is imported only inside `sglang_tensor_payload`, which
+runs on the GPU image. The same sequence drives our own CPU server (rollout.mode=server), so everything
+except the CUDA transport is exercised by the CPU tests.
+
+Weight sync, per replica, always in this order (`weight_sync_plan`):
+  1. POST /pause_generation {"mode": "abort"}      no sample may span two weight versions
+  2. POST /update_weights_from_*  trunk tensors    flush_cache=false, no weight_version yet
+  3. POST /update_weights_from_*  MTP tensors      the draft; carries weight_version, so the version only
+                                                   advances once trunk *and* draft are in
+  4. POST /flush_cache                             cached prefixes were computed by the old weights
+  5. POST /continue_generation
+  6. GET  /get_model_info                          weight_version (and, on our server, weights_checksum)
+"_tensor" when colocated (CUDA IPC handles, or base64 safetensors on our CPU server); "_distributed"
+when split (the trainer broadcasts each listed tensor over the NCCL group while the call is in flight).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from verl_mtp.rollout.engine import SpecStats
+
+MTP_MARK = ".mtp_layers."
+SYNC_MODES = ("tensor", "distributed")
+
+
+# ---- server arguments ---------------------------------------------------------------------------
+
+
+def sglang_server_args(cfg, *, model_path: str | None = None, host: str = "127.0.0.1", port: int = 30000,
+                       base_gpu_id: int = 0) -> dict[str, Any]:
+    """`sglang.srt.server_args.ServerArgs` keyword arguments for one rollout replica (tp_size GPUs from
+    base_gpu_id). Keys of rollout.engine_kwargs.sglang are passed through last, so they win."""
+    arr = cfg.actor_rollout_ref
+    r, mtp = arr.rollout, arr.model.mtp
+    args: dict[str, Any] = {
+        "model_path": model_path or arr.model.path,
+        "host": host,
+        "port": port,
+        "tp_size": r.tensor_model_parallel_size,
+        "base_gpu_id": base_gpu_id,
+        "mem_fraction_static": r.gpu_memory_utilization,
+        "dtype": r.dtype,
+        "load_format": r.load_format,  # "dummy": the real weights arrive by the first sync
+        "context_length": r.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
+        "max_running_requests": r.max_num_seqs,
+        "chunked_prefill_size": r.max_num_batched_tokens if r.enable_chunked_prefill else -1,
+        "disable_radix_cache": not r.enable_prefix_caching,
+        "disable_cuda_graph": r.enforce_eager,
+        "trust_remote_code": arr.model.trust_remote_code,
+        "random_seed": cfg.trainer.seed,
+        "skip_tokenizer_init": True,  # the trainer sends token ids and reads token ids
+        "enable_metrics": r.prometheus.enable,
+        # colocated: the trainer needs the GPU back between rollouts (release/resume memory occupation)
+        "enable_memory_saver": arr.hybrid_engine,
+        "enable_weights_cpu_backup": arr.hybrid_engine,
+    }
+    if mtp.enable and mtp.enable_rollout:
+        args.update(speculative_args(mtp))
+    args.update(dict(r.engine_kwargs.get("sglang") or {}))
+    return args
+
+
+def speculative_args(mtp) -> dict[str, Any]:
+    """model.mtp.speculative_* -> SGLang's speculative flags; errors name our config key."""
+    key = "actor_rollout_ref.model.mtp."
+    steps, topk = mtp.speculative_num_steps, mtp.speculative_eagle_topk
+    if steps == "auto" or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"key '{key}speculative_num_steps': SGLang needs a fixed depth >= 1, got {steps!r} "
+                         "('auto' is the native engine's adaptive depth)")
+    draft_tokens = mtp.speculative_num_draft_tokens
+    if draft_tokens is None:
+        if topk != 1:
+            raise ValueError(f"key '{key}speculative_num_draft_tokens': must be set when speculative_eagle_topk > 1 "
+                             "(a tree's verified token count is a choice)")
+        draft_tokens = steps + 1  # a chain of `steps` drafts verifies steps + 1 tokens
+    return {
+        "speculative_algorithm": mtp.speculative_algorithm,
+        "speculative_num_steps": steps,
+        "speculative_eagle_topk": topk,
+        "speculative_num_draft_tokens": draft_tokens,
+        # keep a CPU copy of the draft (MTP) weights across memory release/resume, or the draft wakes up
+        # with the weights it had at launch while the target gets every update: the stale-draft failure
+        "enable_draft_weights_cpu_backup": True,
+    }
+
+
+def server_cli_args(args: dict[str, Any]) -> list[str]:
+    """ServerArgs kwargs -> `sglang.launch_server` flags: True -> bare flag; False and None -> omitted."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, str(value)]
+    return out
+
+
+def launch_command(args: dict[str, Any], python: str = sys.executable) -> list[str]:
+    return [python, "-m", "sglang.launch_server", *server_cli_args(args)]
+
+
+def replica_layout(cfg, num_replicas: int, base_port: int) -> list[tuple[int, int]]:
+    """(port, base_gpu_id) of each replica on one node: tp_size consecutive GPUs each."""
+    tp, gpus = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size, cfg.trainer.n_gpus_per_node
+    if num_replicas * tp > gpus:
+        raise ValueError(f"{num_replicas} SGLang replicas x tensor_model_parallel_size {tp} need more than the "
+                         f"{gpus} GPUs of a node (trainer.n_gpus_per_node); launch them per node")
+    return [(base_port + i, i * tp) for i in range(num_replicas)]
+
+
+def launch_sglang_replicas(cfg, num_replicas: int, *, host: str = "127.0.0.1", base_port: int = 30000,
+                           model_path: str | None = None, log_dir: str | None = None,
+                           startup_timeout: float = 1800.0):
+    """Start this node's SGLang replicas and wait for /health; -> client.ServerProcess list. On a cluster,
+    run it once per node (e.g. from one Ray actor per node, host = that node's IP) and hand all URLs to
+    client.ServerRollout."""
+    from verl_mtp.rollout.client import launch_replicas
+
+    layout = replica_layout(cfg, num_replicas, base_port)
+    commands = [launch_command(sglang_server_args(cfg, model_path=model_path, host=host, port=port, base_gpu_id=gpu))
+                for port, gpu in layout]
+    return launch_replicas(commands, host, [port for port, _ in layout], log_dir, startup_timeout)
+
+
+# ---- weight sync sequencing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncCall:
+    """One HTTP call of a weight sync, sent to every replica at once. `broadcast` lists the tensors the
+    trainer sends over the update group while this call is in flight (distributed mode only)."""
+
+    method: str
+    path: str
+    body: dict | None = None
+    broadcast: tuple[str, ...] = ()
+
+
+def split_trunk_and_mtp(named_tensors) -> tuple[list, list]:
+    named = list(named_tensors)
+    return [(n, t) for n, t in named if MTP_MARK not in n], [(n, t) for n, t in named if MTP_MARK in n]
+
+
+def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | None = None,
+                     load_format: str | None = None, init_group: dict | None = None,
+                     group_name: str = "weight_update_group") -> list[SyncCall]:
+    """The ordered calls of one sync (see the module docstring).
+
+    mode "tensor": `encode(named) -> serialized_named_tensors` (one entry per tensor-parallel rank).
+    mode "distributed": tensors travel over the NCCL group; `init_group` (master_address, master_port,
+    rank_offset, world_size) is sent first when given, i.e. on the first sync only.
+    """
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync mode must be one of {SYNC_MODES}, got {mode!r}")
+    if mode == "tensor" and encode is None:
+        raise ValueError("tensor sync needs an encoder for serialized_named_tensors")
+    parts = [p for p in split_trunk_and_mtp(named_tensors) if p]
+    plan = [SyncCall("POST", "/init_weights_update_group", {"group_name": group_name, "backend": "nccl", **init_group})
+            ] if init_group and mode == "distributed" else []
+    plan.append(SyncCall("POST", "/pause_generation", {"mode": "abort"}))
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        common = {"flush_cache": False, "weight_version": str(version) if last else None}
+        if mode == "tensor":
+            body = {"serialized_named_tensors": encode(part), "load_format": load_format,
+                    "disable_draft_model": False, **common}  # never target-only: the draft must follow
+            plan.append(SyncCall("POST", "/update_weights_from_tensor", body))
+        else:
+            body = {"names": [n for n, _ in part], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in part],
+                    "shapes": [list(t.shape) for _, t in part], "group_name": group_name, **common}
+            plan.append(SyncCall("POST", "/update_weights_from_distributed", body, tuple(body["names"])))
+    plan += [SyncCall("POST", "/flush_cache"), SyncCall("POST", "/continue_generation"),
+             SyncCall("GET", "/get_model_info")]
+    return plan
+
+
+def sglang_tensor_payload(named_tensors, tp_size: int) -> list[str]:
+    """serialized_named_tensors for SGLang on the same GPUs: CUDA IPC handles in SGLang's own serializer,
+    one entry per tensor-parallel rank. GPU image only; call it in the process that owns the tensors."""
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    data = MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
+    return [data] * tp_size
+
+
+# ---- stale-draft guard -----------------------------------------------------------------------------
+
+
+class StaleDraftError(RuntimeError):
+    pass
+
+
+@dataclass
+class StaleDraftGuard:
+    """After each weight sync, the next batch's accept length must not collapse towards 1.0 while the
+    running baseline was well above it: that is what a draft left behind by the sync looks like (the
+    target moved, the draft did not), and it turns speculation into a net loss without any error.
+
+    Collapse: accept_length - 1 < collapse_ratio * (baseline - 1), with baseline >= min_baseline (below
+    it speculation barely pays, and an untrained draft sampled at T=1 already reaches ~1.3 by chance).
+    Batches without speculation, or with fewer than min_verify_passes verify passes, are not judged.
+    Feed it batches of one regime (the training batches): greedy validation accepts differently.
+    """
+
+    min_baseline: float = 1.5
+    collapse_ratio: float = 0.25
+    min_verify_passes: int = 16
+    ema: float = 0.5
+    baseline: float | None = None
+    armed_version: Any = None  # set by after_sync, cleared once the next batch is judged
+
+    def after_sync(self, version) -> None:
+        self.armed_version = version
+
+    def observe(self, stats: SpecStats) -> None:
+        if stats.drafted == 0 or stats.verify_passes < self.min_verify_passes:
+            return
+        length = stats.accept_length
+        if self.armed_version is not None and self.baseline is not None and self.baseline >= self.min_baseline \
+                and length - 1 < self.collapse_ratio * (self.baseline - 1):
+            raise StaleDraftError(
+                f"stale draft after weight sync v{self.armed_version}: accept length fell to {length:.2f} from a "
+                f"running {self.baseline:.2f}. Drafts are almost never accepted, the signature of MTP/draft weights "
+                "that were not refreshed: check that the sync carries the model.mtp_layers.* tensors, that the "
+                "server applied them (SGLang: no disable_draft_model; colocated MTP rollout needs "
+                "--enable-draft-weights-cpu-backup), and that the actor trains the MTP layers.")
+        self.armed_version = None
+        self.baseline = length if self.baseline is None else (1 - self.ema) * self.baseline + self.ema * length
