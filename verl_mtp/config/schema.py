@@ -98,6 +98,15 @@ class ScratchModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
+    # mixture of experts, DeepSeek style (verl_mtp.models.moe); 0 routed experts = dense FFN
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 0
+    moe_intermediate_size: Optional[int] = None  # null = intermediate_size
+    router_aux_loss_coef: float = 0.001
+    first_k_dense_replace: int = 0
+    moe_in_mtp: bool = True
+    norm_topk_prob: bool = True
 
 
 @dataclass

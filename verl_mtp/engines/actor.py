@@ -15,6 +15,7 @@ from verl_mtp.algos import (agg_loss, compute_mtp_loss, entropy_from_logits, get
                             split_into_micro_batches)
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import TrainingEngine
+from verl_mtp.models.moe import moe_metrics
 
 
 def response_logits(logits: torch.Tensor, micro: Batch, temperature: float) -> torch.Tensor:
@@ -86,6 +87,9 @@ class PolicyActor:
                 loss = loss + mtp_loss
                 metrics.update(mtp_metrics)
                 metrics["mtp/loss"] = float(mtp_loss.detach())
+            if out.moe_stats is not None:  # MoE: the load-balancing loss, weighted by this micro-batch's tokens
+                loss = loss + out.aux_loss * (float(mask.sum()) / tokens)
+                metrics.update(moe_metrics(out.aux_loss, out.moe_stats))
             return loss, metrics
 
         return loss_fn

@@ -18,6 +18,15 @@ Pure tensor code (no megatron import), so it is testable anywhere. What differs:
   model.mtp_layers.{k}.final_layernorm               mtp.layers.{k}.final_layernorm
   model.mtp_layers.{k}.{self_attn,mlp,*_layernorm}   mtp.layers.{k}.transformer_layer.*
 
+MoE blocks (`mlp.gate.weight` present), in trunk or MTP layers:
+  ...mlp.gate.weight                     (E, H)      ...mlp.router.weight               replicated
+  ...mlp.experts.{j}.{gate,up}_proj                  ...mlp.experts.local_experts.{j}.linear_fc1  fused as above
+  ...mlp.experts.{j}.down_proj                       ...mlp.experts.local_experts.{j}.linear_fc2
+  ...mlp.shared_experts.{gate,up,down}_proj          ...mlp.shared_experts.linear_fc1 / linear_fc2
+  ...post_attention_layernorm                        ...pre_mlp_layernorm   (own module in both specs)
+Experts are split over TP ranks like a dense MLP (megatron's expert-TP size defaults to the TP size);
+expert parallelism and grouped-GEMM names (`experts.linear_fc1.weight{j}`) are not produced.
+
 The swapped halves: MiMo's input_proj reads cat(hidden_layernorm(h), token_layernorm(emb)); megatron's
 eh_proj reads cat(enorm(emb), hnorm(h)). So eh_proj.weight = cat(input_proj.weight[:, H:], [:, :H]).
 
@@ -78,28 +87,60 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------- layer blocks
 
 
-def _norm_names(fused_norms: bool) -> tuple[str, str]:
+def _norm_names(fused_norms: bool, moe: bool) -> tuple[str, str]:
     """Where the two pre-norms of a transformer layer live: own modules (local spec) or fused into the
-    following linear (TE spec)."""
-    if fused_norms:
-        return "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"
-    return "input_layernorm.weight", "pre_mlp_layernorm.weight"
+    following linear (TE spec). An MoE block's pre-MLP norm is its own module in both specs."""
+    in_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight"
+    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if fused_norms and not moe else "pre_mlp_layernorm.weight"
+    return in_norm, mlp_norm
+
+
+def _swiglu_to_megatron(hf: Tensors, src: str, dst: str, tp: int, rank: int) -> Tensors:
+    """gate/up/down_proj weights under `src` -> this rank's linear_fc1 / linear_fc2 under `dst`."""
+    return {dst + "linear_fc1.weight": fuse_gate_up(hf[src + "gate_proj.weight"], hf[src + "up_proj.weight"], tp, rank),
+            dst + "linear_fc2.weight": hf[src + "down_proj.weight"].chunk(tp, dim=1)[rank]}
+
+
+def _swiglu_to_hf(shards: list[Tensors], src: str, dst: str) -> Tensors:
+    gate, up = split_gate_up([s[src + "linear_fc1.weight"] for s in shards])
+    return {dst + "gate_proj.weight": gate, dst + "up_proj.weight": up,
+            dst + "down_proj.weight": torch.cat([s[src + "linear_fc2.weight"] for s in shards], dim=1)}
+
+
+def _moe_to_megatron(hf: Tensors, src: str, dst: str, cfg: ModelConfig, tp: int, rank: int) -> Tensors:
+    """An MoE FFN: HF prefix `src` ("model.layers.3.mlp.") -> megatron prefix `dst` ("decoder.layers.3.mlp.")."""
+    out = {dst + "router.weight": hf[src + "gate.weight"]}
+    for j in range(cfg.n_routed_experts):
+        out.update(_swiglu_to_megatron(hf, f"{src}experts.{j}.", f"{dst}experts.local_experts.{j}.", tp, rank))
+    if cfg.n_shared_experts:
+        out.update(_swiglu_to_megatron(hf, src + "shared_experts.", dst + "shared_experts.", tp, rank))
+    return out
+
+
+def _moe_to_hf(shards: list[Tensors], src: str, dst: str, cfg: ModelConfig) -> Tensors:
+    out = {dst + "gate.weight": shards[0][src + "router.weight"]}
+    for j in range(cfg.n_routed_experts):
+        out.update(_swiglu_to_hf(shards, f"{src}experts.local_experts.{j}.", f"{dst}experts.{j}."))
+    if cfg.n_shared_experts:
+        out.update(_swiglu_to_hf(shards, src + "shared_experts.", dst + "shared_experts."))
+    return out
 
 
 def _layer_to_megatron(hf: Tensors, src: str, dst: str, cfg: ModelConfig, tp: int, rank: int,
                        fused_norms: bool) -> Tensors:
     """One decoder block: HF prefix `src` ("model.layers.3.") -> megatron prefix `dst`."""
     attn, mlp = src + "self_attn.", src + "mlp."
-    in_norm, mlp_norm = _norm_names(fused_norms)
+    moe = mlp + "gate.weight" in hf
+    in_norm, mlp_norm = _norm_names(fused_norms, moe)
     out = {
         dst + in_norm: hf[src + "input_layernorm.weight"],
         dst + mlp_norm: hf[src + "post_attention_layernorm.weight"],
         dst + "self_attention.linear_qkv.weight": fuse_qkv(hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"],
                                                            hf[attn + "v_proj.weight"], cfg, tp, rank),
         dst + "self_attention.linear_proj.weight": hf[attn + "o_proj.weight"].chunk(tp, dim=1)[rank],
-        dst + "mlp.linear_fc1.weight": fuse_gate_up(hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"], tp, rank),
-        dst + "mlp.linear_fc2.weight": hf[mlp + "down_proj.weight"].chunk(tp, dim=1)[rank],
     }
+    out.update(_moe_to_megatron(hf, mlp, dst + "mlp.", cfg, tp, rank) if moe
+               else _swiglu_to_megatron(hf, mlp, dst + "mlp.", tp, rank))
     if cfg.qkv_bias:
         out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"],
                                                                hf[attn + "v_proj.bias"], cfg, tp, rank)
@@ -115,19 +156,18 @@ def _layer_to_hf(shards: list[Tensors], src: str, dst: str, cfg: ModelConfig) ->
     """Inverse of `_layer_to_megatron`: megatron prefix `src` in every TP shard -> HF prefix `dst`."""
     first = shards[0]
     fused_norms = src + "input_layernorm.weight" not in first
-    in_norm, mlp_norm = _norm_names(fused_norms)
+    moe = src + "mlp.router.weight" in first
+    in_norm, mlp_norm = _norm_names(fused_norms, moe)
     attn, mlp = dst + "self_attn.", dst + "mlp."
     gather = lambda name: [s[src + name] for s in shards]  # noqa: E731
     q, k, v = split_qkv(gather("self_attention.linear_qkv.weight"), cfg)
-    gate, up = split_gate_up(gather("mlp.linear_fc1.weight"))
     out = {
         dst + "input_layernorm.weight": first[src + in_norm],
         dst + "post_attention_layernorm.weight": first[src + mlp_norm],
         attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v,
         attn + "o_proj.weight": torch.cat(gather("self_attention.linear_proj.weight"), dim=1),
-        mlp + "gate_proj.weight": gate, mlp + "up_proj.weight": up,
-        mlp + "down_proj.weight": torch.cat(gather("mlp.linear_fc2.weight"), dim=1),
     }
+    out.update(_moe_to_hf(shards, src + "mlp.", mlp, cfg) if moe else _swiglu_to_hf(shards, src + "mlp.", mlp))
     if cfg.qkv_bias:
         out[attn + "q_proj.bias"], out[attn + "k_proj.bias"], out[attn + "v_proj.bias"] = split_qkv(
             gather("self_attention.linear_qkv.bias"), cfg)

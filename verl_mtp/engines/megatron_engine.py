@@ -83,6 +83,11 @@ class MegatronEngine(TrainingEngine):
                      if v is not None and (self.te or k != "attention_backend")}
         self.config = rt.transformer_config(self.hf_config, self.sizes, overrides=overrides)
         self.gpt = rt.build_gpt_model(self.hf_config, self.config, self.vocab_padded)
+        # MoE: our load-balancing loss and expert loads from the routers' inputs (megatron's aux loss is off)
+        self.router_tap = rt.RouterTap(self.gpt, self.hf_config) if self.hf_config.is_moe else None
+        if self.router_tap and self.sizes.pipeline_model_parallel_size > 1:
+            raise NotImplementedError("actor_rollout_ref.actor.megatron.pipeline_model_parallel_size > 1 with an MoE "
+                                      "model is not supported yet (earlier stages' load-balancing losses)")
         self.load_hf(model.state_dict())
         if rt.cuda_available():
             self.gpt.cuda()
@@ -154,8 +159,12 @@ class MegatronEngine(TrainingEngine):
                                     rotary_pos_emb=rope, embedding=embed)[:3]
                 mtp_logits.append(self._logits(h, mtp_head))
         restore = lambda x: restore_layout(x, shift)  # noqa: E731
-        return MTPOutput(logits=restore(logits), mtp_logits=[restore(x) for x in mtp_logits],
-                         hidden_states=restore(hidden.transpose(0, 1)))
+        out = MTPOutput(logits=restore(logits), mtp_logits=[restore(x) for x in mtp_logits],
+                        hidden_states=restore(hidden.transpose(0, 1)))
+        if self.router_tap is not None:  # real tokens in the rotated layout the routers saw
+            mask = micro.attention_mask.to(self.device)
+            out.aux_loss, out.moe_stats = self.router_tap.collect(left_align(mask, mask)[0].bool())
+        return out
 
     def _logits(self, hidden: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """(S, B, H) -> (B, S, V): full vocabulary (gathered over TP), padding rows dropped."""

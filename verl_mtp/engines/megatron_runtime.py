@@ -11,20 +11,32 @@ CPU workarounds (all in `apply_cpu_workarounds`, applied only when CUDA is absen
   2. ``model_parallel_cuda_manual_seed`` forks CUDA RNG states; on CPU the RNG tracker is created
      with ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` instead, whose
      ``fork()`` is a no-op context (dropout is 0 in RL fine-tuning, so no RNG stream is needed).
+
+MoE (`ModelConfig.n_routed_experts > 0`): `moe_transformer_kwargs` maps our fields to megatron's, the
+decoder is built from per-layer specs (dense for the first `first_k_dense_replace` layers), and
+`RouterTap` gives the engine each router's input and choice so that it computes *our* load-balancing
+loss (`models.moe.load_balance`): megatron's own aux loss is off, so one definition is trained by both
+backends and PolicyActor adds it like any other term. On CPU: megatron's alltoall dispatcher creates
+CUDA streams, so the allgather one is used; and megatron-core 0.16's router GEMM reads
+`te_general_gemm`, which is undefined without transformer_engine (`_patch_router_gemm`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from verl_mtp.models import ModelConfig
+from verl_mtp.models.moe import aux_loss_and_loads, load_balance, mtp_routing_mask
 
 INSTALL_HINT = ("actor_rollout_ref.actor.strategy=megatron needs megatron-core: "
                 "pip install 'verl_mtp[megatron]' (or pip install 'megatron-core>=0.12')")
@@ -187,32 +199,66 @@ def transformer_config(cfg: ModelConfig, sizes: ParallelSizes, params_dtype: tor
         use_cpu_initialization=not cuda_available(), perform_initialization=True,
         # micro-batches differ in length, so PP stages must exchange shapes first
         variable_seq_lengths=sizes.pipeline_model_parallel_size > 1,
-        moe_token_dispatcher_type="alltoall",  # the only dispatcher that accepts variable lengths (no MoE here)
         cpu_offloading=False,
+        **moe_transformer_kwargs(cfg),
     )
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(te: bool):
+def moe_transformer_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Our MoE fields as TransformerConfig keys. Megatron's load-balancing loss stays off (the engine adds
+    ours through `RouterTap`); routing is in float32 like `models.moe.MoE.route`."""
+    if not cfg.is_moe:  # alltoall: the only dispatcher that accepts variable lengths (PP), unused without MoE
+        return {"moe_token_dispatcher_type": "alltoall"}
+    if cfg.num_experts_per_tok == 1 and cfg.norm_topk_prob:
+        raise ValueError("megatron cannot route top-1 with norm_topk_prob=true (the weight would be a constant 1 "
+                         "with no router gradient); set norm_topk_prob=false")
+    return dict(
+        num_moe_experts=cfg.n_routed_experts, moe_router_topk=cfg.num_experts_per_tok,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_intermediate_size or None,
+        moe_layer_freq=[int(cfg.trunk_layer_is_moe(i)) for i in range(cfg.num_hidden_layers)],
+        # top-k of the logits then softmax over those k == renormalised top-k of the full softmax
+        moe_router_pre_softmax=not cfg.norm_topk_prob, moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,  # SequentialMLP: one MLP per expert, the names `megatron_convert` maps
+        moe_token_dispatcher_type="alltoall" if cuda_available() else "allgather",
+    )
+
+
+def _patch_router_gemm() -> None:
+    """megatron-core 0.16 `RouterGatingLinearFunction` tests `te_general_gemm is not None`, a name bound
+    only when transformer_engine imports; without TE, bind it to None so the torch GEMM runs."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def layer_spec(te: bool, num_experts: int | None = None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    return specs.get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
 
 
 def build_gpt_model(cfg: ModelConfig, config, vocab_size: int):
     """The megatron policy for this pipeline stage: trunk layers, and the MTP block on the last stage."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     te = use_transformer_engine()
     spec = layer_spec(te)
+    if cfg.is_moe:  # a spec per layer (dense below first_k_dense_replace), sliced to this pipeline stage
+        _patch_router_gemm()
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
     mtp_spec = None
     if config.mtp_num_layers:
-        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)
+        mtp_layer = layer_spec(te, cfg.n_routed_experts if cfg.mtp_layers_are_moe else None)
+        mtp_spec = get_gpt_mtp_block_spec(config, mtp_layer, use_transformer_engine=te)
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                     max_sequence_length=cfg.max_position_embeddings, pre_process=pre, post_process=post,
@@ -226,3 +272,42 @@ def layer_offset(config) -> int:
 
     params = inspect.signature(get_transformer_layer_offset).parameters
     return get_transformer_layer_offset(config) if len(params) else get_transformer_layer_offset()
+
+
+class RouterTap:
+    """Forward hooks on every MoE router of a GPTModel: each call's input (S, B, H) and top-k choice
+    (S*B, E) are kept until `collect`, which turns them into `MTPOutput.aux_loss` / `.moe_stats` exactly
+    as our model computes them. Router logits are recomputed from the input (an (E, H) GEMM), which also
+    carries the loss's gradient to the router and the layers below.
+
+        out = engine forward ...                      # routers record
+        out.aux_loss, out.moe_stats = tap.collect(valid)
+    """
+
+    def __init__(self, gpt, cfg: ModelConfig):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.cfg = cfg
+        self.calls: list[tuple[int | None, torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+        for name, module in gpt.named_modules():
+            if isinstance(module, TopKRouter):
+                mtp = re.match(r"mtp\.layers\.(\d+)\.", name)
+                module.register_forward_hook(functools.partial(self._record, int(mtp.group(1)) if mtp else None))
+
+    def _record(self, mtp_depth: int | None, router, args, output) -> None:
+        self.calls.append((mtp_depth, router, args[0], output[1]))
+
+    def collect(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """valid: (B, S) bool in the layout the GPTModel ran on. Forgets the recorded calls."""
+        calls, self.calls = self.calls, []
+        if not calls:
+            return torch.zeros((), device=valid.device), None
+        records = []
+        for depth, router, hidden, chosen in calls:
+            mask = valid if depth is None else mtp_routing_mask(valid, depth)
+            if hidden.shape[0] * hidden.shape[1] != mask.numel():
+                raise NotImplementedError("megatron engine: MoE load balancing with sequence/context parallel "
+                                          "(routers see a slice of the tokens) is not supported")
+            probs = F.linear(hidden.reshape(-1, hidden.shape[-1]).float(), router.weight.float()).softmax(-1)
+            records.append(load_balance(probs, chosen, mask.t().reshape(-1), self.cfg.num_experts_per_tok))
+        return aux_loss_and_loads(records, self.cfg.router_aux_loss_coef)

@@ -74,7 +74,8 @@ def _fill_missing_mtp(model, state: dict[str, torch.Tensor], k_folder: int, init
             if k_folder > 0:
                 state[name] = state[f"model.mtp_layers.0.{part}"]
             elif init_mtp_from == "last_layer" and part.startswith(_BLOCK_PARTS):
-                state[name] = state[f"model.layers.{cfg.num_hidden_layers - 1}.{part}"]
+                # an FFN of the other kind (dense vs MoE, see first_k_dense_replace / moe_in_mtp) stays fresh
+                state[name] = state.get(f"model.layers.{cfg.num_hidden_layers - 1}.{part}", own[name])
             elif init_mtp_from not in ("random", "last_layer"):
                 raise CheckpointError(f"init_mtp_from must be 'random' or 'last_layer', got {init_mtp_from!r}")
             else:

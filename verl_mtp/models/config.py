@@ -29,6 +29,15 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 2  # K, MiMo's name for the number of MTP layers
+    # Mixture of experts, DeepSeek style (HF names of DeepSeek-V3 / Qwen2-MoE); 0 routed experts = dense
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k routed experts per token
+    n_shared_experts: int = 0  # always-on experts, run as one SwiGLU of n_shared * moe_intermediate_size
+    moe_intermediate_size: int | None = None  # per expert; None: intermediate_size
+    router_aux_loss_coef: float = 0.001  # per MoE layer; see `models.moe.load_balance` for the loss
+    first_k_dense_replace: int = 0  # trunk layers [0, k) keep the dense FFN of intermediate_size
+    moe_in_mtp: bool = True  # MTP layers use MoE too (DeepSeek-V3); False: dense MTP layers
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -45,6 +54,19 @@ class ModelConfig:
             "num_nextn_predict_layers": self.num_nextn_predict_layers >= 0,
             "vocab_size": self.vocab_size > 0,
         }
+        self.n_routed_experts = self.n_routed_experts or 0  # DeepSeek folders write null for "dense"
+        self.n_shared_experts = self.n_shared_experts or 0
+        if self.n_routed_experts:
+            self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+            checks.update({
+                "n_routed_experts": self.n_routed_experts > 0,
+                "num_experts_per_tok": 1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                "n_shared_experts": self.n_shared_experts >= 0,
+                "moe_intermediate_size": self.moe_intermediate_size > 0,
+                "router_aux_loss_coef": self.router_aux_loss_coef >= 0,
+                "first_k_dense_replace": 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                "mlp_bias": not self.mlp_bias,  # experts have no biases (DeepSeek, megatron's dispatcher)
+            })
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"model config '{key}' is invalid: {getattr(self, key)!r}")
@@ -52,6 +74,26 @@ class ModelConfig:
     @property
     def num_mtp_layers(self) -> int:
         return self.num_nextn_predict_layers
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def trunk_layer_is_moe(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.first_k_dense_replace
+
+    @property
+    def mtp_layers_are_moe(self) -> bool:
+        return self.is_moe and self.moe_in_mtp
+
+    def moe_hf_dict(self) -> dict[str, Any]:
+        """The MoE keys of config.json; empty for a dense model, whose config.json stays as it was."""
+        if not self.is_moe:
+            return {}
+        return {"n_routed_experts": self.n_routed_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                "n_shared_experts": self.n_shared_experts, "moe_intermediate_size": self.moe_intermediate_size,
+                "router_aux_loss_coef": self.router_aux_loss_coef, "first_k_dense_replace": self.first_k_dense_replace,
+                "moe_in_mtp": self.moe_in_mtp, "norm_topk_prob": self.norm_topk_prob}
 
     # ---- HF config.json <-> ModelConfig ----------------------------------------------------
 
@@ -111,6 +153,7 @@ class ModelConfig:
             "torch_dtype": "float32",
             "use_sliding_window": False,
         })
+        d.update(self.moe_hf_dict())
         return d
 
 

@@ -10,17 +10,23 @@ MTP layer i (0-based) at position t reads ``h_i[t]`` and the embedding of token 
 The same layer code serves three paths: a full teacher-forced forward (training, scoring), and
 chunked cached forwards for the trunk and each MTP layer (the rollout engine). The cache is
 indexed by absolute position, so rolling back after a rejected draft is just a shorter length.
+
+The FFN of a block is a SwiGLU MLP, or with `n_routed_experts > 0` a DeepSeek-style MoE (see
+`models.moe`) in trunk layers >= `first_k_dense_replace` and, if `moe_in_mtp`, in the MTP layers. The
+full forward then also returns the load-balancing loss and per-layer expert loads; routing is per
+token, so the cached paths need nothing extra.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from verl_mtp.models.config import ModelConfig
+from verl_mtp.models.moe import MoE, Routing, SwiGLU, aux_loss_and_loads, mtp_routing_mask
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +72,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, length: int) -> "CacheView":
+    def view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, length: int,
+             block: slice | None = None) -> "CacheView":
         if length > self.max_len:
             raise ValueError(f"KV cache overflow: position {length - 1} >= max_len {self.max_len}")
-        return CacheView(self, layer, slots, positions, length)
+        return CacheView(self, layer, slots, positions, length, block)
+
+
+def slot_block(slots: torch.Tensor) -> slice | None:
+    """`slots` as a slice when they are consecutive ascending rows (the engine's common case), else None."""
+    first, n = int(slots[0]), slots.numel()
+    if int(slots[-1]) - first != n - 1 or (n > 1 and not bool((slots.diff() == 1).all())):
+        return None
+    return slice(first, first + n)
 
 
 @dataclass
@@ -81,6 +96,7 @@ class CacheView:
     slots: torch.Tensor  # (B,) cache rows
     positions: torch.Tensor  # (B, T) absolute positions of the chunk's tokens
     length: int  # 1 + the largest position: keys are read for positions < length
+    block: slice | None = None  # `slots` as a slice, when they are consecutive (see `slot_block`)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's (B, Hkv, T, D) keys/values, return (B, Hkv, L, D) for positions < L."""
@@ -88,7 +104,9 @@ class CacheView:
         rows = self.slots[:, None]
         ck[rows, :, self.positions] = k.transpose(1, 2)
         cv[rows, :, self.positions] = v.transpose(1, 2)
-        return ck[self.slots, :, : self.length], cv[self.slots, :, : self.length]
+        # consecutive rows are read as a view; a gather would copy every row's whole K/V in every layer
+        read = self.block if self.block is not None else self.slots
+        return ck[read, :, : self.length], cv[read, :, : self.length]
 
 
 def cached_causal_mask(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -119,43 +137,40 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def feed_forward(cfg: ModelConfig, moe: bool) -> nn.Module:
+    if not moe:
+        return SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+    return MoE(cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+               cfg.n_shared_experts, cfg.norm_topk_prob)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = feed_forward(cfg, moe)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv: CacheView | None = None):
+    def forward(self, x, cos, sin, mask, kv: CacheView | None = None, routing: Routing | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class MTPLayer(DecoderLayer):
     """MiMo's MTP layer: a decoder block fed by the projection of two normed inputs."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+        super().__init__(cfg, moe=cfg.mtp_layers_are_moe)
         self.token_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hidden_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.input_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, hidden, token_emb, cos, sin, mask, kv: CacheView | None = None):
+    def forward(self, hidden, token_emb, cos, sin, mask, kv: CacheView | None = None, routing: Routing | None = None):
         x = self.input_proj(torch.cat([self.hidden_layernorm(hidden), self.token_layernorm(token_emb)], dim=-1))
-        return self.final_layernorm(super().forward(x, cos, sin, mask, kv))
+        return self.final_layernorm(super().forward(x, cos, sin, mask, kv, routing))
 
 
 class MTPBackbone(nn.Module):
@@ -164,7 +179,8 @@ class MTPBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.trunk_layer_is_moe(i))
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mtp_layers = nn.ModuleList(MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers))
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim))
@@ -176,6 +192,9 @@ class MTPOutput:
     logits: torch.Tensor  # (B, T, V) next-token logits of the trunk
     mtp_logits: list[torch.Tensor]  # K x (B, T, V); entry i at position t predicts token t+i+2
     hidden_states: torch.Tensor  # (B, T, H) trunk output after the final norm
+    # MoE only (0 and None when dense), over the L MoE layers that ran, trunk first, then MTP layers:
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # coef * sum of their balance losses
+    moe_stats: torch.Tensor | None = None  # (L, E) each layer's expert load fractions (see models.moe)
 
 
 def _shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -230,9 +249,11 @@ class MTPCausalLM(nn.Module):
         emb = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.model.inv_freq, emb.dtype)
         mask = padding_causal_mask(attention_mask)
+        valid = attention_mask.bool()
+        routing = Routing(valid) if self.config.is_moe else None
         hidden = emb
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, mask)
+            hidden = layer(hidden, cos, sin, mask, routing=routing)
         hidden = self.model.norm(hidden)
         logits = self.lm_head(hidden)
 
@@ -240,9 +261,13 @@ class MTPCausalLM(nn.Module):
         h, tok_emb = (hidden.detach(), emb.detach()) if mtp_detach else (hidden, emb)
         mtp_logits = []
         for i, layer in enumerate(self.model.mtp_layers[: self.num_mtp_layers if num_mtp is None else num_mtp]):
-            h = layer(h, _shift_left(tok_emb, i + 1), cos, sin, mask)
+            mtp_routing = Routing(mtp_routing_mask(valid, i), routing.records) if routing else None
+            h = layer(h, _shift_left(tok_emb, i + 1), cos, sin, mask, routing=mtp_routing)
             mtp_logits.append(F.linear(h, head_weight))
-        return MTPOutput(logits=logits, mtp_logits=mtp_logits, hidden_states=hidden)
+        out = MTPOutput(logits=logits, mtp_logits=mtp_logits, hidden_states=hidden, aux_loss=hidden.new_zeros(()))
+        if routing and routing.records:
+            out.aux_loss, out.moe_stats = aux_loss_and_loads(routing.records, self.config.router_aux_loss_coef)
+        return out
 
     # ---- chunked cached forwards (rollout engine) -----------------------------------------
 
@@ -259,8 +284,9 @@ class MTPCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, x.dtype)
         mask, length = cached_causal_mask(positions)
+        block = slot_block(slots)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.view(i, slots, positions, length))
+            x = layer(x, cos, sin, mask, cache.view(i, slots, positions, length, block))
         return self.model.norm(x)
 
     def mtp_step(self, layer_idx: int, hidden: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
@@ -269,7 +295,7 @@ class MTPCausalLM(nn.Module):
         emb = self.model.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, emb.dtype)
         mask, length = cached_causal_mask(positions)
-        view = cache.view(self.config.num_hidden_layers + layer_idx, slots, positions, length)
+        view = cache.view(self.config.num_hidden_layers + layer_idx, slots, positions, length, slot_block(slots))
         return self.model.mtp_layers[layer_idx](hidden, emb, cos, sin, mask, view)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -290,11 +316,13 @@ class MTPCausalLM(nn.Module):
 
         save_pretrained(self, path)
 
-    def num_parameters(self, trunk_only: bool = False) -> int:
-        seen, total = set(), 0
+    def num_parameters(self, trunk_only: bool = False, active: bool = False) -> int:
+        """Distinct parameters; `active`: those one token uses, i.e. top-k of each MoE layer's routed experts."""
+        seen, total, cfg = set(), 0.0, self.config
         for name, p in self.named_parameters():
             if id(p) in seen or (trunk_only and ".mtp_layers." in name):
                 continue
             seen.add(id(p))
-            total += p.numel()
-        return total
+            routed = active and ".mlp.experts." in name
+            total += p.numel() * (cfg.num_experts_per_tok / cfg.n_routed_experts if routed else 1)
+        return round(total)

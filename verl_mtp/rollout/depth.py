@@ -6,10 +6,15 @@ size bucket. Both are exponential moving averages, so the choice follows a movin
 going stale after a weight sync shows up within a few rounds). Every depth is tried a few times per
 bucket before it is judged, and the runner-up is re-tried now and then so a choice can be revised.
 
-A round deeper than the one before it first catches lagging MTP layers up on every token they skipped,
-so its time says little about that depth's steady cost: such rounds update acceptance but not cost
-(otherwise speculation, once off, would always look too slow to turn back on). Re-trying a deeper
-runner-up pays that catch-up, so the interval between re-tries doubles while the choice holds.
+Three things keep the cost estimates comparable:
+  * a round deeper than the one before it first catches lagging MTP layers up on every token they
+    skipped, so its time says little about that depth's steady cost: it updates acceptance only
+    (otherwise speculation, once off, would always look too slow to turn back on);
+  * round times drift with context length and machine load for every depth alike, but only the
+    chosen depth is measured continuously: its drift is applied to the other depths' estimates too,
+    so the ranking changes on measured differences, not on the age of an estimate;
+  * re-trying a deeper runner-up pays that catch-up, so the interval between re-tries doubles while
+    the choice holds.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ class DepthController:
         self.reset_acceptance()
         self.seconds: dict[tuple[int, int], float] = {}  # (bucket, depth) -> EMA seconds per round
         self.count: dict[tuple[int, int], int] = {}  # timed rounds per (bucket, depth)
+        self.best: dict[int, int] = {}  # bucket -> depth currently chosen
         self.rounds = 0
-        self.last_depth = 0  # depth of the previous round: deeper rounds pay a catch-up
-        self.best: int | None = None
-        self.interval = revisit_every  # rounds until the runner-up is re-tried; doubles while `best` holds
+        self.last_depth = 0  # depth of the previous round: a deeper round pays a catch-up
+        self.interval = revisit_every  # rounds between re-tries of the runner-up
         self.next_revisit = revisit_every
 
     @staticmethod
@@ -41,7 +46,7 @@ class DepthController:
         return 1 << max(batch_size - 1, 0).bit_length()
 
     def reset_acceptance(self) -> None:
-        self.accept = [0.5] * self.max_depth  # a_k, a prior the first measurement replaces
+        self.accept = [0.5] * self.max_depth  # a_k; a prior that the first measurement replaces
         self.accept_seen = [0] * self.max_depth
 
     def expected_tokens(self, depth: int) -> float:
@@ -55,8 +60,8 @@ class DepthController:
                 return depth
         rates = {d: self.expected_tokens(d) / self.seconds[(b, d)] for d in range(self.max_depth + 1)}
         ranked = sorted(rates, key=rates.get, reverse=True)
-        if ranked[0] != self.best:
-            self.best, self.interval = ranked[0], self.revisit_every
+        if ranked[0] != self.best.get(b):
+            self.best[b], self.interval = ranked[0], self.revisit_every
             self.next_revisit = self.rounds + self.interval
         if len(ranked) > 1 and self.rounds >= self.next_revisit:
             self.interval = min(2 * self.interval, self.max_revisit_every)
@@ -65,16 +70,23 @@ class DepthController:
         return ranked[0]
 
     def observe(self, depth: int, batch_size: int, seconds: float, accepted: torch.Tensor) -> None:
-        key = (self.bucket(batch_size), depth)
-        if depth <= self.last_depth:  # no catch-up in this round: a steady cost sample
-            old = self.seconds.get(key)
-            self.seconds[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
-            self.count[key] = self.count.get(key, 0) + 1
-            if not math.isfinite(self.seconds[key]):
-                self.seconds[key] = old or 1.0
+        b = self.bucket(batch_size)
+        if depth <= self.last_depth and math.isfinite(seconds):  # no catch-up: a steady cost sample
+            self._observe_cost(b, depth, seconds)
         self.last_depth = depth
         for k in range(min(depth, self.max_depth)):
             rate = float((accepted > k).float().mean())
             self.accept_seen[k] += 1
             weight = max(self.ema, 1 / self.accept_seen[k])  # a plain mean until the EMA takes over
             self.accept[k] = (1 - weight) * self.accept[k] + weight * rate
+
+    def _observe_cost(self, b: int, depth: int, seconds: float) -> None:
+        key = (b, depth)
+        old = self.seconds.get(key)
+        new = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        self.seconds[key] = new
+        self.count[key] = self.count.get(key, 0) + 1
+        if old is not None and depth == self.best.get(b):  # drift shared by all depths
+            for d in range(self.max_depth + 1):
+                if d != depth and (b, d) in self.seconds:
+                    self.seconds[(b, d)] *= new / old

@@ -50,6 +50,7 @@ from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.algos.tensor_ops import logprobs_from_logits
 from verl_mtp.models import MTPCausalLM
+from verl_mtp.models.moe import moe_metrics
 
 METRICS_FILE = "dpo_metrics.jsonl"
 CONFIG_FILE = "dpo_config.json"
@@ -328,6 +329,11 @@ def pair_losses(policy: MTPCausalLM, pairs: list[PreferencePair], cfg: DPOConfig
         loss = loss + mtp
         share = float(mask_c.sum()) / num_chosen_tokens * num_pairs  # this micro-batch's weight in the step
         metrics.update({k: v * share for k, v in mtp_metrics.items()})
+    if out_c.moe_stats is not None:  # MoE: load balancing over both forwards, weighted by this micro-batch's pairs
+        aux = (out_c.aux_loss + out_r.aux_loss) / 2
+        loss = loss + aux * (len(pairs) / num_pairs)
+        moe = moe_metrics(aux, torch.cat([out_c.moe_stats, out_r.moe_stats]))
+        metrics.update({k: v * len(pairs) for k, v in moe.items()})  # per-pair sums, like the other metrics
     return loss, metrics
 
 

@@ -61,7 +61,11 @@ def build_policy_model(cfg, vocab_size: int, device: str, seed: int) -> MTPCausa
                          num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
                          max_position_embeddings=s.max_position_embeddings, rope_theta=s.rope_theta,
                          rms_norm_eps=s.rms_norm_eps, tie_word_embeddings=s.tie_word_embeddings,
-                         num_nextn_predict_layers=k)
+                         num_nextn_predict_layers=k, n_routed_experts=s.n_routed_experts,
+                         num_experts_per_tok=s.num_experts_per_tok, n_shared_experts=s.n_shared_experts,
+                         moe_intermediate_size=s.moe_intermediate_size, router_aux_loss_coef=s.router_aux_loss_coef,
+                         first_k_dense_replace=s.first_k_dense_replace, moe_in_mtp=s.moe_in_mtp,
+                         norm_topk_prob=s.norm_topk_prob)
     torch.manual_seed(seed)  # every rank builds the same initial weights
     with torch.device(device):
         return MTPCausalLM(config)
