@@ -3,17 +3,30 @@ with a `main(argv)`; this file only dispatches, so `verl-mtp --help` stays cheap
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 # name -> (module with main(argv), one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "dapo": ("verl_mtp.trainer.main_dapo", "DAPO/GRPO with joint MTP training on Ray (verl config keys)"),
+    "quickstart": ("verl_mtp.trainer.quickstart", "the CPU quickstart: data, tokenizer, SFT with MTP, DAPO with MTP, report"),
+    "sft": ("verl_mtp.trainer.sft", "pretrain / SFT a small model with main + MTP loss"),
+    "mtp-warmup": ("verl_mtp.trainer.mtp_warmup", "warm-start the MTP layers on the frozen trunk (collect, train, report)"),
+    "dpo": ("verl_mtp.trainer.dpo", "DPO on preference pairs (prompt/chosen/rejected), MTP heads kept fresh"),
+    "generate": ("verl_mtp.generate", "generate from a model folder: one prompt, a prompts file or chat, MTP speculation"),
     "report": ("verl_mtp.observability.report", "plots (PNG) and a markdown summary of a run from its metrics.jsonl"),
     "smoke": ("verl_mtp.smoke", "CPU smoke run: train a tiny MTP model for seconds, then speculative generation"),
     "data": ("verl_mtp.data.synthetic_math", "write the synthetic math task as verl parquet (+ SFT corpus)"),
     "tokenizer": ("verl_mtp.data.tokenizer", "train a small BPE tokenizer with a chat template"),
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (`verl-mtp <command>: error: ...`), not a usage block."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 def usage() -> str:

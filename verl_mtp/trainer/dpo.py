@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from verl_mtp.algos.kl import kl_penalty
+from verl_mtp.cli import OneLineParser
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.algos.tensor_ops import logprobs_from_logits
@@ -538,13 +539,6 @@ def _say(message: str) -> None:
 # ---- command line ----------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line (`verl-mtp dpo: error: ...`), not a usage block."""
-
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
-
-
 HELP = {
     "model": "HF/MiMo folder of the initial policy (e.g. the SFT output)",
     "data": "JSONL or parquet of {prompt, chosen, rejected}; prompt: string or chat messages",
@@ -569,7 +563,7 @@ CHOICES = {"schedule": ("cosine", "constant")}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="verl-mtp dpo", description=__doc__.splitlines()[0],
+    ap = OneLineParser(prog="verl-mtp dpo", description=__doc__.splitlines()[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(DPOConfig):
         flag = _flag(f.name)
