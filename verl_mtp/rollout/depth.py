@@ -15,6 +15,8 @@ Three things keep the cost estimates comparable:
     so the ranking changes on measured differences, not on the age of an estimate;
   * re-trying a deeper runner-up pays that catch-up, so the interval between re-tries doubles while
     the choice holds.
+Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
+speculation is only chosen when it looks `margin` faster than plain decoding.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 
 class DepthController:
     def __init__(self, num_mtp_layers: int, max_depth: int, ema: float = 0.2, warmup_rounds: int = 2,
-                 revisit_every: int = 16, max_revisit_every: int = 256):
+                 revisit_every: int = 16, max_revisit_every: int = 256, margin: float = 0.05):
         self.max_depth = max_depth if num_mtp_layers else 0
         self.ema = ema
+        self.margin = margin
         self.warmup_rounds = warmup_rounds
         self.revisit_every = revisit_every
         self.max_revisit_every = max_revisit_every
@@ -58,7 +61,8 @@ class DepthController:
         for depth in range(self.max_depth + 1):  # measure every depth before trusting the model
             if self.count.get((b, depth), 0) < self.warmup_rounds:
                 return depth
-        rates = {d: self.expected_tokens(d) / self.seconds[(b, d)] for d in range(self.max_depth + 1)}
+        rates = {d: self.expected_tokens(d) / self.seconds[(b, d)] / (1 + self.margin if d else 1)
+                 for d in range(self.max_depth + 1)}
         ranked = sorted(rates, key=rates.get, reverse=True)
         if ranked[0] != self.best.get(b):
             self.best[b], self.interval = ranked[0], self.revisit_every
