@@ -36,7 +36,7 @@ QUICKSTART_RL = [
     "actor_rollout_ref.model.mtp.speculative_num_steps=2",
     "reward_model.reward_manager=dapo", "reward_model.overlong_buffer.enable=true", "reward_model.overlong_buffer.len=16",
     "algorithm.adv_estimator=grpo", "algorithm.filter_groups.enable=true", "algorithm.filter_groups.metric=acc",
-    "algorithm.filter_groups.max_num_gen_batches=4", "data.gen_batch_size=24",
+    "algorithm.filter_groups.max_num_gen_batches=12", "data.gen_batch_size=24",
     "trainer.logger=[console,jsonl,tensorboard]", "trainer.val_before_train=true", "trainer.test_freq=10",
     "trainer.save_freq=10", "actor_rollout_ref.rollout.val_kwargs.n=1", "actor_rollout_ref.rollout.val_kwargs.do_sample=false",
 ]
