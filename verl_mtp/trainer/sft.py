@@ -3,6 +3,11 @@
     verl-mtp data data                       # data/{train,test}.parquet and data/sft.jsonl
     verl-mtp sft --data data/sft.jsonl --out checkpoints/sft
 
+With the defaults (1.3M parameters, K=2, 2000 steps of 16 rows, lr 2e-3, one thread) this takes about
+4.5 minutes of CPU time and reaches roughly 25-33 % greedy accuracy on the held-out test set (MTP accept
+length ~2.7 at draft depth 2): the model has the format but not yet the arithmetic, leaving RL room.
+The learning curve is steep here (2400 steps reach ~55 %), so --steps is the knob for a stronger start.
+
 Rows are `{"prompt": [chat messages], "response": "..."}` (loss on the response and its EOS) or,
 for plain pretraining, `{"text": "..."}` (loss on every token; `--loss-on all` does the same for
 chat rows). The trunk learns the next token and K MTP layers learn tokens t+2..t+K+1, their loss
