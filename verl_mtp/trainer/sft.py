@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.models import MTPCausalLM, ModelConfig
+from verl_mtp.models.moe import moe_metrics
 
 METRICS_FILE = "sft_metrics.jsonl"
 MAX_NAN_STREAK = 10  # consecutive non-finite gradients before giving up
@@ -54,7 +55,8 @@ CHECKPOINT_DIR = "checkpoint"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 # options that shape the model or the data a checkpoint was trained on: a resume must not change them
-RESUME_KEYS = ("data", "init", "hidden", "layers", "heads", "kv_heads", "intermediate", "mtp_layers",
+RESUME_KEYS = ("data", "init", "hidden", "layers", "heads", "kv_heads", "intermediate", "mtp_layers", "experts",
+               "experts_per_token", "shared_experts", "moe_intermediate", "dense_layers", "moe_in_mtp",
                "tie_embeddings", "loss_on", "max_len", "val_size", "batch_size", "grad_accum", "seed")
 
 
@@ -79,6 +81,14 @@ class SFTConfig:
     intermediate: int = 384
     mtp_layers: int = 2
     tie_embeddings: bool = True
+    # mixture of experts (DeepSeek style, see verl_mtp.models.moe); 0 experts: dense FFN
+    experts: int = 0  # routed experts per MoE layer
+    experts_per_token: int = 2  # top-k
+    shared_experts: int = 0
+    moe_intermediate: int = 0  # per expert; 0: --intermediate
+    dense_layers: int = 0  # first trunk layers that keep the dense FFN
+    moe_in_mtp: bool = True  # MTP layers use MoE too
+    aux_loss_coef: float = 0.001  # load-balancing loss per MoE layer
     # objective
     loss_on: str = "response"  # "response": response tokens (and EOS) only; "all": every token
     mtp_scale: float = 0.3
@@ -126,6 +136,13 @@ class SFTConfig:
             ("eval_every", self.eval_every > 0, "must be > 0"), ("patience", self.patience >= 0, "must be >= 0"),
             ("log_every", self.log_every > 0, "must be > 0"), ("save_every", self.save_every > 0, "must be > 0"),
             ("eval_limit", self.eval_limit >= 0, "must be >= 0"),
+            ("experts", self.experts >= 0, "must be >= 0"),
+            ("shared_experts", self.shared_experts >= 0, "must be >= 0"),
+            ("experts_per_token", not self.experts or 1 <= self.experts_per_token <= self.experts,
+             "must be in [1, --experts]"),
+            ("moe_intermediate", self.moe_intermediate >= 0, "must be >= 0"),
+            ("dense_layers", 0 <= self.dense_layers <= self.layers, "must be in [0, --layers]"),
+            ("aux_loss_coef", self.aux_loss_coef >= 0, "must be >= 0"),
         ]
         for name, ok, requirement in rules:
             if not ok:
@@ -277,7 +294,11 @@ def build_model(cfg: SFTConfig, tokenizer) -> MTPCausalLM:
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
                          num_nextn_predict_layers=cfg.mtp_layers, tie_word_embeddings=cfg.tie_embeddings,
                          max_position_embeddings=max(1024, cfg.max_len), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         n_routed_experts=cfg.experts, num_experts_per_tok=cfg.experts_per_token,
+                         n_shared_experts=cfg.shared_experts, moe_intermediate_size=cfg.moe_intermediate or None,
+                         first_k_dense_replace=cfg.dense_layers, moe_in_mtp=cfg.moe_in_mtp,
+                         router_aux_loss_coef=cfg.aux_loss_coef)
     torch.manual_seed(cfg.seed)
     return MTPCausalLM(config)
 
@@ -285,14 +306,18 @@ def build_model(cfg: SFTConfig, tokenizer) -> MTPCausalLM:
 def sft_loss(model: MTPCausalLM, ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor,
              mtp_scale: float, mtp_detach: bool, token_count: float, bf16: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(LM loss, scaled MTP loss, MTP metrics); both losses are sums over targets / `token_count`, so the
-    micro-batches of one optimizer step add up to the step's per-token mean."""
+    """(LM loss, scaled MTP loss + MoE load-balancing loss, MTP and MoE metrics); the losses are sums over
+    targets / `token_count`, so the micro-batches of one optimizer step add up to the step's per-token mean
+    (the load-balancing loss is weighted by the micro-batch's share of the targets)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(ids, attention, mtp_detach=mtp_detach)
     target_mask = loss_mask[:, 1:].float()
     ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     lm = (ce * target_mask.flatten()).sum() / token_count
     mtp, metrics = compute_mtp_loss(out.mtp_logits, ids, loss_mask, mtp_scale, token_count)
+    if out.moe_stats is not None:
+        mtp = mtp + out.aux_loss * (float(target_mask.sum()) / token_count)
+        metrics.update(moe_metrics(out.aux_loss, out.moe_stats))
     return lm, mtp, metrics
 
 
@@ -385,7 +410,7 @@ def load_checkpoint(folder: Path, model, opt, sched, ema: EMA | None, cfg: SFTCo
     state = json.loads((folder / "trainer_state.json").read_text())
     saved, ema_updates = state.pop("config"), state.pop("ema_updates")
     for key in RESUME_KEYS:
-        if saved.get(key) != getattr(cfg, key):
+        if saved.get(key, getattr(SFTConfig, key, None)) != getattr(cfg, key):  # older checkpoints: the default
             flag = f"--{key.replace('_', '-')}"
             raise SFTError(f"{folder} was written with {flag} {saved.get(key)!r}, this run has {getattr(cfg, key)!r}: "
                            f"use the same options, another --out, or --no-resume to start over")
@@ -610,7 +635,8 @@ class SFTTrainer:
         self.metrics: dict[str, float] = {}
         _say(f"{len(self.train_rows)} training rows ({data_stats['truncated']} truncated, {data_stats['bad']} bad, "
              f"{data_stats['too_long']} too long), {len(val_rows)} held out; model {self.model.num_parameters():,} "
-             f"parameters, K={self.model.num_mtp_layers} MTP layers")
+             f"parameters ({self.model.num_parameters(active=True):,} active), "
+             f"K={self.model.num_mtp_layers} MTP layers")
 
     @property
     def eval_model(self) -> MTPCausalLM:
@@ -768,6 +794,10 @@ HELP = {
     "patience": "early stop after this many validations without improvement (0: off)",
     "save_every": "steps between checkpoints", "eval_limit": "test prompts for the final accuracy (0: all)",
     "tie_embeddings": "share input embeddings and LM head", "resume": "resume from --out/checkpoint if present",
+    "experts": "routed experts per MoE layer (0: dense FFN)", "experts_per_token": "routed experts per token (top-k)",
+    "shared_experts": "always-on experts per MoE layer", "moe_intermediate": "expert FFN size (0: --intermediate)",
+    "dense_layers": "first trunk layers that keep the dense FFN", "moe_in_mtp": "MoE in the MTP layers too",
+    "aux_loss_coef": "load-balancing loss coefficient per MoE layer",
     "hidden": "hidden size", "layers": "trunk decoder layers", "heads": "attention heads",
     "kv_heads": "key/value heads (grouped-query attention)", "intermediate": "MLP size",
     "mtp_layers": "MTP layers K (MiMo num_nextn_predict_layers)", "lr": "peak learning rate (AdamW)",
