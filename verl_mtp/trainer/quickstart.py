@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rl_steps < 1:
         ap.error("--rl-steps must be >= 1")
+    import torch
+
+    # a tiny model gains little from more threads, and OpenMP threads collapse when the cores are shared
+    torch.set_num_threads(1)
     run = Path(args.out)
     if args.fresh:
         shutil.rmtree(run, ignore_errors=True)
