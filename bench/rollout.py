@@ -239,7 +239,7 @@ def probe_threads(model_cfg: ModelConfig, prompts_by_batch: dict[int, list], cfg
     Plain decoding does the same work whatever the weights, so an untrained model of the right shape
     serves, and the probe can run before training."""
     model = MTPCausalLM(model_cfg).eval()
-    new_tokens = max(cfg.max_new_tokens // 2, 16)
+    new_tokens = 16  # short: an oversubscribed thread count can be 10-100x slower on a shared machine
     rates: dict[int, dict[str, float]] = {t: {} for t in cfg.thread_choices}
     for b in sorted({min(cfg.batch_sizes), max(cfg.batch_sizes)}):
         arms = {t: WithThreads(t, NativeArm(model, 0, b, new_tokens, cfg.prompt_len[1])) for t in cfg.thread_choices}
