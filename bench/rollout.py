@@ -286,7 +286,7 @@ def run(cfg: BenchConfig, model_path: str | None, threads: int | None) -> dict:
         rows += table_rows(b, arms, timings, cfg.max_new_tokens)
     notes = dict(models.notes)
     if draft is not None:
-        notes["assisted"] = f"Qwen2 draft of {notes['params']['draft']} params, transformers' default assistant settings"
+        notes["assisted"] = f"Qwen2 draft, {notes['params']['draft']} params, transformers' default assistant settings"
     return {
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
@@ -365,7 +365,7 @@ def format_report(result: dict) -> str:
                      f"{100 * r['same_tokens_as_plain']:.0f}% | {depths} |")
     lines += ["", "| target | batch | measured | need | status |", "|---|---:|---:|---:|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['target']} | {t['batch']} | {t['value']:.2f}x | {t['need']}x | {t['status']} |")
+        lines.append(f"| {t['target']} | {t['batch']} | {t['value']:.3f}x | {t['need']}x | {t['status']} |")
     return "\n".join(lines)
 
 
