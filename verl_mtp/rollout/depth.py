@@ -6,7 +6,7 @@ size bucket. Both are exponential moving averages, so the choice follows a movin
 going stale after a weight sync shows up within a few rounds). Every depth is tried a few times per
 bucket before it is judged, and the runner-up is re-tried now and then so a choice can be revised.
 
-Three things keep the cost estimates comparable:
+Cost estimates, and what exploring costs:
   * a round deeper than the one before it first catches lagging MTP layers up on every token they
     skipped, so its time says little about that depth's steady cost: it updates acceptance only
     (otherwise speculation, once off, would always look too slow to turn back on);
