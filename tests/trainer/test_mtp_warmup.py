@@ -109,7 +109,8 @@ def test_on_the_fly_features_equal_collected_and_full_forward(chain, base_folder
         ours = [model.lm_head(h) for h in mtp_hidden(model, batch, 2)]
         for a, b in zip(ours, full.mtp_logits):
             assert torch.allclose(a, b, atol=1e-5)
-        loss, _ = chain_loss(model, batch, 2, "ce", "data")
+        loss, _, moe = chain_loss(model, batch, 2, "ce", "data")
+        assert moe == {}  # a dense model has no load-balancing term
         ref, _ = compute_mtp_loss(full.mtp_logits, batch["input_ids"], batch["loss_mask"])
     assert torch.allclose(loss, ref, atol=1e-5)  # response-only targets, same as the RL MTP loss
 
@@ -278,3 +279,23 @@ def test_training_from_an_existing_collection_checks_the_trunk(chain, base_folde
         other.model.norm.weight.mul_(2)
     with pytest.raises(WarmupError, match="different trunk"):
         warm_start(other, None, source, WarmupConfig(**FAST), log=lambda m: None)
+
+
+def test_moe_mtp_layers_get_the_balance_loss_and_metrics():
+    from verl_mtp.models import MTPCausalLM, ModelConfig
+    from verl_mtp.trainer.mtp_warmup_objectives import chain_loss
+
+    torch.manual_seed(0)
+    model = MTPCausalLM(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, num_nextn_predict_layers=2,
+                                    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    router_aux_loss_coef=0.01))
+    ids = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        hidden = model(ids).hidden_states
+    batch = {"input_ids": ids, "hidden_states": hidden, "next_tokens": ids.roll(-1, 1),
+             "loss_mask": torch.ones_like(ids), "lengths": torch.tensor([12, 9]), "offsets": torch.zeros(2, dtype=torch.long)}
+    loss, _, moe = chain_loss(model, batch, 2, "ce", "data")
+    assert moe["moe/aux_loss"] > 0 and "moe/expert_load_0" in moe
+    loss.backward()
+    assert model.model.mtp_layers[1].mlp.gate.weight.grad.abs().sum() > 0

@@ -245,8 +245,10 @@ def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, 
                 _copy_first_layer(model, 1)  # layer 0 alone has trained so far; MiMo starts the rest from it
                 log(f"step {step}: layer 0 copied into layers 1..{k - 1} (MiMo init)")
             if chain:
-                loss, per_depth = chain_loss(model, batch, 1 if step < solo_steps else k, cfg.objective, cfg.labels)
+                loss, per_depth, moe = chain_loss(model, batch, 1 if step < solo_steps else k, cfg.objective,
+                                                  cfg.labels)
                 metrics = {f"acc_{i + 1}": m["accuracy"] for i, m in enumerate(per_depth) if m["count"]}
+                metrics.update(moe)
             else:
                 loss, metrics = diffusion_loss(model, mask_embedding, batch, cfg.block_length, cfg.labels,
                                                cfg.alpha_schedule, cfg.time_epsilon, cfg.loss_weight, g)

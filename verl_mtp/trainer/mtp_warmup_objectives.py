@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from verl_mtp.models.moe import Routing, aux_loss_and_loads, moe_metrics, mtp_routing_mask
 from verl_mtp.models.mtp_model import _shift_left, padding_causal_mask, rope_cos_sin
 
 OBJECTIVES = ("ce", "soft", "diffusion")
@@ -32,11 +33,15 @@ LOSS_WEIGHTS = ("scheduler", "ones")
 
 # ---- chain MTP from stored hidden states -----------------------------------------------------------
 
+def _inside(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, S) bool: real tokens of the window (not padding)."""
+    ids = batch["input_ids"]
+    return torch.arange(ids.shape[1], device=ids.device) < batch["lengths"][:, None]
+
+
 def _valid_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, S) bool: inside the document and a training target."""
-    ids = batch["input_ids"]
-    inside = torch.arange(ids.shape[1], device=ids.device) < batch["lengths"][:, None]
-    return inside & batch["loss_mask"].bool()
+    return _inside(batch) & batch["loss_mask"].bool()
 
 
 def _attention_inputs(model, batch):
@@ -49,13 +54,17 @@ def _attention_inputs(model, batch):
     return emb, cos, sin, padding_causal_mask(attention)
 
 
-def mtp_hidden(model, batch: dict[str, torch.Tensor], depths: int) -> list[torch.Tensor]:
-    """Outputs h_1..h_depths (B, S, H) of the first `depths` MTP layers, from the stored h_0."""
+def mtp_hidden(model, batch: dict[str, torch.Tensor], depths: int,
+               records: list | None = None) -> list[torch.Tensor]:
+    """Outputs h_1..h_depths (B, S, H) of the first `depths` MTP layers, from the stored h_0. MoE MTP
+    layers append their routing records to `records` (for the load-balancing loss and metrics)."""
     emb, cos, sin, mask = _attention_inputs(model, batch)
     h = batch["hidden_states"].to(emb.dtype)
+    real = _inside(batch)  # every real token is routed, target or not: that is what rollout routes too
     outs = []
     for i in range(depths):
-        h = model.model.mtp_layers[i](h, _shift_left(emb, i + 1), cos, sin, mask)
+        routing = Routing(mtp_routing_mask(real, i), records) if records is not None else None
+        h = model.model.mtp_layers[i](h, _shift_left(emb, i + 1), cos, sin, mask, routing=routing)
         outs.append(h)
     return outs
 
@@ -75,12 +84,14 @@ def soft_kl(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: tor
 
 
 def chain_loss(model, batch: dict[str, torch.Tensor], depths: int, objective: str, labels: str
-               ) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """Mean over depths of each depth's mean loss; per depth {loss, accuracy, count} (accuracy: top-1 of
-    the draft equals the hard label). LM-head logits are computed only where a target exists."""
+               ) -> tuple[torch.Tensor, list[dict[str, float]], dict[str, float]]:
+    """Mean over depths of each depth's mean loss, plus the MoE load-balancing loss of MoE MTP layers;
+    per depth {loss, accuracy, count} (accuracy: top-1 of the draft equals the hard label), and the
+    moe/* metrics (empty for dense layers). LM-head logits are computed only where a target exists."""
     losses, metrics = [], []
     head = model.lm_head.weight
-    for i, h in enumerate(mtp_hidden(model, batch, depths)):
+    records: list = []
+    for i, h in enumerate(mtp_hidden(model, batch, depths, records)):
         valid, label = depth_targets(batch, i, labels)
         if not valid.any():
             metrics.append({"loss": math.nan, "accuracy": math.nan, "count": 0})
@@ -97,7 +108,10 @@ def chain_loss(model, batch: dict[str, torch.Tensor], depths: int, objective: st
             accuracy = (logits.argmax(-1) == label[valid]).float().mean()
         metrics.append({"loss": float(loss.detach()), "accuracy": float(accuracy), "count": int(valid.sum())})
     total = torch.stack(losses).mean() if losses else batch["hidden_states"].new_zeros((), requires_grad=True)
-    return total, metrics
+    if not records:
+        return total, metrics, {}
+    aux, loads = aux_loss_and_loads(records, model.config.router_aux_loss_coef)
+    return total + aux, metrics, moe_metrics(aux, loads)
 
 
 # ---- discrete diffusion over a block of future tokens -----------------------------------------------
