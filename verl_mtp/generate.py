@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from verl_mtp.cli import OneLineParser
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.rollout.engine import NativeEngine, SpecStats
 from verl_mtp.rollout.sampling import SamplingParams, sample, warp_probs
@@ -405,11 +406,6 @@ def _fit_history(generator: Generator, history: list[dict], system: str | None) 
 # ---- command line ----------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
-
-
 def _speculative(value: str) -> int | str:
     if value == "auto":
         return value
@@ -419,7 +415,7 @@ def _speculative(value: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="verl-mtp generate", description=__doc__.splitlines()[0],
+    ap = OneLineParser(prog="verl-mtp generate", description=__doc__.splitlines()[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("model", help="HF/MiMo model folder (with its tokenizer, or give --tokenizer)")
     source = ap.add_mutually_exclusive_group()

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.schedule import lr_lambda
+from verl_mtp.cli import OneLineParser
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.moe import moe_metrics
 
@@ -770,13 +771,6 @@ def _say(message: str) -> None:
 # ---- command line ----------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line (`verl-mtp sft: error: ...`), not a usage block."""
-
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
-
-
 HELP = {
     "data": "JSONL corpus: {prompt: [messages], response} or {text} rows",
     "out": "output HF folder (weights + tokenizer); its checkpoint/ makes re-runs resume",
@@ -808,7 +802,7 @@ CHOICES = {"loss_on": ("response", "all"), "schedule": ("cosine", "linear", "con
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="verl-mtp sft", description=__doc__.splitlines()[0],
+    ap = OneLineParser(prog="verl-mtp sft", description=__doc__.splitlines()[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(SFTConfig):
         flag = "--" + f.name.replace("_", "-")
