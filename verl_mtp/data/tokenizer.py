@@ -116,3 +116,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# the files that make up an HF tokenizer folder (whichever of them exist)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def copy_tokenizer_files(source, out) -> None:
+    """Copy a tokenizer folder's files into `out` (a model folder), byte for byte; no-op onto itself."""
+    import shutil
+    from pathlib import Path
+
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)

@@ -34,7 +34,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -57,8 +56,6 @@ METRICS_FILE = "dpo_metrics.jsonl"
 CONFIG_FILE = "dpo_config.json"
 MAX_NAN_STREAK = 10  # consecutive non-finite gradients before giving up
 # files of an HF tokenizer folder, copied as they are (transformers versions disagree on how to re-save them)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 class DPOError(ValueError):
@@ -492,10 +489,9 @@ def save_tokenizer(tokenizer, out: Path) -> None:
     else let transformers write them."""
     source = Path(getattr(tokenizer, "name_or_path", "") or "")
     if (source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file():
-        if source.resolve() != out.resolve():
-            for name in TOKENIZER_FILES:
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, out / name)
+        from verl_mtp.data.tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(source, out)
     else:
         tokenizer.save_pretrained(str(out))
 

@@ -53,8 +53,6 @@ METRICS_FILE = "sft_metrics.jsonl"
 MAX_NAN_STREAK = 10  # consecutive non-finite gradients before giving up
 CHECKPOINT_DIR = "checkpoint"
 # files of an HF tokenizer folder, copied as they are (transformers versions disagree on how to re-save them)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 # options that shape the model or the data a checkpoint was trained on: a resume must not change them
 RESUME_KEYS = ("data", "init", "hidden", "layers", "heads", "kv_heads", "intermediate", "mtp_layers", "experts",
                "experts_per_token", "shared_experts", "moe_intermediate", "dense_layers", "moe_in_mtp",
@@ -433,15 +431,12 @@ def load_checkpoint(folder: Path, model, opt, sched, ema: EMA | None, cfg: SFTCo
 def prepare_tokenizer(cfg: SFTConfig, out: Path):
     """The tokenizer, installed in `out` so the final folder is self-contained: copied from --tokenizer,
     reused from an earlier run into `out`, or trained on the corpus (a 512-token BPE)."""
-    from verl_mtp.data.tokenizer import train_tokenizer
+    from verl_mtp.data.tokenizer import copy_tokenizer_files, train_tokenizer
     from verl_mtp.trainer.setup import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     if cfg.tokenizer:
-        if Path(cfg.tokenizer).resolve() != out.resolve():
-            for name in TOKENIZER_FILES:
-                if (Path(cfg.tokenizer) / name).is_file():
-                    shutil.copyfile(Path(cfg.tokenizer) / name, out / name)
+        copy_tokenizer_files(cfg.tokenizer, out)
     elif not (out / "tokenizer.json").is_file():
         train_tokenizer(_corpus_texts(cfg.data), str(out))
     return load_tokenizer(str(out))
