@@ -1,7 +1,7 @@
 """Wall time of one RL (GRPO) step: verl_mtp vs TRL's GRPOTrainer, same model, prompts and lengths.
 
     pip install -e '.[bench]'
-    python bench/rl_step.py [--steps 6] [--prompts 8] [--n 8] [--max-new 64] [--out bench/results/rl_step.json]
+    python bench/rl_step.py [--steps 6] [--prompts 8] [--n 8] [--max-new 64] [--threads 2] [--out bench/results/rl_step.json]
 
 Both sides start from the same tiny model folder (written by this script: random init, our MiMo
 layout which transformers' Qwen2ForCausalLM loads), the same synthetic-math prompts, group size n,
@@ -129,10 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mtp-layers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for TRL and for our workers (VERL_MTP_THREADS)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", default="bench/results/rl_step.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["VERL_MTP_THREADS"] = str(args.threads)  # read by the Ray workers, which inherit the driver's env
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -257,15 +257,21 @@ class DAPOTrainer:
         dp = max(self.dp_ranks[id(self.actor)]) + 1
         with timer("step", timing):
             batch, metrics = self._collect(timing)
-            with timer("old_log_prob", timing):
-                batch = batch.with_(old_log_probs=torch.cat(self._dp_call(self.actor, "compute_log_probs", batch)))
+            rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
+            source = self._old_log_prob_source(len(batch), rows)
+            if source != "recompute":  # no pass: the key stays on dashboards with the time it took
+                timing["old_log_prob"] = 0.0
+            if source == "rollout":
+                batch = batch.with_(old_log_probs=batch.rollout_log_probs)
+            elif source == "recompute":
+                with timer("old_log_prob", timing):
+                    batch = batch.with_(old_log_probs=torch.cat(self._dp_call(self.actor, "compute_log_probs", batch)))
             if self.ref is not None:
                 with timer("ref", timing):
                     batch = batch.with_(ref_log_probs=torch.cat(self._dp_call(self.ref, "compute_log_probs", batch)))
             with timer("adv", timing):
                 batch, adv_metrics = self._advantages(batch)
             with timer("update_actor", timing):
-                rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
                 actor_metrics = _mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1)))
             with timer("update_weights", timing):
                 self._sync_weights()
@@ -277,6 +283,16 @@ class DAPOTrainer:
         metrics.update(self.counters)
         metrics["trainer/weight_version"] = float(self.version)
         return metrics
+
+    def _old_log_prob_source(self, batch_rows: int, mini_batch_rows: int) -> str:
+        """Where the PPO ratio's denominator comes from: "rollout" (algorithm.rollout_correction.bypass_mode:
+        the rollout's own log-probs), "update" (one epoch, one mini-batch: the update's first and only
+        forward runs on the very weights that generated the batch, so the actor takes its own detached
+        log-probs there: exact, and a whole forward pass cheaper), or "recompute" (a separate pass)."""
+        if self.cfg.algorithm.rollout_correction.bypass_mode:
+            return "rollout"
+        one_step = self.cfg.actor_rollout_ref.actor.ppo_epochs == 1 and mini_batch_rows >= batch_rows
+        return "update" if one_step and self.kl_ctrl is None else "recompute"
 
     def _batch_metrics(self, batch: Batch) -> dict[str, float]:
         mask = batch.response_mask.bool()
