@@ -62,7 +62,7 @@ def _capture_grads(actor):
     def step():
         grads.append({n: p.grad.clone() for n, p in actor.engine.module.named_parameters() if p.grad is not None})
         actor.engine.optimizer.zero_grad(set_to_none=True)
-        return 1.0
+        return {"actor/grad_norm": 1.0}
 
     actor.engine.optimizer_step = step
     return grads

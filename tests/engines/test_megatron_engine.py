@@ -1,8 +1,10 @@
 """The megatron engine against our model and the torch engine, on CPU: equal logits (trunk and MTP
 depths), equal policy/MTP losses and gradients through PolicyActor, detached MTP heads, TP=2 over gloo
-(this file is also the TP worker script), weights out and back. PP/CP/TE paths are GPU-only."""
+(this file is also the TP worker script), weights out and back, clipping groups. PP/TE paths are GPU-only;
+context parallel is in test_megatron_context_parallel.py, offload in test_engines_offload.py."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ pytest.importorskip("megatron.core")
 from verl_mtp.batch import from_samples  # noqa: E402
 from verl_mtp.config import load_config  # noqa: E402
 from verl_mtp.engines.actor import PolicyActor  # noqa: E402
-from verl_mtp.engines.base import build_engine  # noqa: E402
+from verl_mtp.engines.base import MicroBatchFn, build_engine  # noqa: E402
 from verl_mtp.models import MTPCausalLM  # noqa: E402
 from tests.conftest import toy_config  # noqa: E402
 
@@ -56,6 +58,17 @@ def _engine(strategy, model, arr, detach=True, megatron=None):
                         total_steps=10, num_mtp=2, mtp_detach=detach, **kwargs)
 
 
+def whole_output(engine, batch):
+    """Every position's trunk logits, hidden states and MTP logits in the batch's layout (gathered over
+    CP ranks), and this rank's MTPOutput for its sequence-level fields."""
+    def per_token(out, _):
+        return {"logits": out.logits, "hidden_states": out.hidden_states,
+                **{f"mtp_{i}": x for i, x in enumerate(out.mtp_logits)}}
+
+    values, out = engine.infer([batch], MicroBatchFn(per_token, lambda values, out, _: (values, out)))[0]
+    return values, out
+
+
 def _grads(engine):
     if hasattr(engine, "named_grads"):
         return engine.named_grads()
@@ -82,7 +95,8 @@ def train_once(engine, arr, batch):
 
 def _assert_same_training(ours, ref):
     assert torch.allclose(ours["log_probs"], ref["log_probs"], atol=1e-5)
-    for key in ("actor/pg_loss", "mtp/loss", "mtp/loss_1", "mtp/loss_2", "actor/grad_norm"):
+    for key in ("actor/pg_loss", "mtp/loss", "mtp/loss_1", "mtp/loss_2", "actor/grad_norm", "actor/grad_norm_trunk",
+                "actor/grad_norm_mtp"):
         assert ours["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-6), key
     assert ours["grads"].keys() == ref["grads"].keys()
     for name, g in ref["grads"].items():
@@ -100,13 +114,13 @@ def test_logits_equal_our_model_for_trunk_and_every_mtp_depth(layout):
     model = _model(**layout)
     engine = build_engine("megatron", model=copy.deepcopy(model), optim=None, num_mtp=2)
     b = _batch()
-    out = engine.infer([b], lambda o, _: o)[0]
+    out, _ = whole_output(engine, b)
     with torch.no_grad():
         ref = model(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, num_mtp=2)
     real = b.attention_mask.bool()
-    assert torch.allclose(out.logits[real], ref.logits[real], atol=1e-4)
-    assert torch.allclose(out.hidden_states[real], ref.hidden_states[real], atol=1e-4)
-    for i, (ours, theirs) in enumerate(zip(out.mtp_logits, ref.mtp_logits)):
+    assert torch.allclose(out["logits"][real], ref.logits[real], atol=1e-4)
+    assert torch.allclose(out["hidden_states"][real], ref.hidden_states[real], atol=1e-4)
+    for i, (ours, theirs) in enumerate(zip([out["mtp_0"], out["mtp_1"]], ref.mtp_logits)):
         shift = i + 1  # depth i at t reads tokens up to t+i+1: both must be real
         valid = real[:, :-shift] & real[:, shift:]
         assert torch.allclose(ours[:, :-shift][valid], theirs[:, :-shift][valid], atol=1e-4)
@@ -128,6 +142,38 @@ def test_with_zero_advantage_only_mtp_params_get_gradients_when_detached(detach)
     assert (not trunk) if detach else trunk
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_trunk_and_mtp_grad_norms_equal_the_torch_engines_and_clip_separately_when_detached(detach):
+    """Both engines clip the trunk and the detached MTP layers each to clip_grad (jointly when not
+    detached) and report the norms before clipping; with a clip that bites, the weights after the step
+    still agree."""
+    model, b = _model(), _batch()
+    arr = _arr(**{"actor_rollout_ref.actor.optim.clip_grad": 0.05})
+    results = [train_once(_engine(s, model, arr, detach=detach), arr, b) for s in ("torch", "megatron")]
+    ref, ours = (r["metrics"] for r in results)
+    split = ("actor/grad_norm_trunk", "actor/grad_norm_mtp")
+    assert all((k in ours) == detach for k in split)
+    for key in ("actor/grad_norm", *(split if detach else ())):
+        assert ours[key] == pytest.approx(ref[key], rel=1e-5), key
+        assert ours[key] > 0.05  # the clip bites
+    if detach:
+        assert ours["actor/grad_norm"] == pytest.approx(math.hypot(*(ours[k] for k in split)), rel=1e-9)
+    for name, w in results[0]["weights"].items():
+        assert torch.allclose(results[1]["weights"][name], w, atol=1e-4), name
+
+
+def test_detached_mtp_gradient_does_not_shrink_the_policy_update():
+    """A huge MTP loss leaves the trunk's step bit for bit unchanged: clipped on its own."""
+    model, b = _model(), _batch()
+    trunk_after = []
+    for scale in (0.1, 1000.0):
+        arr = _arr(**{"actor_rollout_ref.actor.optim.clip_grad": 1.0,
+                      "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor": scale})
+        weights = train_once(_engine("megatron", model, arr), arr, b)["weights"]
+        trunk_after.append({n: w for n, w in weights.items() if ".mtp_layers." not in n})
+    assert all(torch.equal(trunk_after[0][n], trunk_after[1][n]) for n in trunk_after[0])
+
+
 def test_weights_checkpoint_and_resume_round_trip(tmp_path):
     model, arr, b = _model(), _arr(), _batch()
     engine = _engine("megatron", model, arr)
@@ -140,8 +186,10 @@ def test_weights_checkpoint_and_resume_round_trip(tmp_path):
     resumed = _engine("megatron", model, arr)
     resumed.load_state_dict(copy.deepcopy(engine.state_dict()))  # as if through a file
     assert resumed.lr == engine.lr
+    loss = MicroBatchFn(lambda out, _: {"lse": out.logits.logsumexp(-1), "mtp": out.mtp_logits[1].mean(-1)},
+                        lambda values, out, _: (values["lse"].mean() + values["mtp"].mean(), {}))
     for e in (engine, resumed):  # the next update agrees bit for bit: weights, Adam moments and step restored
-        e.forward_backward([b], lambda out, _: (out.logits.logsumexp(-1).mean() + out.mtp_logits[1].mean(), {}))
+        e.forward_backward([b], loss)
         e.optimizer_step()
     after = [dict(e.named_tensors()) for e in (engine, resumed)]
     assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
@@ -195,11 +243,6 @@ def test_gpu_parallel_layouts_match_the_torch_engine(megatron):
     model, arr, b = _model(), _arr(), _batch().to("cuda")
     ref = train_once(_engine("torch", model.cuda(), arr), arr, b)
     _assert_same_training(train_once(_engine("megatron", model, arr, megatron=megatron), arr, b), ref)
-
-
-def test_context_parallel_is_refused_in_one_line():
-    with pytest.raises(NotImplementedError, match="context_parallel_size"):
-        build_engine("megatron", model=_model(), optim=None, megatron={"context_parallel_size": 2})
 
 
 if __name__ == "__main__":

@@ -93,17 +93,17 @@ def _router_tapped(engine):
 def test_logits_aux_loss_and_loads_equal_our_model(layout):
     pytest.importorskip("megatron.core")
     from verl_mtp.engines.base import build_engine
-    from tests.engines.test_megatron_engine import _batch
+    from tests.engines.test_megatron_engine import _batch, whole_output
 
     model = _model(**layout)
     engine = _router_tapped(build_engine("megatron", model=copy.deepcopy(model), optim=None, num_mtp=2))
     b = _batch()
-    out = engine.infer([b], lambda o, _: o)[0]
+    values, out = whole_output(engine, b)
     with torch.no_grad():
         ref = model(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, num_mtp=2)
     real = b.attention_mask.bool()
-    assert torch.allclose(out.logits[real], ref.logits[real], atol=1e-4)
-    for i, (ours, theirs) in enumerate(zip(out.mtp_logits, ref.mtp_logits)):
+    assert torch.allclose(values["logits"][real], ref.logits[real], atol=1e-4)
+    for i, (ours, theirs) in enumerate(zip([values["mtp_0"], values["mtp_1"]], ref.mtp_logits)):
         valid = real[:, :-(i + 1)] & real[:, i + 1:]
         assert torch.allclose(ours[:, :-(i + 1)][valid], theirs[:, :-(i + 1)][valid], atol=1e-4)
     assert out.moe_stats.shape == ref.moe_stats.shape
@@ -136,14 +136,15 @@ def test_top1_with_renormalised_weights_is_refused_in_one_line():
 
 def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from verl_mtp.engines.base import build_engine
-    from tests.engines.test_megatron_engine import _batch
+    from tests.engines.test_megatron_engine import _batch, whole_output
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     engine = build_engine("megatron", model=_model(first_k_dense_replace=1), optim=None, num_mtp=2,
                           megatron={"tensor_model_parallel_size": world})
-    out = _router_tapped(engine).infer([_batch()], lambda o, _: o)[0]
+    values, out = whole_output(_router_tapped(engine), _batch())
     if rank == 0:
-        torch.save({"logits": out.logits, "mtp_logits": out.mtp_logits, "moe_stats": out.moe_stats},
+        torch.save({"logits": values["logits"], "mtp_logits": [values["mtp_0"], values["mtp_1"]],
+                    "moe_stats": out.moe_stats},
                    os.path.join(out_dir, "tp.pt"))
     torch.distributed.destroy_process_group()
 

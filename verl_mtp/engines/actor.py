@@ -1,7 +1,10 @@
 """The policy's roles on top of any TrainingEngine: log-probs, and the PPO update with the MTP loss.
 
-Backend-agnostic by construction: it only builds micro-batches and loss closures and hands them to
-the engine, so the torch and megatron backends share every line of the algorithm."""
+Backend-agnostic by construction: it only builds micro-batches and `MicroBatchFn`s and hands them to
+the engine, so the torch and megatron backends share every line of the algorithm. Each function is
+two-staged (see `MicroBatchFn`): per sequence position, the log-prob and entropy of the token it
+predicts and each MTP depth's cross-entropy; then the losses from those per-token values. A backend
+that splits sequences over ranks (context parallel) runs the first stage on its own positions."""
 
 from __future__ import annotations
 
@@ -10,18 +13,37 @@ from collections import defaultdict
 
 import torch
 
-from verl_mtp.algos import (agg_loss, compute_mtp_loss, entropy_from_logits, get_policy_loss, kl_penalty,
-                            logprobs_from_logits, masked_mean, partition_by_token_budget,
-                            split_into_micro_batches)
+from verl_mtp.algos import (agg_loss, entropy_from_logits, get_policy_loss, kl_penalty, logprobs_from_logits,
+                            masked_mean, partition_by_token_budget, split_into_micro_batches)
+from verl_mtp.algos.mtp_loss import mtp_targets, mtp_token_losses, reduce_mtp_loss
 from verl_mtp.batch import Batch
-from verl_mtp.engines.base import TrainingEngine
+from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
+from verl_mtp.models import MTPOutput
 from verl_mtp.models.moe import moe_metrics
 
 
-def response_logits(logits: torch.Tensor, micro: Batch, temperature: float) -> torch.Tensor:
-    """(B, P+R, V) -> (B, R, V): the logits that predict each response token, temperature-scaled."""
-    p, r = micro.prompts.shape[1], micro.responses.shape[1]
-    return logits[:, p - 1: p + r - 1] / temperature
+def token_targets(micro: Batch, mtp_depths: int) -> dict[str, torch.Tensor]:
+    """Per sequence position t, (B, S) each: the token it predicts (`next`, t+1) and whether that is a
+    response token (`scored`); per MTP depth i the token it predicts (t+i+2) and whether that counts in
+    the MTP loss (a response token, predicted from a real one)."""
+    ids = micro.input_ids
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    scored[:, micro.prompts.shape[1] - 1: -1] = micro.response_mask.bool()
+    targets = {"next": torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1), "scored": scored}
+    mtp_ids, mtp_masks = mtp_targets(ids, _sequence_mask(micro), mtp_depths, micro.attention_mask)
+    for i, (target, mask) in enumerate(zip(mtp_ids, mtp_masks)):
+        targets[f"mtp_target_{i}"], targets[f"mtp_mask_{i}"] = target, mask
+    return targets
+
+
+def _sequence_mask(micro: Batch) -> torch.Tensor:
+    """(B, S) 1 on response tokens."""
+    return torch.cat([torch.zeros_like(micro.prompt_mask), micro.response_mask], dim=1)
+
+
+def responses_of(values: torch.Tensor, micro: Batch) -> torch.Tensor:
+    """(B, S) per-position values -> (B, R): those at the positions that predict the response tokens."""
+    return values[:, micro.prompts.shape[1] - 1: -1]
 
 
 class PolicyActor:
@@ -43,34 +65,51 @@ class PolicyActor:
             groups = split_into_micro_batches(len(batch), micro_size or len(batch))
         return [batch.select(g) for g in groups]
 
+    # ---- per-token values ----------------------------------------------------------------
+
+    def _per_token(self, entropy_grad: bool):
+        def per_token(out: MTPOutput, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            keep = t["scored"]
+            logits = out.logits[keep] / self.temperature  # (N, V): only positions that predict a response token
+            zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+            values = {"log_prob": zeros.masked_scatter(keep, logprobs_from_logits(logits, t["next"][keep])),
+                      "entropy": zeros.masked_scatter(keep, entropy_from_logits(
+                          logits if entropy_grad else logits.detach()))}
+            for i, mtp_logits in enumerate(out.mtp_logits):
+                values[f"mtp_ce_{i}"], values[f"mtp_hit_{i}"] = mtp_token_losses(
+                    mtp_logits, t[f"mtp_target_{i}"], t[f"mtp_mask_{i}"])
+            return values
+
+        return per_token
+
+    def _targets(self, micro: Batch) -> dict[str, torch.Tensor]:
+        return token_targets(micro, self.engine.num_mtp_layers)
+
     # ---- log-probs -----------------------------------------------------------------------
 
     def compute_log_probs(self, batch: Batch, micro_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) log-probs and entropies of the responses under the current weights."""
-        def fn(out, micro):
-            logits = response_logits(out.logits, micro, self.temperature)
-            return logprobs_from_logits(logits, micro.responses), entropy_from_logits(logits)
+        def reduce(values, out, micro):
+            return responses_of(values["log_prob"], micro), responses_of(values["entropy"], micro)
 
         micros = self._micro_batches(batch, micro_size, self.actor.use_dynamic_bsz, self.actor.ppo_max_token_len_per_gpu)
-        results = self.engine.infer(micros, fn)
+        results = self.engine.infer(micros, MicroBatchFn(self._per_token(False), reduce, self._targets))
         r = batch.responses.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[1]))  # noqa: E731
         return torch.cat([pad(lp) for lp, _ in results]), torch.cat([pad(e) for _, e in results])
 
     # ---- PPO update ----------------------------------------------------------------------
 
-    def _loss_fn(self, tokens: float, seqs: float):
+    def _loss_fn(self, tokens: float, seqs: float) -> MicroBatchFn:
         a = self.actor
 
-        def loss_fn(out, micro: Batch):
-            logits = response_logits(out.logits, micro, self.temperature)
-            log_prob = logprobs_from_logits(logits, micro.responses)
+        def reduce(values, out: MTPOutput, micro: Batch):
+            log_prob, entropy = responses_of(values["log_prob"], micro), responses_of(values["entropy"], micro)
             mask = micro.response_mask
             pg = self.policy_loss(micro.old_log_probs, log_prob, micro.advantages, mask, a.clip_ratio_low,
                                   a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode, tokens, seqs)
             loss = pg["pg_loss"]
             metrics = {f"actor/{k}": float(v.detach()) for k, v in pg.items()}
-            entropy = entropy_from_logits(logits) if a.entropy_coeff else entropy_from_logits(logits.detach())
             if a.entropy_coeff:
                 loss = loss - a.entropy_coeff * agg_loss(entropy, mask, a.loss_agg_mode, tokens, seqs)
             metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mask))
@@ -79,11 +118,12 @@ class PolicyActor:
                               tokens, seqs)
                 loss = loss + a.kl_loss_coef * kl
                 metrics["actor/kl_loss"] = float(kl.detach())
-            if out.mtp_logits:
-                full_mask = torch.cat([torch.zeros_like(micro.prompt_mask), mask], dim=1)
-                mtp_loss, mtp_metrics = compute_mtp_loss(out.mtp_logits, micro.input_ids, full_mask,
-                                                         self.mtp.mtp_loss_scaling_factor, token_count=tokens,
-                                                         attention_mask=micro.attention_mask)
+            depths = sum(k.startswith("mtp_ce_") for k in values)
+            if depths:
+                masks = mtp_targets(micro.input_ids, _sequence_mask(micro), depths, micro.attention_mask)[1]
+                mtp_loss, mtp_metrics = reduce_mtp_loss(
+                    [values[f"mtp_ce_{i}"] for i in range(depths)], [values[f"mtp_hit_{i}"] for i in range(depths)],
+                    masks, self.mtp.mtp_loss_scaling_factor, token_count=tokens)
                 loss = loss + mtp_loss
                 metrics.update(mtp_metrics)
                 metrics["mtp/loss"] = float(mtp_loss.detach())
@@ -92,13 +132,13 @@ class PolicyActor:
                 metrics.update(moe_metrics(out.aux_loss, out.moe_stats))
             return loss, metrics
 
-        return loss_fn
+        return MicroBatchFn(self._per_token(bool(a.entropy_coeff)), reduce, self._targets)
 
     def update_policy(self, batch: Batch, mini_batch_rows: int) -> dict[str, float]:
         """PPO epochs over mini-batches of `mini_batch_rows` rows; one optimizer step per mini-batch."""
         a = self.actor
         per_micro, per_mini = defaultdict(list), defaultdict(list)
-        grad_norms, nan_steps = [], 0
+        grad_norms, nan_steps = defaultdict(list), 0
         g = torch.Generator().manual_seed(len(batch))  # deterministic, so a resumed run replays it
         for _ in range(a.ppo_epochs):
             order = torch.randperm(len(batch), generator=g) if a.shuffle else torch.arange(len(batch))
@@ -117,14 +157,13 @@ class PolicyActor:
                             per_micro[k].append(v)
                 for k, v in sums.items():
                     per_mini[k].append(v)
-                norm = self.engine.optimizer_step()
-                if math.isfinite(norm):
-                    grad_norms.append(norm)
+                norms = self.engine.optimizer_step()
+                if math.isfinite(norms["actor/grad_norm"]):
+                    for k, v in norms.items():
+                        grad_norms[k].append(v)
                 else:
                     nan_steps += 1
-        metrics = {k: sum(v) / len(v) for k, v in {**per_micro, **per_mini}.items()}
-        if grad_norms:
-            metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics = {k: sum(v) / len(v) for k, v in {**per_micro, **per_mini, **grad_norms}.items()}
         metrics["actor/lr"] = self.engine.lr
         metrics["actor/nan_skipped_updates"] = float(nan_steps)
         return metrics

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -14,25 +16,52 @@ import torch.distributed as dist
 from verl_mtp.batch import Batch
 from verl_mtp.models import MTPOutput
 
-# loss_fn(model_output, micro_batch) -> (loss to backpropagate, metrics)
-LossFn = Callable[[MTPOutput, Batch], "tuple[torch.Tensor, dict[str, float]]"]
+
+def _no_targets(micro: Batch) -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class MicroBatchFn:
+    """What an engine computes from each micro-batch's forward, in two stages, so that an engine that
+    splits every sequence over ranks (megatron context parallel) runs the heavy stage where the logits
+    are and exchanges only per-token values:
+
+        targets(micro) -> {name: (B, S)}              per-position inputs of per_token (split like the sequence)
+        per_token(out, targets) -> {name: (B, T, ...)} per-position values of a forward over T positions;
+                                                       position-wise: value t reads only out[:, t], targets[:, t]
+        reduce(values, out, micro) -> result          from the values of all S positions, in order
+
+    `out` in `reduce` is this rank's forward: read only its sequence-level fields (aux_loss, moe_stats)
+    there, since under context parallel its logits cover a part of the positions. For
+    `forward_backward`, the result is (loss to backpropagate, metrics)."""
+
+    per_token: Callable[[MTPOutput, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    reduce: Callable[[dict[str, torch.Tensor], MTPOutput, Batch], Any]
+    targets: Callable[[Batch], dict[str, torch.Tensor]] = _no_targets
+
+    def __call__(self, out: MTPOutput, micro: Batch) -> Any:
+        """Both stages on a forward over the whole sequence."""
+        return self.reduce(self.per_token(out, self.targets(micro)), out, micro)
 
 
 class TrainingEngine(ABC):
     """Owns the model (possibly sharded), its optimizer and LR schedule."""
 
     @abstractmethod
-    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn) -> list[dict[str, float]]:
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
         """Forward and backward every micro-batch, accumulating gradients; metrics per micro-batch."""
 
     @abstractmethod
-    def optimizer_step(self) -> float:
-        """Clip, step, advance the LR schedule and zero grads; returns the grad norm. A non-finite
-        norm skips the update (grads are dropped) and is returned as is, for the caller to count."""
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, advance the LR schedule and zero grads; returns the grad norms before clipping:
+        `actor/grad_norm` (all parameters) and, when the trunk and the detached MTP layers are clipped
+        separately, `actor/grad_norm_trunk` and `actor/grad_norm_mtp`. A non-finite norm skips the
+        update (grads are dropped) and is returned as is, for the caller to count."""
 
     @abstractmethod
-    def infer(self, micro_batches: list[Batch], fn: Callable[[MTPOutput, Batch], Any]) -> list[Any]:
-        """No-grad forward of each micro-batch, mapped through `fn`."""
+    def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:
+        """No-grad forward of each micro-batch; what `fn` made of each."""
 
     @abstractmethod
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -48,6 +77,24 @@ class TrainingEngine(ABC):
     @abstractmethod
     def save_hf(self, path: str) -> None:
         """An HF/MiMo folder (config.json + safetensors) of the current weights."""
+
+    @abstractmethod
+    def offload(self) -> None:
+        """Between phases (a colocated rollout generating): move what the backend's offload keys ask
+        for to CPU, freeing accelerator memory. Idempotent; a no-op on a CPU device."""
+
+    @abstractmethod
+    def reload(self) -> None:
+        """Undo `offload` (the next forward does it too); the state is exactly as before."""
+
+    @contextmanager
+    def offloaded(self):
+        """`with engine.offloaded(): rollout.generate(...)`"""
+        self.offload()
+        try:
+            yield
+        finally:
+            self.reload()
 
     @property
     @abstractmethod

@@ -10,7 +10,10 @@ and the shared output layer are called one by one (`_model_forward`).
 Batches arrive as [left pads | prompt | response | right pads]. Megatron's RoPE uses positions
 0..S-1 of the sequence dimension, so each row is rotated to start at its first real token; with
 right padding only, the plain causal mask never lets a real token see a pad, and positions equal our
-`position_ids`. Outputs are rotated back, so callers see the original layout.
+`position_ids`. Under context parallel the rotated rows are padded to a multiple of 2*cp and each CP
+rank runs its two "zigzag" chunks (`context_parallel.py`). `SequenceLayout` does both and their
+inverse: the caller's `MicroBatchFn` computes per-token values on this rank's positions, which are
+gathered over the CP group and rotated back, so the losses see the original layout, whole.
 
 Ranks of one model-parallel (TP x PP x CP) group must be given the same micro-batches: the driver
 shards batches over `data_parallel_size` ranks, not over the world (see docs/megatron.md).
@@ -20,17 +23,19 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from verl_mtp.algos import lr_lambda
 from verl_mtp.batch import Batch
+from verl_mtp.engines import context_parallel as cp
 from verl_mtp.engines import megatron_convert as convert
 from verl_mtp.engines import megatron_runtime as rt
-from verl_mtp.engines.base import LossFn, TrainingEngine
+from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
+from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM, MTPOutput, ModelConfig
 
 
@@ -54,6 +59,32 @@ def restore_layout(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where the positions of one micro-batch sit on this rank: rows rotated left by `shift`, padded
+    to `padded` columns, and under context parallel only chunks `rank` and 2*cp-1-`rank`."""
+
+    shift: torch.Tensor  # (B,) leading pads per row
+    length: int  # S, the micro-batch's columns
+    padded: int
+    cp: int
+    rank: int
+    group: Any  # the CP process group
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) in the caller's layout -> (B, padded / cp, ...) as this rank runs it."""
+        return cp.split(cp.pad_to(restore_layout(x, -self.shift), self.padded), self.cp, self.rank)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `local`, gathering every CP rank's piece (differentiable)."""
+        return restore_layout(cp.gather(x, self.group)[:, : self.length], self.shift)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(padded / cp,) the sequence positions this rank runs."""
+        return cp.positions(self.padded, self.cp, self.rank)
+
+
 class MegatronEngine(TrainingEngine):
     """model: our MTPCausalLM holding the initial weights (converted into the GPTModel, then not kept).
     optim: the `actor.optim` config as a dict, or None for a frozen role (reference policy).
@@ -64,12 +95,12 @@ class MegatronEngine(TrainingEngine):
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
                  mtp_detach: bool = True, megatron: dict | None = None):
         self.sizes = rt.ParallelSizes.from_config(megatron)
-        if self.sizes.context_parallel_size > 1:
-            raise NotImplementedError("actor_rollout_ref.actor.megatron.context_parallel_size > 1 is not supported "
-                                      "by the megatron engine yet (it would need the sequence split per CP rank)")
-        if self.sizes.param_offload or self.sizes.grad_offload:
-            warnings.warn("actor_rollout_ref.actor.megatron.param_offload/grad_offload are not implemented by the "
-                          "megatron engine yet and are ignored (optimizer_offload is)", stacklevel=2)
+        self.moved = StorageOffload()  # what `offload` moved to CPU
+        self.grads_pending = False  # gradients accumulated since the last optimizer step
+        if self.sizes.context_parallel_size > 1 and model.config.is_moe:
+            raise NotImplementedError(f"actor_rollout_ref.actor.megatron.context_parallel_size="
+                                      f"{self.sizes.context_parallel_size} with an MoE model is not supported (the "
+                                      "load-balancing loss needs every token a router sees)")
         rt.init_parallel(self.sizes)
         from megatron.core import parallel_state
 
@@ -94,6 +125,8 @@ class MegatronEngine(TrainingEngine):
         self.device = torch.device("cuda" if rt.cuda_available() else "cpu")
         if self.gpt.mtp_process:  # MTP layers beyond num_mtp sit idle: keep them out of DDP and the optimizer
             self.gpt.mtp.layers[num_mtp:].requires_grad_(False)
+        self.cp = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
         self.optimizer = None
         self.model = self.gpt
         if optim is not None:
@@ -128,16 +161,26 @@ class MegatronEngine(TrainingEngine):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def _model_forward(self, micro: Batch) -> MTPOutput | torch.Tensor:
-        """This stage's part of the forward: an MTPOutput on the last pipeline stage, hidden states
-        (S, B, H) for the next stage otherwise."""
+    def _layout(self, micro: Batch) -> SequenceLayout:
+        mask = micro.attention_mask.to(self.device)
+        sequence_parallel = self.config.sequence_parallel and self.tp > 1
+        return SequenceLayout(shift=left_align(mask, mask)[1], length=mask.shape[1],
+                              padded=cp.padded_length(mask.shape[1], self.cp, self.tp if sequence_parallel else 1),
+                              cp=self.cp, rank=self.cp_rank, group=self.ps.get_context_parallel_group())
+
+    def _model_forward(self, micro: Batch, layout: SequenceLayout) -> MTPOutput | torch.Tensor:
+        """This stage's part of the forward over this rank's positions of `layout`: an MTPOutput (B, T, ...)
+        on the last pipeline stage, hidden states (T, B, H) for the next stage otherwise."""
         gpt = self.gpt
-        tokens, shift = left_align(micro.input_ids.to(self.device), micro.attention_mask.to(self.device))
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        tokens = layout.local(micro.input_ids.to(self.device))
+        positions = layout.positions.to(self.device).expand_as(tokens)
         embedded = gpt.embedding(input_ids=tokens, position_ids=positions) if gpt.pre_process else None
-        rope = gpt.rotary_pos_emb(tokens.shape[1])
-        # causal only (True = masked); passed explicitly because megatron's default mask is built on "cuda"
-        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=self.device).triu(1)[None, None]
+        # megatron slices RoPE per CP rank through a pinned CUDA index, so the full table is split here
+        rope = (gpt.rotary_pos_emb(layout.padded) if self.cp == 1
+                else cp.split(gpt.rotary_pos_emb.get_emb(layout.padded), self.cp, self.cp_rank, dim=0))
+        # True = masked; passed explicitly because megatron's default mask is built on "cuda". TE's CP
+        # attention masks causally by itself; the local spec's (AllGatherCPAttention) reads the positions here.
+        causal = None if self.te and self.cp > 1 else cp.causal_mask(layout.padded, self.cp, self.cp_rank, self.device)
         hidden = gpt.decoder(hidden_states=embedded, attention_mask=causal, rotary_pos_emb=rope)
         if not gpt.post_process:
             return hidden
@@ -154,32 +197,39 @@ class MegatronEngine(TrainingEngine):
 
             h, ids, pos = (hidden.detach() if detach else hidden), tokens, positions
             for layer in gpt.mtp.layers[: self.num_mtp]:
-                # megatron rolls ids/positions one step per depth; >= 0.17 also returns a padding mask
+                # megatron rolls ids/positions one step per depth (across CP ranks' chunk boundaries);
+                # >= 0.17 also returns a padding mask
                 h, ids, pos = layer(input_ids=ids, position_ids=pos, hidden_states=h, attention_mask=causal,
                                     rotary_pos_emb=rope, embedding=embed)[:3]
                 mtp_logits.append(self._logits(h, mtp_head))
-        restore = lambda x: restore_layout(x, shift)  # noqa: E731
-        out = MTPOutput(logits=restore(logits), mtp_logits=[restore(x) for x in mtp_logits],
-                        hidden_states=restore(hidden.transpose(0, 1)))
-        if self.router_tap is not None:  # real tokens in the rotated layout the routers saw
-            mask = micro.attention_mask.to(self.device)
-            out.aux_loss, out.moe_stats = self.router_tap.collect(left_align(mask, mask)[0].bool())
+        out = MTPOutput(logits=logits, mtp_logits=mtp_logits, hidden_states=hidden.transpose(0, 1))
+        if self.router_tap is not None:  # real tokens in the layout the routers saw
+            out.aux_loss, out.moe_stats = self.router_tap.collect(layout.local(micro.attention_mask.to(self.device))
+                                                                  .bool())
         return out
+
+    def _apply(self, fn: MicroBatchFn, out: MTPOutput, micro: Batch, layout: SequenceLayout) -> Any:
+        """`fn`'s per-token stage on this rank's positions, its reduction on the whole sequence."""
+        targets = {k: layout.local(v.to(self.device)) for k, v in fn.targets(micro).items()}
+        values = {k: layout.whole(v) for k, v in fn.per_token(out, targets).items()}
+        return fn.reduce(values, out, micro)
 
     def _logits(self, hidden: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """(S, B, H) -> (B, S, V): full vocabulary (gathered over TP), padding rows dropped."""
         logits, _ = self.gpt.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits.transpose(0, 1)[..., : self.hf_config.vocab_size]
 
-    def _run(self, micro_batches: list[Batch], consume: Callable, forward_only: bool) -> list[Any]:
-        """Forward (and backward) every micro-batch; what `consume(output, micro)` returned, on every rank.
-        Training: consume returns (loss, metrics) and the metrics are collected."""
+    def _run(self, micro_batches: list[Batch], fn: MicroBatchFn, forward_only: bool) -> list[Any]:
+        """Forward (and backward) every micro-batch; what `fn` returned, on every rank. Training: fn
+        returns (loss, metrics) and the metrics are collected."""
+        self.reload()
         self._check_same_batches(micro_batches)
         if self.ps.get_pipeline_model_parallel_world_size() > 1:
-            return self._run_pipelined(micro_batches, consume, forward_only)
+            return self._run_pipelined(micro_batches, fn, forward_only)
         collected = []
         for micro in micro_batches:
-            result = consume(self._model_forward(micro), micro)
+            layout = self._layout(micro)
+            result = self._apply(fn, self._model_forward(micro, layout), micro, layout)
             if not forward_only:
                 loss, result = result
                 loss.backward()  # megatron's DDP accumulates into its grad buffers; no reduce yet
@@ -188,9 +238,10 @@ class MegatronEngine(TrainingEngine):
             from megatron.core.distributed import finalize_model_grads
 
             finalize_model_grads([self.model])  # data-parallel reduce (+ tied/SP grads) once per mini-batch
+            self.grads_pending = True
         return collected
 
-    def _run_pipelined(self, micro_batches: list[Batch], consume: Callable, forward_only: bool) -> list[Any]:
+    def _run_pipelined(self, micro_batches: list[Batch], fn: MicroBatchFn, forward_only: bool) -> list[Any]:
         """GPU only (megatron's pipeline schedules allocate on "cuda"): megatron's 1F1B schedule; the
         last stage's results are broadcast to the other stages."""
         from megatron.core.distributed import finalize_model_grads
@@ -202,22 +253,26 @@ class MegatronEngine(TrainingEngine):
 
         def step_fn(data_iterator, _model):
             micro = next(data_iterator)
+            layout = self._layout(micro)
 
             def loss_func(out, non_loss_data=False):
                 if forward_only:
-                    return consume(out, micro)
-                loss, metrics = consume(out, micro)
-                # megatron divides by the number of micro-batches; our losses are already each
-                # micro-batch's share of the mini-batch loss, so undo that
-                return loss * n, metrics
+                    return self._apply(fn, out, micro, layout)
+                loss, metrics = self._apply(fn, out, micro, layout)
+                # megatron divides by the number of micro-batches (our losses are already each micro-batch's
+                # share of the mini-batch loss) and multiplies by the CP size (our CP gather's backward
+                # already sums the CP ranks' identical losses): undo both
+                return loss * n / self.cp, metrics
 
-            return self._model_forward(micro), loss_func
+            return self._model_forward(micro, layout), loss_func
 
-        first = micro_batches[0]
+        first = self._layout(micro_batches[0])
         collected = get_forward_backward_func()(
             forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[self.model], num_microbatches=n,
-            seq_length=first.input_ids.shape[1], micro_batch_size=len(first), forward_only=forward_only,
+            seq_length=first.padded // self.cp, micro_batch_size=len(micro_batches[0]), forward_only=forward_only,
             collect_non_loss_data=forward_only)
+        if not forward_only:
+            self.grads_pending = True
         box = [list(collected)]
         dist.broadcast_object_list(box, src=self.ps.get_pipeline_model_parallel_last_rank(),
                                    group=self.ps.get_pipeline_model_parallel_group())
@@ -232,39 +287,85 @@ class MegatronEngine(TrainingEngine):
         weights = torch.arange(1, ids.numel() + 1, dtype=torch.float64)
         stats = torch.stack([(ids * weights).sum(), torch.tensor(float(ids.numel()))]).to(self.device)
         low, high = stats.clone(), stats.clone()
-        group = self.ps.get_model_parallel_group()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+        for group in (self.ps.get_model_parallel_group(), self.ps.get_context_parallel_group()):
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
         if not torch.equal(low, high):
             raise RuntimeError("megatron engine: ranks of one tensor/pipeline/context-parallel group got different "
                                "micro-batches; shard batches over data-parallel ranks (engine.data_parallel_rank)")
 
     # ---- TrainingEngine --------------------------------------------------------------------
 
-    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn) -> list[dict[str, float]]:
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
         self.model.train()
         return self._run(micro_batches, loss_fn, forward_only=False)
 
-    def optimizer_step(self) -> float:
-        """Clip, step and schedule like the torch engine. The norm covers TP/PP/DP shards without
-        counting replicated tensors twice."""
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step and schedule like the torch engine: with a detached MTP loss the trunk and the MTP
+        layers are clipped separately. Norms cover TP/PP/DP shards without counting replicas twice."""
+        self.reload()
         opt = self.optimizer
         found_inf = opt.prepare_grads()  # main grads (DDP buffers) -> the optimizer's params
-        norm = math.nan if found_inf else float(opt.get_grad_norm() or 0.0)
-        if math.isfinite(norm):
+        groups = self._clip_groups()
+        norms = {name: math.nan if found_inf else _grad_norm(grads, self.device) for name, grads in groups.items()}
+        total = math.sqrt(sum(n * n for n in norms.values()))
+        if math.isfinite(total):
             if self.clip_grad:
-                _clip_to_total_norm(opt, self.clip_grad, norm)
+                for name, grads in groups.items():
+                    _clip(grads, self.clip_grad, norms[name])
             opt.step_with_ready_grads()
             self.steps += 1
             self._set_lr()
         opt.zero_grad()
         self.model.zero_grad_buffer()
-        return norm
+        self.grads_pending = False
+        return {"actor/grad_norm": total, **({f"actor/grad_norm_{k}": v for k, v in norms.items()}
+                                            if len(norms) > 1 else {})}
+
+    def _clip_groups(self) -> dict[str, list[tuple[Any, list[torch.Tensor]]]]:
+        """The optimizer's gradients to count in each clipping group, per (sub-)optimizer with its
+        process group for the norm: trunk and MTP layers when MTP is detached, else one group."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        split = self.mtp_detach and self.num_mtp
+        mtp = {id(p) for n, p in self.gpt.named_parameters() if n.startswith("mtp.")}
+        groups = {"trunk": [], "mtp": []} if split else {"all": []}
+        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            owner = _model_params_of(sub)
+            picked = {name: [] for name in groups}
+            for p in sub.get_parameters():
+                if p.grad is None or not param_is_not_shared(p) or not param_is_not_tensor_parallel_duplicate(p):
+                    continue
+                name = ("mtp" if id(owner.get(id(p), p)) in mtp else "trunk") if split else "all"
+                picked[name].append(p.grad)
+            for name, grads in picked.items():
+                groups[name].append((sub.get_grad_stats_parallel_group(), grads))
+        return groups
 
     @torch.no_grad()
-    def infer(self, micro_batches: list[Batch], fn: Callable) -> list[Any]:
+    def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:
         self.model.eval()
         return self._run(micro_batches, fn, forward_only=True)
+
+    # ---- offload ---------------------------------------------------------------------------
+
+    def offload(self) -> None:
+        """On GPU, per the `megatron` keys: `param_offload` moves the parameters, `grad_offload` megatron
+        DDP's gradient buffers (`main_grad`) to pinned CPU memory. Gradients are copied only when some
+        are pending (mid-accumulation); after an optimizer step they are zero and just freed. (The
+        optimizer states have megatron's own `optimizer_offload`.)"""
+        if self.moved.active or not rt.cuda_available():
+            return
+        if self.sizes.param_offload:
+            self.moved.offload(self.gpt.parameters())
+        if self.sizes.grad_offload and self.optimizer is not None:
+            buffers = self.model.buffers + getattr(self.model, "expert_parallel_buffers", [])
+            self.moved.offload((b.grad_data for b in buffers), keep=self.grads_pending)
+        torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        self.moved.reload()
 
     # ---- weights ---------------------------------------------------------------------------
 
@@ -273,6 +374,7 @@ class MegatronEngine(TrainingEngine):
 
     def load_hf(self, hf: dict[str, torch.Tensor]) -> None:
         """Copy HF/MiMo-named tensors into this rank's shards."""
+        self.reload()
         offset = rt.layer_offset(self.config)
         local = convert.to_megatron(hf, self.hf_config, self.tp, self.ps.get_tensor_model_parallel_rank(),
                                     self.vocab_padded, range(offset, offset + len(self.gpt.decoder.layers)),
@@ -304,6 +406,7 @@ class MegatronEngine(TrainingEngine):
         return hf
 
     def named_tensors(self):
+        self.reload()
         return self._gather_hf({k: v.detach() for k, v in self._megatron_tensors().items()}).items()
 
     def named_grads(self) -> dict[str, torch.Tensor]:
@@ -317,6 +420,7 @@ class MegatronEngine(TrainingEngine):
         return self._gather_hf({k: grads.get(k, torch.zeros_like(v)) for k, v in own.items()})
 
     def state_dict(self) -> dict[str, Any]:
+        self.reload()
         state = {"model": dict(self.named_tensors())}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
@@ -378,21 +482,44 @@ def _megatron_optimizer(optim: dict, model_config, sizes: rt.ParallelSizes, mode
     return get_megatron_optimizer(config, [model], no_weight_decay_cond=lambda name, param: False)
 
 
-def _clip_to_total_norm(opt, max_norm: float, norm: float) -> None:
-    """Scale every gradient by max_norm / norm when that is < 1 (torch's clip_grad_norm_ rule)."""
+def _model_params_of(sub) -> dict[int, torch.nn.Parameter]:
+    """id(optimizer parameter) -> the model parameter it stands for. megatron's mixed-precision and
+    distributed optimizers step fp32 copies or shards of the model's parameters, linked back as
+    `model_param.main_param`, or (the distributed optimizer's fp32 shards) by position in its groups.
+    Parameters not listed are model parameters themselves."""
+    owner = {}
+    for models, shards in zip(getattr(sub, "model_fp32_groups", []), getattr(sub, "shard_fp32_groups", [])):
+        owner.update({id(shard): model for model, shard in zip(models, shards)})
+    for group in getattr(sub, "model_float16_groups", None) or getattr(sub, "float16_groups", []):
+        owner.update({id(p.main_param): p for p in group if getattr(p, "main_param", None) is not None})
+    return owner
+
+
+def _grad_norm(parts: list[tuple[Any, list[torch.Tensor]]], device: torch.device) -> float:
+    """L2 norm of gradients spread over ranks: each part's local sum of squares is summed over its group."""
+    total = 0.0
+    for group, grads in parts:
+        squares = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            squares += g.double().pow(2).sum()
+        dist.all_reduce(squares, group=group)
+        total += float(squares)
+    return math.sqrt(total)
+
+
+def _clip(parts: list[tuple[Any, list[torch.Tensor]]], max_norm: float, norm: float) -> None:
+    """Scale the gradients by max_norm / norm when that is < 1 (torch's clip_grad_norm_ rule)."""
     coef = max_norm / (norm + 1e-6)
-    if coef >= 1.0:
-        return
-    for sub in getattr(opt, "chained_optimizers", [opt]):
-        for p in sub.get_parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
+    if coef < 1.0:
+        for _, grads in parts:
+            for g in grads:
+                g.mul_(coef)
 
 
 class _AdamWOverMainGrads:
     """CPU stand-in for megatron's FP32 optimizer, with the subset of its interface the engine uses.
-    megatron's DDP accumulates gradients in `param.main_grad`; they are handed to torch's AdamW, and the
-    global norm sums each tensor-parallel shard once (replicated norms/biases only on TP rank 0)."""
+    megatron's DDP accumulates gradients in `param.main_grad`; they are handed to torch's AdamW. Norms
+    are summed over the model-parallel group, each tensor-parallel shard once."""
 
     def __init__(self, gpt, optim: dict, model_parallel_group):
         self.params = [p for p in gpt.parameters() if p.requires_grad]
@@ -409,15 +536,8 @@ class _AdamWOverMainGrads:
             p.grad = p.main_grad.to(p.dtype)
         return False
 
-    def get_grad_norm(self) -> float:
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        squares = torch.zeros((), dtype=torch.float64)
-        for p in self.params:
-            if param_is_not_tensor_parallel_duplicate(p):
-                squares += p.grad.double().pow(2).sum()
-        dist.all_reduce(squares, group=self.group)
-        return float(squares.sqrt())
+    def get_grad_stats_parallel_group(self):
+        return self.group
 
     def step_with_ready_grads(self) -> bool:
         self.optimizer.step()

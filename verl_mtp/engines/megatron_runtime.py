@@ -12,6 +12,11 @@ CPU workarounds (all in `apply_cpu_workarounds`, applied only when CUDA is absen
      with ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` instead, whose
      ``fork()`` is a no-op context (dropout is 0 in RL fine-tuning, so no RNG stream is needed).
 
+Context parallel: the TE spec brings TransformerEngine's CP attention (ring exchange of keys and
+values, GPU). The local spec's `DotProductAttention` refuses CP, so there `core_attention` is
+`AllGatherCPAttention` (`cp_attention_class`): keys and values are all-gathered over the CP group in
+sequence order and each rank attends with its own queries; exact, and it runs on CPU over gloo.
+
 MoE (`ModelConfig.n_routed_experts > 0`): `moe_transformer_kwargs` maps our fields to megatron's, the
 decoder is built from per-layer specs (dense for the first `first_k_dense_replace` layers), and
 `RouterTap` gives the engine each router's input and choice so that it computes *our* load-balancing
@@ -23,6 +28,7 @@ CUDA streams, so the allgather one is used; and megatron-core 0.16's router GEMM
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -236,12 +242,44 @@ def _patch_router_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
-def layer_spec(te: bool, num_experts: int | None = None):
+@functools.cache
+def cp_attention_class() -> type:
+    """The local spec's core attention under context parallel (defined lazily: megatron loads on use)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from verl_mtp.engines import context_parallel as cp
+
+    class AllGatherCPAttention(DotProductAttention):
+        """Context parallel by all-gather (TE's `cp_comm_type="all_gather"` without its fused kernel):
+        this rank's queries (S/cp of them) attend to the keys and values of the whole sequence, gathered
+        over the CP group in sequence order. The engine's attention mask carries the queries' true
+        positions (`context_parallel.causal_mask`). The gather's backward sums the other ranks'
+        gradients for this rank's keys and values."""
+
+        def __init__(self, config, *args, **kwargs):
+            local = copy.copy(config)  # the parent refuses CP > 1; per rank this is plain attention
+            local.context_parallel_size = 1
+            super().__init__(local, *args, **kwargs)
+            self.cp_group = parallel_state.get_context_parallel_group()
+
+        def forward(self, query, key, value, attention_mask, **kwargs):
+            key, value = (cp.gather(t, self.cp_group, dim=0) for t in (key, value))
+            return super().forward(query, key, value, attention_mask, **kwargs)
+
+    return AllGatherCPAttention
+
+
+def layer_spec(te: bool, num_experts: int | None = None, context_parallel: bool = False):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if te:
         return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
-    return specs.get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+    if context_parallel:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = cp_attention_class()
+    return spec
 
 
 def build_gpt_model(cfg: ModelConfig, config, vocab_size: int):
@@ -251,13 +289,14 @@ def build_gpt_model(cfg: ModelConfig, config, vocab_size: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     te = use_transformer_engine()
-    spec = layer_spec(te)
+    cp = config.context_parallel_size > 1
+    spec = layer_spec(te, context_parallel=cp)
     if cfg.is_moe:  # a spec per layer (dense below first_k_dense_replace), sliced to this pipeline stage
         _patch_router_gemm()
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
     mtp_spec = None
     if config.mtp_num_layers:
-        mtp_layer = layer_spec(te, cfg.n_routed_experts if cfg.mtp_layers_are_moe else None)
+        mtp_layer = layer_spec(te, cfg.n_routed_experts if cfg.mtp_layers_are_moe else None, context_parallel=cp)
         mtp_spec = get_gpt_mtp_block_spec(config, mtp_layer, use_transformer_engine=te)
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,

@@ -5,24 +5,30 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from verl_mtp.algos import lr_lambda
 from verl_mtp.batch import Batch
-from verl_mtp.engines.base import LossFn, TrainingEngine
+from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
+from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM
 
 
 class TorchEngine(TrainingEngine):
     """model: an MTPCausalLM already on its device. optim: the `actor.optim` config as a dict, or None
-    for a frozen role (reference policy). num_mtp / mtp_detach decide what the forward computes."""
+    for a frozen role (reference policy). num_mtp / mtp_detach decide what the forward computes.
+    fsdp: the `actor.fsdp_config` dict; its `param_offload` (parameters and their grads) and
+    `optimizer_offload` (AdamW moments) say what `offload` moves to CPU."""
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1,
-                 num_mtp: int = 0, mtp_detach: bool = True):
+                 num_mtp: int = 0, mtp_detach: bool = True, fsdp: dict | None = None):
         self.module = model
+        self.offload_params = bool((fsdp or {}).get("param_offload"))
+        self.offload_optimizer = bool((fsdp or {}).get("optimizer_offload"))
+        self.moved = StorageOffload()
         self.num_mtp = num_mtp
         self.mtp_detach = mtp_detach
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -49,7 +55,8 @@ class TorchEngine(TrainingEngine):
         return self.model(micro.input_ids, attention_mask=micro.attention_mask, position_ids=micro.position_ids,
                           num_mtp=self.num_mtp, mtp_detach=self.mtp_detach)
 
-    def forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn) -> list[dict[str, float]]:
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
+        self.reload()
         self.model.train()
         metrics = []
         for i, micro in enumerate(micro_batches):
@@ -62,22 +69,26 @@ class TorchEngine(TrainingEngine):
             metrics.append(m)
         return metrics
 
-    def optimizer_step(self) -> float:
-        """Returns the total grad norm. With a detached MTP loss the trunk and the MTP layers are
-        clipped separately, so a large MTP gradient cannot shrink the policy's update either."""
-        norms = [self._clip([p for p in group if p.grad is not None]) for group in self._clip_groups()]
-        norm = math.sqrt(sum(n * n for n in norms))
-        if math.isfinite(norm):
+    def optimizer_step(self) -> dict[str, float]:
+        """With a detached MTP loss the trunk and the MTP layers are clipped separately, so a large MTP
+        gradient cannot shrink the policy's update either."""
+        self.reload()
+        groups = self._clip_groups()
+        norms = {name: self._clip([p for p in params if p.grad is not None]) for name, params in groups.items()}
+        total = math.sqrt(sum(n * n for n in norms.values()))
+        if math.isfinite(total):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return {"actor/grad_norm": total, **({f"actor/grad_norm_{k}": v for k, v in norms.items()}
+                                            if len(norms) > 1 else {})}
 
-    def _clip_groups(self) -> list[list[torch.nn.Parameter]]:
+    def _clip_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         named = list(self.module.named_parameters())
         if not (self.mtp_detach and self.num_mtp):
-            return [[p for _, p in named]]
-        return [[p for n, p in named if ".mtp_layers." not in n], [p for n, p in named if ".mtp_layers." in n]]
+            return {"all": [p for _, p in named]}
+        return {"trunk": [p for n, p in named if ".mtp_layers." not in n],
+                "mtp": [p for n, p in named if ".mtp_layers." in n]}
 
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
         if not params:
@@ -85,14 +96,32 @@ class TorchEngine(TrainingEngine):
         return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad or math.inf))
 
     @torch.no_grad()
-    def infer(self, micro_batches: list[Batch], fn: Callable) -> list[Any]:
+    def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:
+        self.reload()
         self.model.eval()
         return [fn(self._forward(m), m) for m in micro_batches]
 
+    def offload(self) -> None:
+        """Parameters (with their grads) and/or the AdamW moments to pinned CPU memory, on CUDA only."""
+        if self.moved.active or not next(self.module.parameters()).is_cuda:
+            return
+        params = list(self.module.parameters())
+        if self.offload_params:
+            self.moved.offload(params + [p.grad for p in params if p.grad is not None])
+        if self.offload_optimizer and self.optimizer is not None:
+            self.moved.offload(t for state in self.optimizer.state.values() for t in state.values()
+                               if torch.is_tensor(t) and t.is_cuda)
+        torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        self.moved.reload()
+
     def named_tensors(self):
+        self.reload()
         return self.module.state_dict().items()
 
     def state_dict(self) -> dict[str, Any]:
+        self.reload()
         state = {"model": self.module.state_dict()}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
@@ -100,12 +129,14 @@ class TorchEngine(TrainingEngine):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reload()
         self.module.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: str) -> None:
+        self.reload()
         self.module.save_pretrained(path)
 
     @property

@@ -7,6 +7,7 @@ The class is plain Python; worker groups wrap it with `ray.remote`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -57,7 +58,8 @@ class PolicyWorker:
             parallel = OmegaConf.to_container(arr.ref.megatron if role == "ref" else arr.actor.megatron, resolve=True)
             engine = build_engine(arr.actor.strategy, model=model, optim=optim, total_steps=total_steps,
                                   num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
-                                  mtp_detach=mtp.detach_encoder, megatron=parallel)
+                                  mtp_detach=mtp.detach_encoder, megatron=parallel,
+                                  fsdp=OmegaConf.to_container((arr.ref if role == "ref" else arr.actor).fsdp_config))
             self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature)
         if role in ("rollout", "actor_rollout"):
             # colocated: the rollout holds its own copy, refreshed (and verified) after every update
@@ -76,7 +78,9 @@ class PolicyWorker:
 
     def generate(self, prompts: list[list[int]], validate: bool = False, seed: int | None = None):
         """-> (token ids, logprobs, finish reasons) per sample, prompt-major, and engine metrics."""
-        out = self.rollout.generate(prompts, self.sampling_params(validate, seed))
+        # colocated: the trainer's offload keys free its accelerator memory for the rollout meanwhile
+        with self.actor.engine.offloaded() if self.actor else contextlib.nullcontext():
+            out = self.rollout.generate(prompts, self.sampling_params(validate, seed))
         metrics = out.stats.metrics()
         metrics["rollout/tokens_per_s"] = out.tokens_per_s
         for depth, rounds in out.depth_histogram.items():
