@@ -141,3 +141,25 @@ def test_detached_mtp_gradient_does_not_shrink_the_policy_update():
         actor.update_policy(b.with_(old_log_probs=old), 6)
         trunk_after.append({n: t.clone() for n, t in model.state_dict().items() if ".mtp_layers." not in n})
     assert all(torch.equal(trunk_after[0][n], trunk_after[1][n]) for n in trunk_after[0])
+
+
+def test_on_policy_step_without_old_log_probs_equals_the_recomputed_ratio():
+    """One epoch, one mini-batch: the update's own detached log-probs stand in for a separate
+    old-log-prob pass (the trainer skips that pass); gradient and metrics must be the recomputed ones."""
+    torch.manual_seed(0)
+    base = MTPCausalLM(toy_config())
+    b = _batch()
+    arr = _cfg(**{"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 2})
+    results = []
+    for recompute in (True, False):
+        actor = _actor(copy.deepcopy(base), arr)
+        grads = _capture_grads(actor)
+        batch = b.with_(old_log_probs=actor.compute_log_probs(b)[0]) if recompute else b
+        metrics = actor.update_policy(batch, mini_batch_rows=6)
+        results.append((grads[0], metrics))
+    (g1, m1), (g2, m2) = results
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-6), name
+    assert m2["actor/ppo_kl"] == 0.0 and m2["actor/pg_clipfrac"] == 0.0
+    for key in ("actor/pg_loss", "actor/ppo_kl", "mtp/loss", "actor/entropy"):
+        assert abs(m1[key] - m2[key]) < 1e-6, key

@@ -106,7 +106,9 @@ class PolicyActor:
         def reduce(values, out: MTPOutput, micro: Batch):
             log_prob, entropy = responses_of(values["log_prob"], micro), responses_of(values["entropy"], micro)
             mask = micro.response_mask
-            pg = self.policy_loss(micro.old_log_probs, log_prob, micro.advantages, mask, a.clip_ratio_low,
+            # no old log-probs: the batch is on-policy for this single step (see DAPOTrainer._old_log_prob_source)
+            old = micro.old_log_probs if micro.old_log_probs is not None else log_prob.detach()
+            pg = self.policy_loss(old, log_prob, micro.advantages, mask, a.clip_ratio_low,
                                   a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode, tokens, seqs)
             loss = pg["pg_loss"]
             metrics = {f"actor/{k}": float(v.detach()) for k, v in pg.items()}
