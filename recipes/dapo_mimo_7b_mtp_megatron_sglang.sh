@@ -98,6 +98,10 @@ args=(
     actor_rollout_ref.rollout.name=sglang
     actor_rollout_ref.rollout.mode=server
     actor_rollout_ref.rollout.server.num_replicas=$((NNODES * NGPUS_PER_NODE / gen_tp))
+    # replicas start per node by Ray (server.launcher defaults to ray with NNODES > 1) and take weights
+    # over NCCL from the actor's rank 0 (server.sync_mode defaults to distributed for sglang); the driver
+    # reaches them by node IP, so they listen on all interfaces: keep the cluster network private
+    actor_rollout_ref.rollout.server.host=0.0.0.0
     actor_rollout_ref.rollout.tensor_model_parallel_size=${gen_tp}
     actor_rollout_ref.rollout.gpu_memory_utilization=0.80
     actor_rollout_ref.rollout.enable_chunked_prefill=True

@@ -386,6 +386,11 @@ ERROR_CASES = [
     (["reward_model.overlong_buffer.len=65"], "reward_model.overlong_buffer.len"),
     (["reward_model.enable=True"], "reward_model.enable"),
     (["trainer.total_training_steps=0"], "trainer.total_training_steps"),
+    ([ROLLOUT + "server.sync_mode=nccl"], ROLLOUT + "server.sync_mode"),
+    ([ROLLOUT + "server.launcher=slurm"], ROLLOUT + "server.launcher"),
+    (["trainer.device=cuda", ROLLOUT + "name=sglang", ROLLOUT + "mode=server", "actor_rollout_ref.model.path=/m",
+      ROLLOUT + "server.sync_mode=tensor"], ROLLOUT + "server.sync_mode"),
+    ([ROLLOUT + "mode=server", "trainer.nnodes=2"], ROLLOUT + "server.host"),
 ]
 
 

@@ -131,8 +131,8 @@ def test_unknown_endpoint_bad_json_and_distributed_sync_are_clear(served):
     server, client = served
     with pytest.raises(ReplicaError, match="HTTP 404"):
         client.request("GET", "/nope")
-    with pytest.raises(ReplicaError, match="update_weights_from_tensor only"):
-        client.request("POST", "/update_weights_from_distributed", {"names": []})
+    with pytest.raises(ReplicaError, match="update_weights_from_distributed: field 'dtypes' is required"):
+        client.request("POST", "/update_weights_from_distributed", {"names": []})  # more in test_distributed_sync
     req = urllib.request.Request(server.url + "/generate", data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from verl_mtp.config import load_config
-from verl_mtp.rollout.client import native_server_args
+from verl_mtp.rollout.client import native_server_args, server_launcher, server_sync_mode, weight_update_group_for
 from verl_mtp.rollout.server import parse_args, speculative_depth
 from verl_mtp.rollout.sglang import (launch_command, replica_layout, server_cli_args, sglang_server_args,
                                      speculative_args)
@@ -97,6 +97,14 @@ def test_chain_draft_tokens_default_to_steps_plus_one():
     node = OmegaConf.create({"speculative_algorithm": "NEXTN", "speculative_num_steps": 3, "speculative_eagle_topk": 1,
                              "speculative_num_draft_tokens": None})
     assert speculative_args(node)["speculative_num_draft_tokens"] == 4
+
+
+def test_cluster_recipe_broadcasts_weights_to_ray_launched_replicas(cluster_cfg):
+    r = cluster_cfg.actor_rollout_ref.rollout
+    assert (server_sync_mode(r), server_launcher(cluster_cfg), r.server.host) == ("distributed", "ray", "0.0.0.0")
+    group = weight_update_group_for(cluster_cfg, "10.0.0.1", 29500)
+    # the trainer is rank 0; each of the 32 replicas joins with its 4 tensor-parallel ranks
+    assert group["world_size"] == 1 + 32 * 4 and group["rank_offsets"][:3] == [1, 5, 9] and group["backend"] == "nccl"
 
 
 def test_cli_flags_and_replica_layout(cluster_cfg):

@@ -1,5 +1,6 @@
-"""Weight-sync sequencing (colocated tensor path and split NCCL path) against a recording fake SGLang
-backend on 127.0.0.1, and the stale-draft guard."""
+"""Weight-sync sequencing (colocated tensor path and split process-group path) against a recording fake
+SGLang backend on 127.0.0.1, and the stale-draft guard. The real group transport is tested in
+test_distributed_sync.py."""
 
 import json
 import threading
@@ -11,7 +12,7 @@ import torch
 from verl_mtp.models import state_checksum
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, push_weights, run_plan
 from verl_mtp.rollout.engine import SpecStats
-from verl_mtp.rollout.sglang import StaleDraftError, StaleDraftGuard, weight_sync_plan
+from verl_mtp.rollout.sglang import StaleDraftError, StaleDraftGuard, weight_sync_plan, weight_update_group
 
 NAMED = [("model.embed_tokens.weight", torch.ones(4, 2)), ("model.layers.0.mlp.up_proj.weight", torch.ones(3, 2)),
          ("model.mtp_layers.0.input_proj.weight", torch.ones(2, 4, dtype=torch.bfloat16)),
@@ -51,16 +52,26 @@ def test_plan_of_a_model_without_mtp_layers_has_one_update_with_the_version():
 
 
 def test_distributed_plan_initialises_the_group_once_and_lists_what_to_broadcast():
-    group = {"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 5}
+    group = weight_update_group("10.0.0.1", 29600, num_replicas=2, ranks_per_replica=2)
+    assert group["world_size"] == 5 and group["rank_offsets"] == [1, 3] and group["backend"] == "nccl"
     first = weight_sync_plan(NAMED, 2, "distributed", init_group=group)
-    assert first[0].path == "/init_weights_update_group"
-    assert first[0].body == {"group_name": "weight_update_group", "backend": "nccl", **group}
+    init = first[0]
+    assert init.path == "/init_weights_update_group" and init.joins_group
+    assert init.body == {"group_name": "weight_update_group", "backend": "nccl", "master_address": "10.0.0.1",
+                         "master_port": 29600, "world_size": 5}
+    # each replica joins at its own rank: the trainer is 0, replica i's TP ranks start at 1 + i * tp
+    assert [init.body_for(i)["rank_offset"] for i in range(2)] == [1, 3]
     assert [c.path for c in first[1:]] == [p.replace("tensor", "distributed") for p in ORDER]
     trunk, draft = first[2], first[3]
     assert trunk.body["names"] == TRUNK and list(trunk.broadcast) == TRUNK and draft.body["names"] == MTP
     assert draft.body["dtypes"] == ["bfloat16"] and draft.body["shapes"] == [[2, 4]]
     assert trunk.body["group_name"] == "weight_update_group" and draft.body["weight_version"] == "2"
     assert weight_sync_plan(NAMED, 3, "distributed")[0].path == "/pause_generation"
+    # our CPU server receives with gloo; meta tensors are enough to plan (only dtypes and shapes are read)
+    meta = [(n, torch.empty_like(t, device="meta")) for n, t in NAMED]
+    cpu = weight_sync_plan(meta, 1, "distributed", init_group=weight_update_group("h", 1, 1, 1, backend="gloo"))
+    assert cpu[0].body["backend"] == "gloo" and cpu[0].body_for(0)["rank_offset"] == 1
+    assert cpu[3].body == draft.body | {"weight_version": "1"}
 
 
 def test_plan_argument_errors():
@@ -152,7 +163,7 @@ def test_colocated_sync_reaches_every_replica_in_order(fakes):
 
 def test_split_sync_broadcasts_while_every_replica_waits(fakes):
     replicas, arrived, done = fakes()
-    broadcasts = []
+    broadcasts, joined = [], []
 
     def broadcast(names):
         # both replicas must already be inside their update call, as NCCL needs every receiver posted
@@ -160,13 +171,33 @@ def test_split_sync_broadcasts_while_every_replica_waits(fakes):
         broadcasts.append(names)
         done.set()
 
-    group = {"master_address": "127.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 3}
-    plan = weight_sync_plan(NAMED, 7, "distributed", init_group=group)
-    answers = run_plan([ReplicaClient(f.url, timeout=10) for f in replicas], plan, broadcast)
-    assert broadcasts == [TRUNK, MTP] and [a["weight_version"] for a in answers] == ["7", "7"]
+    plan = weight_sync_plan(NAMED, 7, "distributed", init_group=weight_update_group("127.0.0.1", 29600, 2, 1))
+    clients = [ReplicaClient(f.url, timeout=10) for f in replicas]
+    answers = run_plan(clients, plan, broadcast, join_group=lambda: joined.append(True))
+    assert broadcasts == [TRUNK, MTP] and joined == [True] and [a["weight_version"] for a in answers] == ["7", "7"]
     assert [p for p, _ in replicas[0].calls][:2] == ["/init_weights_update_group", "/pause_generation"]
+    assert [f.calls[0][1]["rank_offset"] for f in replicas] == [1, 2]
     with pytest.raises(ValueError, match="broadcast="):
-        run_plan([ReplicaClient(replicas[0].url)], plan)
+        run_plan(clients, plan, join_group=lambda: None)
+    with pytest.raises(ValueError, match="join_group="):
+        run_plan(clients, plan, broadcast)
+    with pytest.raises(ValueError, match="bodies for 2 replicas, not 1"):
+        run_plan(clients[:1], plan, broadcast, join_group=lambda: None)
+
+
+def test_a_replica_refusing_the_group_ends_the_sync_while_the_trainer_still_waits(fakes):
+    """The trainer's join blocks until every rank arrives; a replica that refuses must not leave the
+    driver waiting for that (up to the group timeout): its error ends the sync at once."""
+    replicas, _, _ = fakes(1, fail_path="/init_weights_update_group")
+    release = threading.Event()
+    plan = weight_sync_plan(NAMED, 1, "distributed", init_group=weight_update_group("127.0.0.1", 29600, 1, 1))
+    try:
+        with pytest.raises(ReplicaError, match="/init_weights_update_group .*HTTP 400: boom"):
+            run_plan([ReplicaClient(replicas[0].url, timeout=10)], plan, lambda names: None,
+                     join_group=lambda: release.wait(30))
+    finally:
+        release.set()
+    assert [p for p, _ in replicas[0].calls] == ["/init_weights_update_group"]
 
 
 def test_a_failed_step_names_the_replica_and_the_call(fakes):

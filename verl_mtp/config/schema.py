@@ -279,8 +279,14 @@ class ServerConfig:
     """verl_mtp: rollout.mode=server, engines as HTTP servers on base_port, base_port+1, ..."""
 
     num_replicas: int = 1
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # 0.0.0.0: all interfaces (replicas on other nodes must be reachable)
     base_port: int = 30000
+    # how weights reach the replicas: tensor (in the request) | distributed (the actor's rank 0 broadcasts
+    # over a process group the replicas join); null: tensor for native, distributed for sglang
+    sync_mode: Optional[str] = None
+    # where replicas start: local (subprocesses of the driver's machine) | ray (one Ray actor per replica,
+    # on the node holding its GPUs); null: ray when trainer.nnodes > 1, else local
+    launcher: Optional[str] = None
 
 
 _ROLLOUT = "actor_rollout_ref.rollout."

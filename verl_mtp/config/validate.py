@@ -34,6 +34,8 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "disable", "resume_path")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SPEC_ALGORITHMS = ("EAGLE", "NEXTN")
+SYNC_MODES = ("tensor", "distributed")
+LAUNCHERS = ("local", "ray")
 OVERLONG_KEYS = ("enable", "len", "penalty_factor", "log")
 # reward_kwargs each manager's constructor takes
 MANAGER_KWARGS = {"naive": (), "dapo": ("overlong_buffer_cfg", "max_resp_len")}
@@ -287,6 +289,23 @@ def _check_backends(cfg: DictConfig) -> None:
         raise ConfigError(f"key '{_ARR}model.path': rollout.name={rollout} loads a checkpoint, so a path is required")
 
 
+def _check_server(cfg: DictConfig) -> None:
+    server, key = cfg.actor_rollout_ref.rollout.server, _ARR + "rollout.server."
+    for name, allowed in (("sync_mode", SYNC_MODES), ("launcher", LAUNCHERS)):
+        if server[name] is not None and server[name] not in allowed:
+            raise ConfigError(f"key '{key}{name}': expected one of {'|'.join(allowed)} (or null), got {server[name]!r}")
+    r = cfg.actor_rollout_ref.rollout
+    if r.mode != "server":
+        return
+    if r.name == "sglang" and server.sync_mode == "tensor":
+        raise ConfigError(f"key '{key}sync_mode': sglang replicas take tensors (CUDA IPC handles) only from a "
+                          "process on their GPUs; server mode needs distributed")
+    launcher = server.launcher or ("ray" if cfg.trainer.nnodes > 1 else "local")
+    if launcher == "ray" and cfg.trainer.nnodes > 1 and server.host in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"key '{key}host': replicas bound to {server.host} on other nodes are unreachable from "
+                          f"the driver (trainer.nnodes={cfg.trainer.nnodes}); use 0.0.0.0 or a cluster address")
+
+
 def _check_mtp(cfg: DictConfig) -> None:
     mtp = cfg.actor_rollout_ref.model.mtp
     for flag in ("enable_train", "enable_rollout"):
@@ -428,6 +447,7 @@ _CROSS_CHECKS = (
     _check_mtp,
     _check_actor,
     _check_backends,
+    _check_server,
     _check_parallel,
     _check_batch_sizes,
     _check_filter_groups,

@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from verl_mtp.models import state_checksum
 from verl_mtp.rollout.engine import SpecStats
 from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT, encode_tensors, sample_from_json, sampling_params_to_json
 from verl_mtp.rollout.sampling import SamplingParams, rollout_sampling_params
-from verl_mtp.rollout.sglang import StaleDraftGuard, SyncCall, weight_sync_plan
+from verl_mtp.rollout.sglang import StaleDraftGuard, SyncCall, weight_sync_plan, weight_update_group
 
 # a replica that cannot answer within this long is treated as gone; generation of long responses on
 # GPUs takes minutes, so this is generous by design and configurable per ServerRollout
@@ -208,12 +208,32 @@ def native_server_args(cfg) -> list[str]:
     return [str(a) for a in args]
 
 
+def server_sync_mode(rollout) -> str:
+    """rollout.server.sync_mode, or by rollout.name: tensor for our server, distributed for SGLang (whose
+    tensor path carries CUDA IPC handles, which only a process on the same GPUs can send)."""
+    return rollout.server.sync_mode or ("distributed" if rollout.name == "sglang" else "tensor")
+
+
+def server_launcher(cfg) -> str:
+    """rollout.server.launcher, or ray when the cluster has more than one node."""
+    return cfg.actor_rollout_ref.rollout.server.launcher or ("ray" if cfg.trainer.nnodes > 1 else "local")
+
+
+def weight_update_group_for(cfg, master_address: str, master_port: int) -> dict:
+    """init_group of the distributed sync for this config: an SGLang replica has one group rank per
+    tensor-parallel rank and receives with NCCL; our server is one CPU process and receives with gloo."""
+    r = cfg.actor_rollout_ref.rollout
+    sglang = r.name == "sglang"
+    return weight_update_group(master_address, master_port, r.server.num_replicas,
+                               r.tensor_model_parallel_size if sglang else 1, backend="nccl" if sglang else "gloo")
+
+
 class ServerRollout:
     """Rollout replicas behind HTTP, shaped like a rollout WorkerGroup for the driver.
 
     sampling_params(validate, seed) -> SamplingParams, as PolicyWorker.sampling_params.
-    sync_mode, encode, load_format, broadcast, init_group: how weights travel (see push_weights); the
-    defaults are our CPU server's tensor transport.
+    sync_mode, encode, load_format, broadcast, init_group, join_group: how weights travel (see
+    push_weights); the defaults are our CPU server's tensor transport.
     guard: judges the first training batch after each sync (None = off).
     """
 
@@ -221,13 +241,15 @@ class ServerRollout:
                  processes: list[ServerProcess] = (), timeout: float = DEFAULT_TIMEOUT_S,
                  sync_mode: str = "tensor", encode: Callable | None = None,
                  load_format: str | None = TENSOR_LOAD_FORMAT, broadcast: Callable | None = None,
-                 init_group: dict | None = None, guard: StaleDraftGuard | None = None):
+                 init_group: dict | None = None, join_group: Callable | None = None,
+                 guard: StaleDraftGuard | None = None):
         if not urls:
             raise ValueError("ServerRollout needs at least one replica URL")
         self.clients = [ReplicaClient(u, timeout) for u in urls]
         self.sampling_params = sampling_params
         self.processes = list(processes)
-        self.sync = dict(mode=sync_mode, encode=encode or encode_native, load_format=load_format, broadcast=broadcast)
+        self.sync = dict(mode=sync_mode, encode=encode or encode_native, load_format=load_format, broadcast=broadcast,
+                         join_group=join_group)
         self.init_group = init_group  # distributed mode: sent with the first sync only
         self.guard = guard
         self.balancer = LeastOutstanding(len(urls))
@@ -247,27 +269,41 @@ class ServerRollout:
     @classmethod
     def from_config(cls, cfg, model_path: str, eos_token_id: int | None, log_dir: str | None = None, **kwargs):
         """rollout.mode=server: start actor_rollout_ref.rollout.server.num_replicas replicas of
-        rollout.name (native: this machine; sglang: this node's GPUs, see launch_sglang_replicas) and
-        connect. The guard is on whenever the rollout speculates. For sglang pass broadcast= and
-        init_group= (the NCCL weight path, see push_weights)."""
+        rollout.name (native: our CPU server; sglang: SGLang on tensor_model_parallel_size GPUs each) and
+        connect. Launcher "local": subprocesses of this machine (sglang: this node's GPUs); "ray": one Ray
+        actor per replica on the node holding its resources (see ray_launch). The guard is on whenever the
+        rollout speculates. With sync_mode distributed pass init_group= (weight_update_group_for),
+        join_group= and broadcast= (see push_weights)."""
         r, mtp = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model.mtp
+        if r.name not in ("native", "sglang"):
+            raise ValueError(f"key 'actor_rollout_ref.rollout.name': server mode serves native or sglang, "
+                             f"not {r.name!r}")
         sampling = functools.partial(rollout_sampling_params, r, cfg.data.max_response_length, eos_token_id)
         kwargs.setdefault("guard", StaleDraftGuard() if mtp.enable and mtp.enable_rollout else None)
-        if r.name == "native":
+        kwargs["sync_mode"] = server_sync_mode(r)
+        if r.name == "sglang":
+            kwargs["load_format"] = None
+        if server_launcher(cfg) == "ray":
+            from verl_mtp.rollout.ray_launch import launch_replicas_on_ray
+
+            processes = launch_replicas_on_ray(cfg, model_path, log_dir=log_dir)
+        elif r.name == "native":
             return cls.launch(model_path, r.server.num_replicas, sampling, server_args=native_server_args(cfg),
                               host=r.server.host, base_port=r.server.base_port, log_dir=log_dir, **kwargs)
-        if r.name == "sglang":
+        else:
             from verl_mtp.rollout.sglang import launch_sglang_replicas
 
             processes = launch_sglang_replicas(cfg, r.server.num_replicas, host=r.server.host,
                                                base_port=r.server.base_port, model_path=model_path, log_dir=log_dir)
-            kwargs.update(sync_mode="distributed", load_format=None)
-            return cls([p.url for p in processes], sampling, processes=processes, **kwargs)
-        raise ValueError(f"key 'actor_rollout_ref.rollout.name': server mode serves native or sglang, not {r.name!r}")
+        return cls([p.url for p in processes], sampling, processes=processes, **kwargs)
 
     @property
     def urls(self) -> list[str]:
         return [c.url for c in self.clients]
+
+    @property
+    def sync_mode(self) -> str:
+        return self.sync["mode"]
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -291,8 +327,8 @@ class ServerRollout:
         """-> ([(prompt_index, token_ids, logprobs, finish_reason)], metrics), like PolicyWorker.generate."""
         return self._generate_many([prompts], validate, seed)[0]
 
-    def update_rollout_weights(self, named_tensors: dict, version: int) -> str:
-        held = self._sync(named_tensors, version)
+    def update_rollout_weights(self, named_tensors: dict, version: int, sent_checksum: str | None = None) -> str:
+        held = self._sync(named_tensors, version, sent_checksum)
         for client, checksum in zip(self.clients, held):
             if checksum != held[0]:
                 raise ReplicaError(f"rollout server {client.url} holds checksum {checksum[:12]} after sync "
@@ -331,8 +367,9 @@ class ServerRollout:
         metrics["rollout/tokens_per_s"] = sum(len(s[1]) for s in samples) / max(time.perf_counter() - start, 1e-9)
         return samples, stats, metrics
 
-    def _sync(self, named_tensors: dict, version) -> list[str]:
-        held = push_weights(self.clients, named_tensors, version, init_group=self.init_group, **self.sync)
+    def _sync(self, named_tensors: dict, version, sent_checksum: str | None = None) -> list[str]:
+        held = push_weights(self.clients, named_tensors, version, init_group=self.init_group,
+                            sent_checksum=sent_checksum, **self.sync)
         self.init_group = None
         if self.guard is not None:
             self.guard.after_sync(version)
@@ -346,44 +383,61 @@ def encode_native(named) -> list[str]:
 
 def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, mode: str = "tensor",
                  encode: Callable = encode_native, load_format: str | None = TENSOR_LOAD_FORMAT,
-                 broadcast: Callable | None = None, init_group: dict | None = None) -> list[str]:
+                 broadcast: Callable | None = None, init_group: dict | None = None,
+                 join_group: Callable | None = None, sent_checksum: str | None = None) -> list[str]:
     """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan); -> the checksum each holds.
 
     mode "tensor": the tensors travel in the request, serialized by `encode` (colocated; on GPUs run it
     in the process that owns them, with sglang_tensor_payload). mode "distributed": `broadcast(names)`
-    sends them over the NCCL group set up by `init_group` (split). SGLang cannot hash its weights: there
-    the reported weight_version stands in, and the sent checksum is returned once it matches; the
-    stale-draft guard then judges the next batch.
+    sends them over the weight group that `init_group` describes and `join_group()` joins as rank 0
+    (split); `named_tensors` then only needs dtypes and shapes, and `sent_checksum` is the sender's.
+    SGLang cannot hash its weights: there the reported weight_version stands in, and the sent checksum is
+    returned once it matches; the stale-draft guard then judges the next batch.
     """
     named = list(named_tensors.items())
     plan = weight_sync_plan(named, version, mode, encode=encode, load_format=load_format, init_group=init_group)
-    infos = run_plan(clients, plan, broadcast)
-    sent, held = state_checksum(named), []
+    infos = run_plan(clients, plan, broadcast, join_group)
+    held = []
     for client, info in zip(clients, infos):
         if str(info.get("weight_version")) != str(version):
             raise ReplicaError(f"rollout server {client.url}: weight sync v{version} ended with weight_version "
                                f"{info.get('weight_version')!r}")
-        held.append(info.get("weights_checksum", sent))
+        if "weights_checksum" not in info and sent_checksum is None:
+            sent_checksum = state_checksum(named)
+        held.append(info.get("weights_checksum", sent_checksum))
     return held
 
 
-def run_plan(clients: list[ReplicaClient], plan: list[SyncCall], broadcast: Callable | None = None) -> list:
-    """Send each call of the plan to every replica at once and wait for all before the next call; a call
-    with `broadcast` names runs `broadcast(names)` here while the replicas wait to receive. Returns the
+def run_plan(clients: list[ReplicaClient], plan: list[SyncCall], broadcast: Callable | None = None,
+             join_group: Callable | None = None) -> list:
+    """Send each call of the plan to every replica at once and wait for all before the next call. While a
+    call is in flight the trainer's side runs next to it: `join_group()` for the group's init call,
+    `broadcast(names)` for a call listing tensors (the replicas wait to receive them). The first failure
+    ends the sync with its own message, without waiting for parties blocked on the failed one. Returns the
     replicas' answers to the last call."""
-    needy = [c.path for c in plan if c.broadcast]
-    if needy and broadcast is None:  # checked first: replicas would otherwise wait for tensors that never come
-        raise ValueError(f"{needy[0]} needs the trainer to broadcast tensors; pass broadcast=")
+    for call in plan:  # checked first: replicas would otherwise wait for a trainer that never comes
+        if call.broadcast and broadcast is None:
+            raise ValueError(f"{call.path} needs the trainer to broadcast tensors; pass broadcast=")
+        if call.joins_group and join_group is None:
+            raise ValueError(f"{call.path} needs the trainer to join the weight group; pass join_group=")
+        if call.per_replica and len(call.per_replica) != len(clients):
+            raise ValueError(f"{call.path} has bodies for {len(call.per_replica)} replicas, not {len(clients)}")
     answers: list = []
-    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(clients) + 1, thread_name_prefix="weight-sync")
+    try:
         for call in plan:
-            futures = [pool.submit(c.request, call.method, call.path, call.body) for c in clients]
-            if call.broadcast:
-                broadcast(list(call.broadcast))
+            futures = [pool.submit(c.request, call.method, call.path, call.body_for(i)) for i, c in enumerate(clients)]
+            trainer = [pool.submit(join_group)] if call.joins_group else \
+                [pool.submit(broadcast, list(call.broadcast))] if call.broadcast else []
+            done, _ = wait(futures + trainer, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # raises the first failure
             answers = [f.result() for f in futures]
             for client, answer in zip(clients, answers):
                 if isinstance(answer, dict) and answer.get("success") is False:
                     raise ReplicaError(f"rollout server {client.url}: {call.path} failed: {answer.get('message')}")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return answers
 
 

@@ -4,10 +4,12 @@
         [--speculative-algorithm EAGLE --speculative-num-steps 2] [--load-format dummy]
 
 Endpoints (SGLang's names and shapes, see protocol.py): POST /generate, POST /update_weights_from_tensor,
-GET|POST /flush_cache, POST /pause_generation, POST /continue_generation, GET /get_model_info,
-GET /get_server_info, GET /health. Binds 127.0.0.1 unless --host says otherwise: the weight endpoint
-rewrites the model, so exposing it is an explicit choice. Requests run one engine call at a time (the
-engine batches within a call); /health answers even while a batch runs.
+POST /init_weights_update_group, POST /update_weights_from_distributed, GET|POST /flush_cache,
+POST /pause_generation, POST /continue_generation, GET /get_model_info, GET /get_server_info, GET /health.
+Binds 127.0.0.1 unless --host says otherwise: the weight endpoints rewrite the model, so exposing them is
+an explicit choice. Requests run one engine call at a time (the engine batches within a call); /health
+answers even while a batch runs. The distributed weight path joins the trainer's group with gloo (this
+server is one CPU process: rank = rank_offset); SGLang does the same on GPUs with NCCL.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from verl_mtp.models import MTPCausalLM, read_config
 from verl_mtp.rollout.engine import NativeEngine
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
                                        prompts_from_request, sample_to_json)
-from verl_mtp.rollout.sglang import MTP_MARK
+from verl_mtp.rollout.sglang import MTP_MARK, WEIGHT_GROUP_NAME
+from verl_mtp.rollout.weight_group import join_weight_group, leave_weight_group, receive_tensors
 
 
 class Unavailable(RuntimeError):
@@ -47,7 +50,10 @@ class RolloutServer:
         self.weight_version = weight_version
         self.speculative = speculative
         self.pause_timeout = pause_timeout
-        self.counters = {"generate_requests": 0, "weight_updates": 0, "cache_flushes": 0}
+        self.counters = {"generate_requests": 0, "weight_updates": 0, "cache_flushes": 0,
+                         "tensors_received_by_broadcast": 0}
+        self.weight_groups: dict[str, dict] = {}  # group_name -> {"group", "rank", "world_size", "backend"}
+        self._receive_lock = threading.Lock()  # one broadcast at a time: ranks must post receives in order
         self._engine_lock = threading.Lock()  # engine calls never interleave
         self._gate = threading.Condition()  # pause/continue bookkeeping
         self._paused = False
@@ -60,8 +66,8 @@ class RolloutServer:
             ("GET", "/flush_cache"): self.flush_cache, ("POST", "/flush_cache"): self.flush_cache,
             ("POST", "/pause_generation"): self.pause_generation,
             ("POST", "/continue_generation"): self.continue_generation,
-            ("POST", "/init_weights_update_group"): self.distributed_unsupported,
-            ("POST", "/update_weights_from_distributed"): self.distributed_unsupported,
+            ("POST", "/init_weights_update_group"): self.init_weights_update_group,
+            ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
         }
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -81,6 +87,8 @@ class RolloutServer:
     def shutdown(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        for name in list(self.weight_groups):
+            leave_weight_group(self.weight_groups.pop(name)["group"])
 
     def route(self, method: str, path: str):
         return self._routes.get((method, path.split("?", 1)[0]))
@@ -96,8 +104,10 @@ class RolloutServer:
                      "num_mtp_layers": self.engine.model.num_mtp_layers, "context_length": self.engine.max_seq_len}
 
     def server_info(self, body):
+        groups = {name: {k: v for k, v in g.items() if k != "group"} for name, g in self.weight_groups.items()}
         return 200, {**self.counters, "paused": self._paused, "speculative_num_steps": self.engine.speculative
-                     if self.speculative else 0, "max_running_requests": self.engine.max_batch_size}
+                     if self.speculative else 0, "max_running_requests": self.engine.max_batch_size,
+                     "weight_update_groups": groups}
 
     def generate(self, body):
         prompts, batched = prompts_from_request(body)
@@ -125,17 +135,56 @@ class RolloutServer:
         if body.get("disable_draft_model"):  # SGLang: update the target only, leave the draft as it is
             kept = [(n, t) for n, t in named if MTP_MARK not in n]
             skipped, named = len(named) - len(kept), kept
-        self._check_tensors(named)
-        with self._engine_lock:
-            checksum = self.engine.update_weights(named)
-            self.counters["weight_updates"] += 1
-            if body.get("weight_version") is not None:
-                self.weight_version = str(body["weight_version"])
-            if body.get("flush_cache", True):
-                self.counters["cache_flushes"] += 1
-        message = f"updated {len(named)} tensors" + (f", left {skipped} draft tensors as they were" if skipped else "")
-        return 200, {"success": True, "message": message, "weights_checksum": checksum,
-                     "weight_version": self.weight_version}
+        note = f", left {skipped} draft tensors as they were" if skipped else ""
+        return self._apply(named, body, note)
+
+    def init_weights_update_group(self, body):
+        """Join the trainer's weight group as rank `rank_offset` (SGLang's body); blocks until every rank
+        has joined. A group of the same name is left first, so a restarted trainer can set it up again."""
+        where = "init_weights_update_group"
+        address = _field(body, "master_address", str, where)
+        port = _field(body, "master_port", int, where)
+        rank, world_size = _field(body, "rank_offset", int, where), _field(body, "world_size", int, where)
+        name = _field(body, "group_name", str, where, WEIGHT_GROUP_NAME)
+        backend = _field(body, "backend", str, where, "nccl")
+        if not address or not 0 < port < 65536:
+            bad = "master_address" if not address else "master_port"
+            raise ProtocolError(f"{where}: field '{bad}' is not a usable address, got {body[bad]!r}")
+        if not 1 <= rank < world_size:
+            raise ProtocolError(f"{where}: field 'rank_offset' must be in 1..world_size-1 (rank 0 is the trainer), "
+                                f"got {rank} with world_size {world_size}")
+        if backend not in self._backends():
+            raise ProtocolError(f"{where}: field 'backend' must be one of {'|'.join(self._backends())} on this "
+                                f"{self._device().type.upper()} server, got {backend!r} (nccl is for SGLang on GPUs)")
+        with self._receive_lock:
+            if name in self.weight_groups:
+                leave_weight_group(self.weight_groups.pop(name)["group"])
+            group = join_weight_group(address, port, rank, world_size, name, backend)
+            self.weight_groups[name] = {"group": group, "rank": rank, "world_size": world_size, "backend": backend}
+        return 200, {"success": True, "message": f"joined weight group {name!r} as rank {rank} of {world_size}"}
+
+    def update_weights_from_distributed(self, body):
+        """Receive the listed tensors from the trainer's broadcast, then apply them as the tensor path does.
+        All of them are received before any check against the model, so a wrong name or shape is refused
+        without leaving the group out of step (the trainer sends them regardless)."""
+        where = "update_weights_from_distributed"
+        names = _field(body, "names", list, where)
+        dtypes, shapes = _field(body, "dtypes", list, where), _field(body, "shapes", list, where)
+        for field, values in (("dtypes", dtypes), ("shapes", shapes)):
+            if len(values) != len(names):
+                raise ProtocolError(f"{where}: field '{field}' has {len(values)} entries for {len(names)} names")
+        if not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"{where}: field 'names' must list tensor names (strings)")
+        specs = [(_dtype(d, where), _shape(s, where)) for d, s in zip(dtypes, shapes)]
+        name = _field(body, "group_name", str, where, WEIGHT_GROUP_NAME)
+        if name not in self.weight_groups:
+            raise ProtocolError(f"{where}: field 'group_name': no weight group {name!r}; "
+                                "POST /init_weights_update_group first")
+        g = self.weight_groups[name]
+        with self._receive_lock:
+            tensors = receive_tensors(g["group"], specs, g["backend"], self._device())
+            self.counters["tensors_received_by_broadcast"] += len(tensors)
+        return self._apply(list(zip(names, tensors)), body, f" received over {g['backend']} group {name!r}")
 
     def flush_cache(self, body):
         # the engine keeps no prefix cache across requests, so there is never anything stale to drop
@@ -157,10 +206,6 @@ class RolloutServer:
             self._gate.notify_all()
         return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
-    def distributed_unsupported(self, body):
-        raise ProtocolError("this CPU rollout server takes weights through /update_weights_from_tensor only; "
-                            "NCCL weight groups (update_weights_from_distributed) need SGLang on GPUs")
-
     # ---- helpers -----------------------------------------------------------------------------------------
 
     @contextmanager
@@ -176,6 +221,26 @@ class RolloutServer:
                 self._active -= 1
                 self._gate.notify_all()
 
+    def _apply(self, named, body, note: str = ""):
+        """Both weight paths end here: check everything, copy, version and checksum (SGLang's answer plus
+        ours: weights_checksum, weight_version)."""
+        self._check_tensors(named)
+        with self._engine_lock:
+            checksum = self.engine.update_weights(named)
+            self.counters["weight_updates"] += 1
+            if body.get("weight_version") is not None:
+                self.weight_version = str(body["weight_version"])
+            if body.get("flush_cache", True):
+                self.counters["cache_flushes"] += 1
+        return 200, {"success": True, "message": f"updated {len(named)} tensors{note}", "weights_checksum": checksum,
+                     "weight_version": self.weight_version}
+
+    def _device(self) -> torch.device:
+        return next(self.engine.model.parameters()).device
+
+    def _backends(self) -> tuple[str, ...]:
+        return ("gloo", "nccl") if self._device().type == "cuda" else ("gloo",)
+
     def _check_tensors(self, named) -> None:
         """All names and shapes first, so a bad request changes nothing rather than half the model."""
         state = self.engine.model.state_dict()
@@ -189,6 +254,30 @@ class RolloutServer:
     def _checksum(self) -> str:
         with self._engine_lock:
             return self.engine.weights_checksum()
+
+
+def _field(body: dict, key: str, kind: type, where: str, default=None):
+    """body[key] of type `kind` (bools are not ints); missing -> `default`, or an error when there is none."""
+    value = body.get(key, default)
+    if value is None:
+        raise ProtocolError(f"{where}: field '{key}' is required")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{where}: field '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _dtype(name, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ProtocolError(f"{where}: field 'dtypes': {name!r} is not a torch dtype name")
+    return dtype
+
+
+def _shape(shape, where: str) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ProtocolError(f"{where}: field 'shapes': {shape!r} is not a list of sizes")
+    return shape
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -13,7 +13,9 @@ Weight sync, per replica, always in this order (`weight_sync_plan`):
   5. POST /continue_generation
   6. GET  /get_model_info                          weight_version (and, on our server, weights_checksum)
 "_tensor" when colocated (CUDA IPC handles, or base64 safetensors on our CPU server); "_distributed"
-when split (the trainer broadcasts each listed tensor over the NCCL group while the call is in flight).
+when split (the trainer broadcasts each listed tensor over the weight group while the call is in flight;
+NCCL for SGLang, gloo for our CPU server). A distributed sync first sends POST /init_weights_update_group
+once, while the trainer joins the same group as rank 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from verl_mtp.rollout.engine import SpecStats
 
 MTP_MARK = ".mtp_layers."
 SYNC_MODES = ("tensor", "distributed")
+WEIGHT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
 
 
 # ---- server arguments ---------------------------------------------------------------------------
@@ -133,13 +136,29 @@ def launch_sglang_replicas(cfg, num_replicas: int, *, host: str = "127.0.0.1", b
 
 @dataclass(frozen=True)
 class SyncCall:
-    """One HTTP call of a weight sync, sent to every replica at once. `broadcast` lists the tensors the
-    trainer sends over the update group while this call is in flight (distributed mode only)."""
+    """One HTTP call of a weight sync, sent to every replica at once. `per_replica` holds body fields that
+    differ between replicas (one dict per replica, e.g. each replica's rank_offset). While the call is in
+    flight the trainer joins the weight group (`joins_group`) or broadcasts the listed tensors over it
+    (`broadcast`); distributed mode only."""
 
     method: str
     path: str
     body: dict | None = None
     broadcast: tuple[str, ...] = ()
+    per_replica: tuple[dict, ...] = ()
+    joins_group: bool = False
+
+    def body_for(self, replica: int) -> dict | None:
+        return {**self.body, **self.per_replica[replica]} if self.per_replica else self.body
+
+
+def weight_update_group(master_address: str, master_port: int, num_replicas: int, ranks_per_replica: int,
+                        backend: str = "nccl") -> dict:
+    """init_group of a distributed sync: the trainer is rank 0, replica i's tensor-parallel ranks start at
+    rank_offset 1 + i * ranks_per_replica. backend: nccl for SGLang on GPUs, gloo for our CPU server."""
+    return {"master_address": master_address, "master_port": master_port, "backend": backend,
+            "world_size": 1 + num_replicas * ranks_per_replica,
+            "rank_offsets": [1 + i * ranks_per_replica for i in range(num_replicas)]}
 
 
 def split_trunk_and_mtp(named_tensors) -> tuple[list, list]:
@@ -149,20 +168,20 @@ def split_trunk_and_mtp(named_tensors) -> tuple[list, list]:
 
 def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | None = None,
                      load_format: str | None = None, init_group: dict | None = None,
-                     group_name: str = "weight_update_group") -> list[SyncCall]:
+                     group_name: str = WEIGHT_GROUP_NAME) -> list[SyncCall]:
     """The ordered calls of one sync (see the module docstring).
 
     mode "tensor": `encode(named) -> serialized_named_tensors` (one entry per tensor-parallel rank).
-    mode "distributed": tensors travel over the NCCL group; `init_group` (master_address, master_port,
-    rank_offset, world_size) is sent first when given, i.e. on the first sync only.
+    mode "distributed": tensors travel over the weight group; `init_group` (weight_update_group: address,
+    port, world_size, backend, one rank_offset per replica) is sent first when given, i.e. on the first
+    sync only. Only dtypes and shapes of the tensors are read in this mode (meta tensors will do).
     """
     if mode not in SYNC_MODES:
         raise ValueError(f"sync mode must be one of {SYNC_MODES}, got {mode!r}")
     if mode == "tensor" and encode is None:
         raise ValueError("tensor sync needs an encoder for serialized_named_tensors")
     parts = [p for p in split_trunk_and_mtp(named_tensors) if p]
-    plan = [SyncCall("POST", "/init_weights_update_group", {"group_name": group_name, "backend": "nccl", **init_group})
-            ] if init_group and mode == "distributed" else []
+    plan = [_init_call(init_group, group_name)] if init_group and mode == "distributed" else []
     plan.append(SyncCall("POST", "/pause_generation", {"mode": "abort"}))
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -178,6 +197,13 @@ def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | No
     plan += [SyncCall("POST", "/flush_cache"), SyncCall("POST", "/continue_generation"),
              SyncCall("GET", "/get_model_info")]
     return plan
+
+
+def _init_call(init_group: dict, group_name: str) -> SyncCall:
+    group = {"group_name": group_name, "backend": "nccl", **init_group}
+    offsets = group.pop("rank_offsets", None)
+    per_replica = tuple({"rank_offset": o} for o in offsets) if offsets is not None else ()
+    return SyncCall("POST", "/init_weights_update_group", group, per_replica=per_replica, joins_group=True)
 
 
 def sglang_tensor_payload(named_tensors, tp_size: int) -> list[str]:

@@ -24,7 +24,9 @@ from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
 from verl_mtp.rewards import RewardSample
 from verl_mtp.trainer import checkpoint
-from verl_mtp.rollout.client import ReplicaUnreachable, ServerRollout
+from verl_mtp.rollout.client import (ReplicaUnreachable, ServerRollout, server_launcher, server_sync_mode,
+                                     weight_update_group_for)
+from verl_mtp.rollout.sglang import WEIGHT_GROUP_NAME
 from verl_mtp.trainer.setup import (build_policy_model, ensure_synthetic_task, load_tokenizer, resolve_device,
                                     tokenizer_path)
 from verl_mtp.workers.group import WorkerGroup
@@ -123,14 +125,24 @@ class DAPOTrainer:
             self._sync_weights(bump=False)
 
     def _server_rollout(self) -> ServerRollout:
-        """HTTP rollout servers speaking SGLang's protocol: ours (rollout.name=native) or SGLang's."""
+        """HTTP rollout servers speaking SGLang's protocol: ours (rollout.name=native) or SGLang's. With
+        rollout.server.sync_mode=distributed the actor's rank 0 joins the replicas' weight group as rank 0
+        (with the first sync) and broadcasts the tensors to them itself."""
         cfg = self.cfg
         model_path = cfg.actor_rollout_ref.model.path
         if cfg.actor_rollout_ref.rollout.name == "native":  # the actor's architecture, MTP layer count included
             model_path = os.path.join(self.run_dir, "rollout_model")
             build_policy_model(cfg, len(self.tokenizer), "cpu", cfg.trainer.seed).save_pretrained(model_path)
+        hooks = {}
+        if server_sync_mode(cfg.actor_rollout_ref.rollout) == "distributed":
+            host, port = self.actor.call_rank0("weight_broadcast_address")
+            group = weight_update_group_for(cfg, host, port)
+            hooks = dict(init_group=group, broadcast=lambda names: self.actor.call_rank0("broadcast_weights", names),
+                         join_group=lambda: self.actor.call_rank0(
+                             "init_weight_broadcast", host, port, group["world_size"], WEIGHT_GROUP_NAME,
+                             group["backend"], float(cfg.actor_rollout_ref.nccl_timeout)))
         return ServerRollout.from_config(cfg, model_path, self.tokenizer.eos_token_id,
-                                         log_dir=os.path.join(self.run_dir, "rollout_servers"))
+                                         log_dir=os.path.join(self.run_dir, "rollout_servers"), **hooks)
 
     def _dp_call(self, group: WorkerGroup, method: str, batch: Batch, *args) -> list:
         """Shard `batch` over the group's data-parallel ranks; one result per shard, in order."""
@@ -241,6 +253,12 @@ class DAPOTrainer:
             self.version += 1
         if self.colocated:
             pairs = self.actor.call("sync_colocated", self.version)
+        elif isinstance(self.rollout, ServerRollout) and self.rollout.sync_mode == "distributed":
+            # the actor's rank 0 broadcasts the tensors; the driver plans the sync from dtypes and shapes only
+            meta, sent = self.actor.call_rank0("weights_meta")
+            shapes = {n: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for n, dtype, shape in meta}
+            held = self.rollout.call("update_rollout_weights", shapes, self.version, sent_checksum=sent)
+            pairs = [(sent, h) for h in held]
         else:
             weights, sent = self.actor.call_rank0("get_weights")
             ref = ray.put(weights)
@@ -432,5 +450,8 @@ def _cpus_needed(cfg) -> int:
     """Logical CPUs for a local Ray: one per worker bundle (policy ranks, rollout, ref, reward)."""
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
     rollout = 0 if cfg.actor_rollout_ref.hybrid_engine else world
+    r = cfg.actor_rollout_ref.rollout
+    if r.mode == "server" and server_launcher(cfg) == "ray":  # one Ray actor (a CPU bundle) per replica
+        rollout += r.server.num_replicas
     ref = world if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
     return world + rollout + ref + 1

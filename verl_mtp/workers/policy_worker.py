@@ -51,6 +51,7 @@ class PolicyWorker:
         self.tokenizer = load_tokenizer(tokenizer_dir, arr.model.trust_remote_code)
         model = build_policy_model(self.cfg, len(self.tokenizer), self.device, self.cfg.trainer.seed)
         self.actor = self.rollout = None
+        self.weight_group = self.weight_group_backend = None  # rank 0 of the replicas' weight group (split sync)
         if role in ("actor", "actor_rollout", "ref"):
             mtp = arr.model.mtp
             train_mtp = role != "ref" and mtp.enable and mtp.enable_train
@@ -111,6 +112,42 @@ class PolicyWorker:
     def get_weights(self) -> tuple[dict[str, torch.Tensor], str]:
         named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
         return named, state_checksum(named.items())
+
+    # ---- split weight sync over a process group (rollout.server.sync_mode=distributed) --------------
+
+    def weights_meta(self) -> tuple[list[tuple[str, str, list[int]]], str]:
+        """(name, dtype, shape) of every tensor a sync sends, and their checksum: what the driver needs to
+        plan a broadcast sync without pulling the tensors through itself."""
+        named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
+        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+        return meta, state_checksum(named)
+
+    def weight_broadcast_address(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0 of the weight group hosts its rendezvous here."""
+        return address()
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int, group_name: str,
+                              backend: str, timeout: float = 600.0) -> None:
+        """Join the rollout replicas' weight group as rank 0 (the replicas join through their
+        /init_weights_update_group at the same time). A side group: the data-parallel group is untouched."""
+        from verl_mtp.rollout.weight_group import join_weight_group, leave_weight_group
+
+        if self.weight_group is not None:
+            leave_weight_group(self.weight_group)
+            self.weight_group = None
+        self.weight_group = join_weight_group(master_address, master_port, 0, world_size, group_name, backend,
+                                              timeout)
+        self.weight_group_backend = backend
+
+    def broadcast_weights(self, names: list[str]) -> int:
+        """Send the named tensors, in this order, to every replica of the weight group; -> how many."""
+        from verl_mtp.rollout.weight_group import broadcast_tensors
+
+        if self.weight_group is None:
+            raise RuntimeError("broadcast_weights before init_weight_broadcast: no weight group to send over")
+        named = dict(self.actor.engine.named_tensors())
+        broadcast_tensors(self.weight_group, [named[n] for n in names], self.weight_group_backend)
+        return len(names)
 
     def save_checkpoint(self, folder: str) -> None:
         """An HF/MiMo folder (weights, config, tokenizer) plus optimizer and LR-schedule state."""
