@@ -2,7 +2,8 @@
 # DAPO with joint MTP training of MiMo-7B-RL on 16 nodes x 8 GPUs: Megatron-core training (TP/PP/CP
 # 2/2/2, offloaded), SGLang rollout (TP 4) drafting with the MTP layer (EAGLE), trunk and draft weights
 # synced after every step and the draft's acceptance checked. The setup of verl's
-# examples/mtp_trainer/test_dapo_mimo_7b_with_mtp_math_megatron.sh, with the same keys.
+# examples/mtp_trainer/test_dapo_mimo_7b_with_mtp_math_megatron.sh, with the same keys. Colocated, as
+# there: the SGLang servers run on the training GPUs (128 in all) and sleep while the actor trains.
 #
 # Needs: the image of docker/Dockerfile on every node, a Ray cluster, MiMo-7B-RL under
 # ${RAY_DATA_HOME}/models (config.json max_position_embeddings set to 32768), DAPO-Math-17k and
@@ -97,10 +98,14 @@ args=(
     actor_rollout_ref.ref.megatron.param_offload=${offload}
     actor_rollout_ref.rollout.name=sglang
     actor_rollout_ref.rollout.mode=server
+    # colocated: every gen_tp consecutive actor ranks of a node start one SGLang server on their own GPUs
+    # (one replica per gen_tp GPUs, no GPUs beyond the actor's), push the weights to it as CUDA IPC
+    # handles, and the servers release their memory while the actor trains (free_cache_engine)
+    actor_rollout_ref.hybrid_engine=True
+    actor_rollout_ref.rollout.free_cache_engine=True
     actor_rollout_ref.rollout.server.num_replicas=$((NNODES * NGPUS_PER_NODE / gen_tp))
-    # replicas start per node by Ray (server.launcher defaults to ray with NNODES > 1) and take weights
-    # over NCCL from the actor's rank 0 (server.sync_mode defaults to distributed for sglang); the driver
-    # reaches them by node IP, so they listen on all interfaces: keep the cluster network private
+    # the driver reaches the replicas by node IP, so they listen on all interfaces: keep the cluster
+    # network private
     actor_rollout_ref.rollout.server.host=0.0.0.0
     actor_rollout_ref.rollout.tensor_model_parallel_size=${gen_tp}
     actor_rollout_ref.rollout.gpu_memory_utilization=0.80

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# DAPO on a CPU box through rollout.mode=server: the HTTP path the cluster takes with SGLang, served by
-# the native engine. Two rollout replicas (separate processes, 127.0.0.1 only) draft with the policy's
-# MTP layer; after each step the trainer pushes trunk + MTP weights through /update_weights_from_tensor,
+# DAPO on a CPU box through rollout.mode=server, split (hybrid_engine=False): the HTTP path served by the
+# native engine. Two rollout replicas (separate processes, 127.0.0.1 only) draft with the policy's MTP
+# layer; after each step the trainer pushes trunk + MTP weights through /update_weights_from_tensor,
 # compares every replica's checksum with what it sent, and the stale-draft guard judges the next batch.
+# (The cluster recipe's colocated server mode, replicas started by the actor ranks, is
+# hybrid_engine=True: see docs/cluster.md.)
 #
 #   bash recipes/server_mode_cpu.sh [more overrides]       # run folder: runs/server_mode_cpu
 #
@@ -22,6 +24,7 @@ args=(
     trainer.total_training_steps=${STEPS:-4}
     trainer.logger='["console","jsonl"]'
     actor_rollout_ref.rollout.mode=server
+    actor_rollout_ref.hybrid_engine=False
     actor_rollout_ref.rollout.server.num_replicas=2
     actor_rollout_ref.rollout.server.host=127.0.0.1
     actor_rollout_ref.rollout.server.base_port=${BASE_PORT:-30000}

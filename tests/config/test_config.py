@@ -389,8 +389,17 @@ ERROR_CASES = [
     ([ROLLOUT + "server.sync_mode=nccl"], ROLLOUT + "server.sync_mode"),
     ([ROLLOUT + "server.launcher=slurm"], ROLLOUT + "server.launcher"),
     (["trainer.device=cuda", ROLLOUT + "name=sglang", ROLLOUT + "mode=server", "actor_rollout_ref.model.path=/m",
-      ROLLOUT + "server.sync_mode=tensor"], ROLLOUT + "server.sync_mode"),
+      "actor_rollout_ref.hybrid_engine=false", ROLLOUT + "server.sync_mode=tensor"], ROLLOUT + "server.sync_mode"),
     ([ROLLOUT + "mode=server", "trainer.nnodes=2"], ROLLOUT + "server.host"),
+    ([ROLLOUT + "mode=server", "actor_rollout_ref.hybrid_engine=false", "trainer.nnodes=2"], ROLLOUT + "server.host"),
+    # colocated server mode (hybrid_engine with mode=server): the actor ranks host the replicas
+    ([ROLLOUT + "mode=server", ROLLOUT + "server.sync_mode=distributed"], ROLLOUT + "server.sync_mode"),
+    ([ROLLOUT + "mode=server", ROLLOUT + "server.launcher=ray"], ROLLOUT + "server.launcher"),
+    ([ROLLOUT + "mode=server", ROLLOUT + "server.num_replicas=2"], ROLLOUT + "server.num_replicas"),
+    ([ROLLOUT + "mode=server", "trainer.n_gpus_per_node=2", ROLLOUT + "tensor_model_parallel_size=4",
+      ROLLOUT + "server.num_replicas=1"], ROLLOUT + "tensor_model_parallel_size"),
+    (["trainer.device=cuda", ROLLOUT + "name=sglang", ROLLOUT + "mode=server", "actor_rollout_ref.model.path=/m",
+      "+" + ROLLOUT + "engine_kwargs.sglang.enable_memory_saver=false"], ROLLOUT + "free_cache_engine"),
 ]
 
 

@@ -207,3 +207,29 @@ def test_codec_round_trips_tied_tensors_without_pickle():
     assert set(back) == {n for n, _ in named}
     for name, t in named:
         assert torch.equal(back[name], t) and back[name].dtype == t.dtype
+
+
+def test_released_memory_refuses_generate_and_weight_updates_until_resumed(served, models):
+    """Colocated server mode's sleep/wake: nothing is freed on CPU, but the server refuses what SGLang could
+    not do without the memory, and logs the order of calls."""
+    _, client = served
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    client.request("POST", "/release_memory_occupation", {"tags": ["kv_cache", "weights"]})
+    with pytest.raises(ReplicaError, match=r"HTTP 503: generate: memory released \(kv_cache, weights\)"):
+        _generate(client, params)
+    body = {"serialized_named_tensors": encode_native(models[1].state_dict().items()),
+            "load_format": TENSOR_LOAD_FORMAT, "weight_version": "1"}
+    with pytest.raises(ReplicaError, match=r"HTTP 400: weight update: weights are released"):
+        client.request("POST", "/update_weights_from_tensor", body)
+    client.request("POST", "/resume_memory_occupation", {"tags": ["weights"]})
+    assert client.request("POST", "/update_weights_from_tensor", body)["success"]
+    with pytest.raises(ReplicaError, match=r"memory released \(kv_cache\)"):
+        _generate(client, params)
+    client.request("POST", "/resume_memory_occupation", {})  # SGLang's empty body: all of it
+    _generate(client, params)
+    info = client.request("GET", "/get_server_info")
+    assert info["memory_released"] == [] and (info["memory_releases"], info["memory_resumes"]) == (1, 2)
+    assert info["recent_events"] == ["release:kv_cache,weights", "resume:weights", "update_weights:1",
+                                     "resume:cuda_graph,kv_cache,weights", "generate"]
+    with pytest.raises(ReplicaError, match=r"HTTP 400: release_memory_occupation: field 'tags' must list"):
+        client.request("POST", "/release_memory_occupation", {"tags": ["gpu"]})

@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from verl_mtp.config import load_config
-from verl_mtp.rollout.client import native_server_args, server_launcher, server_sync_mode, weight_update_group_for
+from verl_mtp.rollout.client import (colocated_replica_groups, colocated_servers, native_server_args,
+                                     server_launcher, server_sync_mode, weight_update_group_for)
 from verl_mtp.rollout.server import parse_args, speculative_depth
 from verl_mtp.rollout.sglang import (launch_command, replica_layout, server_cli_args, sglang_server_args,
                                      speculative_args)
@@ -99,10 +100,37 @@ def test_chain_draft_tokens_default_to_steps_plus_one():
     assert speculative_args(node)["speculative_num_draft_tokens"] == 4
 
 
-def test_cluster_recipe_broadcasts_weights_to_ray_launched_replicas(cluster_cfg):
-    r = cluster_cfg.actor_rollout_ref.rollout
-    assert (server_sync_mode(r), server_launcher(cluster_cfg), r.server.host) == ("distributed", "ray", "0.0.0.0")
-    group = weight_update_group_for(cluster_cfg, "10.0.0.1", 29500)
+def test_cluster_recipe_colocates_the_replicas_on_the_training_gpus(cluster_cfg):
+    """The seed's hybrid engine: the 32 replicas of 4 GPUs are the 128 training GPUs, started by the actor
+    ranks, sleeping (memory saver) while the actor trains."""
+    cfg = cluster_cfg
+    r = cfg.actor_rollout_ref.rollout
+    assert colocated_servers(cfg) and r.free_cache_engine and r.server.host == "0.0.0.0"
+    assert r.server.num_replicas * r.tensor_model_parallel_size == cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    assert r.server.launcher is None and r.server.sync_mode is None  # tensor sync, from the actor ranks
+    # rank k runs on node k // 8, GPU k % 8: ranks 0-3 host replica 0 on GPUs 0-3, ranks 4-7 replica 1, ...
+    placements = [(f"10.0.0.{k // 8}", [str(k % 8)]) for k in range(128)]
+    groups = colocated_replica_groups(placements, r.tensor_model_parallel_size)
+    assert len(groups) == 32 and groups[:3] == [(0, ["0", "1", "2", "3"]), (4, ["4", "5", "6", "7"]),
+                                                (8, ["0", "1", "2", "3"])]
+    args = sglang_server_args(cfg)  # the group's GPUs are made visible to the server: it starts at 0
+    assert args["enable_memory_saver"] and (args["tp_size"], args["base_gpu_id"]) == (4, 0)
+
+
+def test_colocated_groups_stay_on_one_node():
+    placements = [("10.0.0.1", ["0"]), ("10.0.0.1", ["1"]), ("10.0.0.1", ["2"]), ("10.0.0.2", ["0"])]
+    with pytest.raises(ValueError, match=r"replica 1: actor ranks 2..3 are on nodes \['10.0.0.1', '10.0.0.2'\]"):
+        colocated_replica_groups(placements, 2)
+    assert colocated_replica_groups([("n", []), ("n", [])], 1) == [(0, []), (1, [])]  # CPU: no devices
+
+
+def test_split_server_mode_broadcasts_weights_to_ray_launched_replicas():
+    cfg = load_config(recipe_overrides(CLUSTER_RECIPE) + ["actor_rollout_ref.hybrid_engine=False"],
+                      config_name="ppo_megatron_trainer")
+    r = cfg.actor_rollout_ref.rollout
+    assert (server_sync_mode(r), server_launcher(cfg), colocated_servers(cfg)) == ("distributed", "ray", False)
+    assert not sglang_server_args(cfg)["enable_memory_saver"]
+    group = weight_update_group_for(cfg, "10.0.0.1", 29500)
     # the trainer is rank 0; each of the 32 replicas joins with its 4 tensor-parallel ranks
     assert group["world_size"] == 1 + 32 * 4 and group["rank_offsets"][:3] == [1, 5, 9] and group["backend"] == "nccl"
 

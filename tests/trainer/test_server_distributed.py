@@ -22,7 +22,8 @@ SERVER = "actor_rollout_ref.rollout.server."
 def test_dapo_with_weights_broadcast_over_gloo_to_ray_launched_replicas(ray_local, tmp_path):
     cfg = load_config(overrides(
         tmp_path, "trainer.total_training_steps=2", "actor_rollout_ref.rollout.mode=server",
-        "actor_rollout_ref.rollout.name=native", f"{SERVER}sync_mode=distributed", f"{SERVER}num_replicas=2",
+        "actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.name=native",
+        f"{SERVER}sync_mode=distributed", f"{SERVER}num_replicas=2",
         f"{SERVER}base_port=0", f"{SERVER}launcher=ray"))
     trainer = DAPOTrainer(cfg)
     try:
@@ -61,8 +62,9 @@ def toy_folder(tmp_path_factory):
 def test_ray_launcher_one_actor_per_replica_reachable_by_node_ip(ray_local, toy_folder, tmp_path):
     from verl_mtp.rollout.ray_launch import launch_replicas_on_ray
 
-    cfg = load_config(["actor_rollout_ref.rollout.mode=server", f"{SERVER}num_replicas=2", f"{SERVER}base_port=0",
-                       f"{SERVER}host=0.0.0.0", f"{SERVER}launcher=ray"])
+    cfg = load_config(["actor_rollout_ref.rollout.mode=server", "actor_rollout_ref.hybrid_engine=false",
+                       f"{SERVER}num_replicas=2", f"{SERVER}base_port=0", f"{SERVER}host=0.0.0.0",
+                       f"{SERVER}launcher=ray"])
     replicas = launch_replicas_on_ray(cfg, toy_folder, log_dir=str(tmp_path / "logs"), startup_timeout=120)
     try:
         node_ip = ray.util.get_node_ip_address()
@@ -89,7 +91,8 @@ def test_ray_launcher_asks_for_tp_gpus_per_replica_and_says_when_none_come(ray_l
     from verl_mtp.rollout.ray_launch import launch_replicas_on_ray, replica_commands
 
     cfg = load_config(["trainer.device=cuda", "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.name=sglang",
-                       "actor_rollout_ref.rollout.mode=server", "actor_rollout_ref.model.path=/models/m",
+                       "actor_rollout_ref.rollout.mode=server", "actor_rollout_ref.hybrid_engine=false",
+                       "actor_rollout_ref.model.path=/models/m",
                        "actor_rollout_ref.rollout.tensor_model_parallel_size=2", f"{SERVER}num_replicas=2",
                        "actor_rollout_ref.model.mtp.speculative_num_steps=2",
                        f"{SERVER}base_port=0"])
@@ -123,7 +126,8 @@ def test_gpu_ray_launcher_starts_sglang_on_the_node_of_its_gpus(ray_local, tmp_p
     arr = "actor_rollout_ref."
     cfg = load_config(["trainer.device=cuda", "trainer.n_gpus_per_node=1", f"{arr}rollout.name=sglang",
                        f"{arr}rollout.mode=server", f"{arr}rollout.tensor_model_parallel_size=1",
-                       f"{arr}model.path={tmp_path / 'model'}", f"{arr}rollout.load_format=auto",
+                       f"{arr}hybrid_engine=false", f"{arr}model.path={tmp_path / 'model'}",
+                       f"{arr}rollout.load_format=auto",
                        "actor_rollout_ref.model.mtp.speculative_num_steps=1", f"{SERVER}host=0.0.0.0",
                        f"{SERVER}base_port=0"])
     (replica,) = launch_replicas_on_ray(cfg, str(tmp_path / "model"), log_dir=str(tmp_path / "logs"),

@@ -113,6 +113,7 @@ def test_prometheus_exporter_serves_the_run(ray_local, tmp_path):
 def test_server_mode_rollout_over_http_replicas(ray_local, tmp_path):
     history = _fit(load_config(overrides(
         tmp_path, "trainer.total_training_steps=2", "actor_rollout_ref.rollout.mode=server",
-        "actor_rollout_ref.rollout.server.num_replicas=2", "actor_rollout_ref.rollout.server.base_port=0")))
+        "actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.server.num_replicas=2",
+        "actor_rollout_ref.rollout.server.base_port=0")))
     assert len(history) == 2 and history[-1]["trainer/weight_version"] == 2.0
     assert "rollout/accept_length" in history[-1]

@@ -294,16 +294,45 @@ def _check_server(cfg: DictConfig) -> None:
     for name, allowed in (("sync_mode", SYNC_MODES), ("launcher", LAUNCHERS)):
         if server[name] is not None and server[name] not in allowed:
             raise ConfigError(f"key '{key}{name}': expected one of {'|'.join(allowed)} (or null), got {server[name]!r}")
-    r = cfg.actor_rollout_ref.rollout
+    r, colocated = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.hybrid_engine
     if r.mode != "server":
         return
-    if r.name == "sglang" and server.sync_mode == "tensor":
-        raise ConfigError(f"key '{key}sync_mode': sglang replicas take tensors (CUDA IPC handles) only from a "
-                          "process on their GPUs; server mode needs distributed")
     launcher = server.launcher or ("ray" if cfg.trainer.nnodes > 1 else "local")
-    if launcher == "ray" and cfg.trainer.nnodes > 1 and server.host in ("127.0.0.1", "localhost", "::1"):
+    spread = cfg.trainer.nnodes > 1 and (colocated or launcher == "ray")  # replicas on every node
+    if spread and server.host in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"key '{key}host': replicas bound to {server.host} on other nodes are unreachable from "
                           f"the driver (trainer.nnodes={cfg.trainer.nnodes}); use 0.0.0.0 or a cluster address")
+    if colocated:
+        _check_colocated_servers(cfg)
+    elif r.name == "sglang" and server.sync_mode == "tensor":
+        raise ConfigError(f"key '{key}sync_mode': sglang replicas take tensors (CUDA IPC handles) only from a "
+                          "process on their GPUs; split server mode (hybrid_engine=false) needs distributed")
+
+
+def _check_colocated_servers(cfg: DictConfig) -> None:
+    """hybrid_engine with rollout.mode=server: every tp consecutive actor ranks of a node host one replica."""
+    r, key = cfg.actor_rollout_ref.rollout, _ARR + "rollout."
+    where = "colocated server mode (hybrid_engine=true)"
+    if r.server.sync_mode == "distributed":
+        raise ConfigError(f"key '{key}server.sync_mode': {where} sends the tensors from the actor ranks hosting "
+                          "the replicas (tensor); distributed is for split mode (hybrid_engine=false)")
+    if r.server.launcher is not None:
+        raise ConfigError(f"key '{key}server.launcher': {where} has the actor ranks start the replicas; leave it "
+                          f"unset or set hybrid_engine=false, got {r.server.launcher!r}")
+    tp, per_node = r.tensor_model_parallel_size, cfg.trainer.n_gpus_per_node
+    if per_node % tp:
+        raise ConfigError(f"key '{key}tensor_model_parallel_size': {where} gives each replica {tp} consecutive "
+                          f"devices of one node; {tp} does not divide trainer.n_gpus_per_node={per_node}")
+    saver = (r.engine_kwargs.get("sglang") or {}).get("enable_memory_saver")
+    if r.name == "sglang" and r.free_cache_engine and saver is False:
+        raise ConfigError(f"key '{key}free_cache_engine': {where} has the replicas release their memory while the "
+                          "actor trains, which needs SGLang's memory saver (engine_kwargs.sglang.enable_memory_saver"
+                          "=False turns it off)")
+    world = _world_size(cfg)
+    if r.server.num_replicas != world // tp:
+        raise ConfigError(f"key '{key}server.num_replicas': {where} starts one replica per {tp} actor ranks "
+                          f"(tensor_model_parallel_size), so {world // tp} for {world} ranks; got "
+                          f"{r.server.num_replicas}")
 
 
 def _check_mtp(cfg: DictConfig) -> None:

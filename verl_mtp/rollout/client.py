@@ -146,14 +146,16 @@ def native_server_command(model_path: str, host: str, port: int, port_file: str,
 
 
 def launch_replicas(commands: list[list[str]], host: str, ports: list[int], log_dir: str | None = None,
-                    startup_timeout: float = 300.0) -> list[ServerProcess]:
+                    startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> list[ServerProcess]:
     """Start every command at once, then wait for each /health. Port 0 means the server picks one and
-    writes it to the --port-file given in its command (`native_server_command` does). On failure all
-    replicas are stopped and the error names the one that failed, with the end of its log."""
+    writes it to the --port-file given in its command (`native_server_command` does). `env` adds to (or
+    overrides) this process's environment, e.g. the CUDA_VISIBLE_DEVICES of a colocated replica. On
+    failure all replicas are stopped and the error names the one that failed, with the end of its log."""
     folder = Path(log_dir or tempfile.mkdtemp(prefix="verl_mtp_rollout_"))
     folder.mkdir(parents=True, exist_ok=True)
     package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     started = []
     for i, cmd in enumerate(commands):
         log = folder / f"replica{i}.log"
@@ -215,8 +217,31 @@ def server_sync_mode(rollout) -> str:
 
 
 def server_launcher(cfg) -> str:
-    """rollout.server.launcher, or ray when the cluster has more than one node."""
+    """rollout.server.launcher, or ray when the cluster has more than one node (split server mode)."""
     return cfg.actor_rollout_ref.rollout.server.launcher or ("ray" if cfg.trainer.nnodes > 1 else "local")
+
+
+def colocated_servers(cfg) -> bool:
+    """hybrid_engine with rollout.mode=server: the actor workers start the replicas on their own devices
+    and push weights to them; the replicas sleep while the actor trains."""
+    return cfg.actor_rollout_ref.hybrid_engine and cfg.actor_rollout_ref.rollout.mode == "server"
+
+
+def colocated_replica_groups(placements: list[tuple[str, list[str]]], tp: int) -> list[tuple[int, list[str]]]:
+    """Colocated server mode: which actor ranks start a replica, on which devices. `placements` holds each
+    rank's (node IP, device ids); every `tp` consecutive ranks form one replica's tensor-parallel group,
+    started by its first rank on the group's devices. -> [(leader rank, device ids of the group)]."""
+    if len(placements) % tp:
+        raise ValueError(f"{len(placements)} actor ranks do not split into rollout tensor-parallel groups of {tp}")
+    groups = []
+    for first in range(0, len(placements), tp):
+        members = placements[first:first + tp]
+        nodes = sorted({node for node, _ in members})
+        if len(nodes) > 1:
+            raise ValueError(f"colocated rollout replica {first // tp}: actor ranks {first}..{first + tp - 1} are on "
+                             f"nodes {nodes}; a replica's tensor-parallel group must be on one node")
+        groups.append((first, [d for _, devices in members for d in devices]))
+    return groups
 
 
 def weight_update_group_for(cfg, master_address: str, master_port: int) -> dict:
@@ -274,12 +299,12 @@ class ServerRollout:
         actor per replica on the node holding its resources (see ray_launch). The guard is on whenever the
         rollout speculates. With sync_mode distributed pass init_group= (weight_update_group_for),
         join_group= and broadcast= (see push_weights)."""
-        r, mtp = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model.mtp
+        r = cfg.actor_rollout_ref.rollout
         if r.name not in ("native", "sglang"):
             raise ValueError(f"key 'actor_rollout_ref.rollout.name': server mode serves native or sglang, "
                              f"not {r.name!r}")
-        sampling = functools.partial(rollout_sampling_params, r, cfg.data.max_response_length, eos_token_id)
-        kwargs.setdefault("guard", StaleDraftGuard() if mtp.enable and mtp.enable_rollout else None)
+        sampling = _sampling_for(cfg, eos_token_id)
+        kwargs.setdefault("guard", _guard_for(cfg))
         kwargs["sync_mode"] = server_sync_mode(r)
         if r.name == "sglang":
             kwargs["load_format"] = None
@@ -296,6 +321,13 @@ class ServerRollout:
             processes = launch_sglang_replicas(cfg, r.server.num_replicas, host=r.server.host,
                                                base_port=r.server.base_port, model_path=model_path, log_dir=log_dir)
         return cls([p.url for p in processes], sampling, processes=processes, **kwargs)
+
+    @classmethod
+    def connect(cls, cfg, urls: list[str], eos_token_id: int | None, **kwargs):
+        """Replicas that are already running, e.g. the ones the actor workers started (colocated server
+        mode): sampling from the config, the guard on whenever the rollout speculates."""
+        kwargs.setdefault("guard", _guard_for(cfg))
+        return cls(urls, _sampling_for(cfg, eos_token_id), **kwargs)
 
     @property
     def urls(self) -> list[str]:
@@ -335,6 +367,18 @@ class ServerRollout:
                                    f"v{version}, {self.clients[0].url} holds {held[0][:12]}")
         return held[0]
 
+    def release_memory(self, tags) -> None:
+        """Every replica frees the memory regions `tags` (SGLang's memory saver) for the colocated trainer."""
+        self._on_all("/release_memory_occupation", {"tags": list(tags)})
+
+    def resume_memory(self, tags) -> None:
+        self._on_all("/resume_memory_occupation", {"tags": list(tags)})
+
+    def weights_synced(self, version) -> None:
+        """Weights of `version` are in (whoever sent them): the guard judges the next training batch."""
+        if self.guard is not None:
+            self.guard.after_sync(version)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for p in self.processes:
@@ -371,9 +415,22 @@ class ServerRollout:
         held = push_weights(self.clients, named_tensors, version, init_group=self.init_group,
                             sent_checksum=sent_checksum, **self.sync)
         self.init_group = None
-        if self.guard is not None:
-            self.guard.after_sync(version)
+        self.weights_synced(version)
         return held
+
+    def _on_all(self, path: str, body: dict) -> list:
+        """POST to every replica at once; the first failure raises, naming its replica."""
+        return list(self._pool.map(lambda client: client.request("POST", path, body), self.clients))
+
+
+def _sampling_for(cfg, eos_token_id: int | None):
+    r = cfg.actor_rollout_ref.rollout
+    return functools.partial(rollout_sampling_params, r, cfg.data.max_response_length, eos_token_id)
+
+
+def _guard_for(cfg) -> StaleDraftGuard | None:
+    mtp = cfg.actor_rollout_ref.model.mtp
+    return StaleDraftGuard() if mtp.enable and mtp.enable_rollout else None
 
 
 def encode_native(named) -> list[str]:

@@ -27,17 +27,21 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 class ReplicaHost:
-    """Ray actor: one replica's server process on this node."""
+    """One replica's server process on this node: a Ray actor of the ray launcher, or held by the actor
+    worker that hosts a colocated replica (PolicyWorker.start_rollout_server)."""
 
     def __init__(self):
         self.process = None
 
-    def start(self, command: list[str], host: str, port: int, log_dir: str, startup_timeout: float) -> str:
-        """Run `command` (its interpreter replaced by this node's), wait for /health; -> the replica URL."""
+    def start(self, command: list[str], host: str, port: int, log_dir: str, startup_timeout: float,
+              env: dict[str, str] | None = None) -> str:
+        """Run `command` (its interpreter replaced by this node's; `env` added to this process's), wait for
+        /health; -> the replica URL. Also used in-process by an actor worker hosting a colocated replica."""
         if not port and "--port-file" not in command:  # SGLang takes no port file: pick a free port here
             port = _free_port()
             command = [*command, "--port", str(port)]
-        (self.process,) = launch_replicas([[sys.executable, *command[1:]]], host, [port], log_dir, startup_timeout)
+        (self.process,) = launch_replicas([[sys.executable, *command[1:]]], host, [port], log_dir, startup_timeout,
+                                          env)
         if host in WILDCARD_HOSTS:
             return self.process.url.replace(f"//{host}:", f"//{ray.util.get_node_ip_address()}:", 1)
         return self.process.url

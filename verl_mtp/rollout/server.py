@@ -5,11 +5,15 @@
 
 Endpoints (SGLang's names and shapes, see protocol.py): POST /generate, POST /update_weights_from_tensor,
 POST /init_weights_update_group, POST /update_weights_from_distributed, GET|POST /flush_cache,
-POST /pause_generation, POST /continue_generation, GET /get_model_info, GET /get_server_info, GET /health.
+POST /pause_generation, POST /continue_generation, POST /release_memory_occupation,
+POST /resume_memory_occupation, GET /get_model_info, GET /get_server_info, GET /health.
 Binds 127.0.0.1 unless --host says otherwise: the weight endpoints rewrite the model, so exposing them is
 an explicit choice. Requests run one engine call at a time (the engine batches within a call); /health
 answers even while a batch runs. The distributed weight path joins the trainer's group with gloo (this
 server is one CPU process: rank = rank_offset); SGLang does the same on GPUs with NCCL.
+Memory release/resume (colocated server mode: the actor trains on the same devices meanwhile) frees
+nothing on CPU, but is tracked as SGLang would act on it: /generate is refused while any memory is
+released, weight updates while the weights are.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import threading
 import traceback
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +36,7 @@ from verl_mtp.models import MTPCausalLM, read_config
 from verl_mtp.rollout.engine import NativeEngine
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
                                        prompts_from_request, sample_to_json)
-from verl_mtp.rollout.sglang import MTP_MARK, WEIGHT_GROUP_NAME
+from verl_mtp.rollout.sglang import MEMORY_TAGS, MTP_MARK, WEIGHT_GROUP_NAME
 from verl_mtp.rollout.weight_group import join_weight_group, leave_weight_group, receive_tensors
 
 
@@ -51,7 +56,10 @@ class RolloutServer:
         self.speculative = speculative
         self.pause_timeout = pause_timeout
         self.counters = {"generate_requests": 0, "weight_updates": 0, "cache_flushes": 0,
-                         "tensors_received_by_broadcast": 0}
+                         "tensors_received_by_broadcast": 0, "memory_releases": 0, "memory_resumes": 0}
+        self.released: set[str] = set()  # memory tags released (SGLang's "weights", "kv_cache", "cuda_graph")
+        # the order of generate / release / resume / weight-update calls, for whoever checks the sequencing
+        self.recent_events: deque[str] = deque(maxlen=256)
         self.weight_groups: dict[str, dict] = {}  # group_name -> {"group", "rank", "world_size", "backend"}
         self._receive_lock = threading.Lock()  # one broadcast at a time: ranks must post receives in order
         self._engine_lock = threading.Lock()  # engine calls never interleave
@@ -68,6 +76,10 @@ class RolloutServer:
             ("POST", "/continue_generation"): self.continue_generation,
             ("POST", "/init_weights_update_group"): self.init_weights_update_group,
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
+            ("GET", "/release_memory_occupation"): self.release_memory_occupation,
+            ("POST", "/release_memory_occupation"): self.release_memory_occupation,
+            ("GET", "/resume_memory_occupation"): self.resume_memory_occupation,
+            ("POST", "/resume_memory_occupation"): self.resume_memory_occupation,
         }
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -107,7 +119,8 @@ class RolloutServer:
         groups = {name: {k: v for k, v in g.items() if k != "group"} for name, g in self.weight_groups.items()}
         return 200, {**self.counters, "paused": self._paused, "speculative_num_steps": self.engine.speculative
                      if self.speculative else 0, "max_running_requests": self.engine.max_batch_size,
-                     "weight_update_groups": groups}
+                     "weight_update_groups": groups, "memory_released": sorted(self.released),
+                     "recent_events": list(self.recent_events)}
 
     def generate(self, body):
         prompts, batched = prompts_from_request(body)
@@ -117,6 +130,7 @@ class RolloutServer:
             raise ProtocolError("return_logprob must be true: rollout servers always report the target logprobs")
         with self._generation_slot(), self._engine_lock:
             self.counters["generate_requests"] += 1
+            self.recent_events.append("generate")
             out = self.engine.generate(prompts, params)
         rid = body.get("rid") or uuid.uuid4().hex
         items = [sample_to_json(s, len(prompts[s.prompt_index]), f"{rid}-{i}", self.weight_version, params,
@@ -206,11 +220,36 @@ class RolloutServer:
             self._gate.notify_all()
         return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
+    def release_memory_occupation(self, body):
+        """SGLang's sleep: free the listed memory (`tags`, null or empty = all) so the colocated trainer can
+        use the device. As in SGLang the server must be idle. Nothing to free on CPU; the state is kept."""
+        tags = _memory_tags(body, "release_memory_occupation")
+        with self._gate:
+            if self._active:
+                raise ProtocolError(f"release_memory_occupation: {self._active} generate request(s) in flight; "
+                                    "the server must be idle (pause or wait for generation to end first)")
+            self.released |= tags
+            self.counters["memory_releases"] += 1
+            self.recent_events.append("release:" + ",".join(sorted(tags)))
+        return 200, {"success": True, "message": f"released {', '.join(sorted(tags))}"}
+
+    def resume_memory_occupation(self, body):
+        """SGLang's wake-up: take the listed memory back (`tags`, null or empty = all released)."""
+        tags = _memory_tags(body, "resume_memory_occupation")
+        with self._gate:
+            self.released -= tags
+            self.counters["memory_resumes"] += 1
+            self.recent_events.append("resume:" + ",".join(sorted(tags)))
+        return 200, {"success": True, "message": f"resumed {', '.join(sorted(tags))}"}
+
     # ---- helpers -----------------------------------------------------------------------------------------
 
     @contextmanager
     def _generation_slot(self):
         with self._gate:
+            if self.released:
+                raise Unavailable(f"generate: memory released ({', '.join(sorted(self.released))}) for the "
+                                  "colocated trainer; POST /resume_memory_occupation before generating")
             if not self._gate.wait_for(lambda: not self._paused, timeout=self.pause_timeout):
                 raise Unavailable(f"generation paused for more than {self.pause_timeout:.0f}s")
             self._active += 1
@@ -224,12 +263,16 @@ class RolloutServer:
     def _apply(self, named, body, note: str = ""):
         """Both weight paths end here: check everything, copy, version and checksum (SGLang's answer plus
         ours: weights_checksum, weight_version)."""
+        if "weights" in self.released:  # SGLang would write into memory it gave away
+            raise ProtocolError("weight update: weights are released; POST /resume_memory_occupation with "
+                                "tags [\"weights\"] before updating them")
         self._check_tensors(named)
         with self._engine_lock:
             checksum = self.engine.update_weights(named)
             self.counters["weight_updates"] += 1
             if body.get("weight_version") is not None:
                 self.weight_version = str(body["weight_version"])
+            self.recent_events.append(f"update_weights:{self.weight_version}")
             if body.get("flush_cache", True):
                 self.counters["cache_flushes"] += 1
         return 200, {"success": True, "message": f"updated {len(named)} tensors{note}", "weights_checksum": checksum,
@@ -264,6 +307,16 @@ def _field(body: dict, key: str, kind: type, where: str, default=None):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"{where}: field '{key}' must be {kind.__name__}, got {value!r}")
     return value
+
+
+def _memory_tags(body: dict, where: str) -> set[str]:
+    """SGLang's optional `tags` of memory release/resume; null or empty means all of them."""
+    tags = body.get("tags")
+    if not tags:
+        return set(MEMORY_TAGS)
+    if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
+        raise ProtocolError(f"{where}: field 'tags' must list some of {'|'.join(MEMORY_TAGS)}, got {tags!r}")
+    return set(tags)
 
 
 def _dtype(name, where: str) -> torch.dtype:

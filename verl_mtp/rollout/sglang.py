@@ -16,6 +16,14 @@ Weight sync, per replica, always in this order (`weight_sync_plan`):
 when split (the trainer broadcasts each listed tensor over the weight group while the call is in flight;
 NCCL for SGLang, gloo for our CPU server). A distributed sync first sends POST /init_weights_update_group
 once, while the trainer joins the same group as rank 0.
+
+Colocated server mode (hybrid_engine with rollout.mode=server) shares the devices with training, so around
+the actor's passes (rollout.free_cache_engine) every replica is put to sleep and woken in this order:
+  POST /release_memory_occupation {"tags": ["kv_cache", "weights"]}    after generation, before training
+  POST /resume_memory_occupation  {"tags": ["weights"]}                 before the sync writes the weights
+  (the sync above)
+  POST /resume_memory_occupation  {"tags": ["kv_cache"]}                after it, before generating
+so the KV cache is never allocated while the actor's tensors and the replica's weights are both resident.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from verl_mtp.rollout.engine import SpecStats
 
 MTP_MARK = ".mtp_layers."
 SYNC_MODES = ("tensor", "distributed")
+# SGLang's memory-saver regions (release/resume_memory_occupation "tags"; cuda_graph only in newer SGLang);
+# colocated training frees the two big ones and leaves the captured graphs in place
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+SLEEP_TAGS = ("kv_cache", "weights")
 WEIGHT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
 
 
@@ -40,6 +52,7 @@ def sglang_server_args(cfg, *, model_path: str | None = None, host: str = "127.0
     base_gpu_id). Keys of rollout.engine_kwargs.sglang are passed through last, so they win."""
     arr = cfg.actor_rollout_ref
     r, mtp = arr.rollout, arr.model.mtp
+    sleeps = arr.hybrid_engine and r.free_cache_engine  # colocated: releases its memory while the actor trains
     args: dict[str, Any] = {
         "model_path": model_path or arr.model.path,
         "host": host,
@@ -59,8 +72,8 @@ def sglang_server_args(cfg, *, model_path: str | None = None, host: str = "127.0
         "skip_tokenizer_init": True,  # the trainer sends token ids and reads token ids
         "enable_metrics": r.prometheus.enable,
         # colocated: the trainer needs the GPU back between rollouts (release/resume memory occupation)
-        "enable_memory_saver": arr.hybrid_engine,
-        "enable_weights_cpu_backup": arr.hybrid_engine,
+        "enable_memory_saver": sleeps,
+        "enable_weights_cpu_backup": sleeps,
     }
     if mtp.enable and mtp.enable_rollout:
         args.update(speculative_args(mtp))

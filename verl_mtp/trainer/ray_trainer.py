@@ -24,9 +24,9 @@ from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
 from verl_mtp.rewards import RewardSample
 from verl_mtp.trainer import checkpoint
-from verl_mtp.rollout.client import (ReplicaUnreachable, ServerRollout, server_launcher, server_sync_mode,
-                                     weight_update_group_for)
-from verl_mtp.rollout.sglang import WEIGHT_GROUP_NAME
+from verl_mtp.rollout.client import (ReplicaError, ReplicaUnreachable, ServerRollout, colocated_replica_groups,
+                                     colocated_servers, server_launcher, server_sync_mode, weight_update_group_for)
+from verl_mtp.rollout.sglang import SLEEP_TAGS, WEIGHT_GROUP_NAME
 from verl_mtp.trainer.setup import (build_policy_model, ensure_synthetic_task, load_tokenizer, resolve_device,
                                     tokenizer_path)
 from verl_mtp.workers.group import WorkerGroup
@@ -110,13 +110,20 @@ class DAPOTrainer:
             return WorkerGroup(PolicyWorker, ranks, use_gpu, name=role)
 
         server_mode = cfg.actor_rollout_ref.rollout.mode == "server"
-        self.colocated = cfg.actor_rollout_ref.hybrid_engine and not server_mode
+        self.colocated = cfg.actor_rollout_ref.hybrid_engine and not server_mode  # one in-process engine per rank
+        self.colocated_servers = colocated_servers(cfg)  # replicas started by the actor ranks, on their devices
+        self.released: set[str] = set()  # memory the colocated replicas gave the actor (SGLang tags)
         if self.colocated:
             self.actor = self.rollout = policy_group("actor_rollout", world)
         else:
             self.actor = policy_group("actor", world)
             tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
-            self.rollout = self._server_rollout() if server_mode else policy_group("rollout", max(1, world // tp))
+            if self.colocated_servers:
+                self.rollout = self._colocated_server_rollout()
+            elif server_mode:
+                self.rollout = self._server_rollout()
+            else:
+                self.rollout = policy_group("rollout", max(1, world // tp))
         self.ref = policy_group("ref", world) if self.use_ref else None
         self.reward = WorkerGroup(RewardWorker, [dict(cfg=cfg_dict)], use_gpu=False, name="reward")
         # data-parallel rank of each worker: ranks of one tensor/pipeline-parallel group share a shard
@@ -129,10 +136,7 @@ class DAPOTrainer:
         rollout.server.sync_mode=distributed the actor's rank 0 joins the replicas' weight group as rank 0
         (with the first sync) and broadcasts the tensors to them itself."""
         cfg = self.cfg
-        model_path = cfg.actor_rollout_ref.model.path
-        if cfg.actor_rollout_ref.rollout.name == "native":  # the actor's architecture, MTP layer count included
-            model_path = os.path.join(self.run_dir, "rollout_model")
-            build_policy_model(cfg, len(self.tokenizer), "cpu", cfg.trainer.seed).save_pretrained(model_path)
+        model_path = self._rollout_model_path()
         hooks = {}
         if server_sync_mode(cfg.actor_rollout_ref.rollout) == "distributed":
             host, port = self.actor.call_rank0("weight_broadcast_address")
@@ -144,6 +148,47 @@ class DAPOTrainer:
         return ServerRollout.from_config(cfg, model_path, self.tokenizer.eos_token_id,
                                          log_dir=os.path.join(self.run_dir, "rollout_servers"), **hooks)
 
+    def _colocated_server_rollout(self) -> ServerRollout:
+        """Colocated server mode (hybrid_engine, rollout.mode=server): the first of every
+        rollout.tensor_model_parallel_size consecutive actor ranks (on one node) starts a replica on the
+        group's devices, as its own child process; no Ray resources beyond the actor's. The driver reaches
+        the replicas over HTTP for generate and sleep/wake; the weights go from those ranks (push_rollout_weights)."""
+        from verl_mtp.rollout.ray_launch import replica_commands
+
+        r = self.cfg.actor_rollout_ref.rollout
+        log_dir = os.path.join(self.run_dir, "rollout_servers")
+        commands, ports, _ = replica_commands(self.cfg, self._rollout_model_path(), log_dir)
+        groups = colocated_replica_groups(self.actor.call("placement"), r.tensor_model_parallel_size)
+        pending = [self.actor.workers[rank].start_rollout_server.remote(
+                       command, r.server.host, port, os.path.join(log_dir, f"replica{i}"), devices)
+                   for i, ((rank, devices), command, port) in enumerate(zip(groups, commands, ports, strict=True))]
+        try:
+            urls = ray.get(pending)
+        except BaseException as error:
+            self._stop_colocated_servers()
+            if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ReplicaError):
+                raise error.cause from None  # the replica's own message (with its log), not a Ray traceback
+            raise
+        return ServerRollout.connect(self.cfg, urls, self.tokenizer.eos_token_id)
+
+    def _stop_colocated_servers(self) -> None:
+        """Ask every actor rank to stop the replica it hosts (killing the rank would orphan the server)."""
+        for ref in [w.stop_rollout_server.remote() for w in self.actor.workers]:
+            try:
+                ray.get(ref, timeout=60)
+            except ray.exceptions.RayError:
+                pass  # that rank is already gone
+
+    def _rollout_model_path(self) -> str:
+        """What replicas load: model.path, or for our server the actor's architecture (MTP layer count
+        included) written once, its weights arriving with the first sync."""
+        cfg = self.cfg
+        if cfg.actor_rollout_ref.rollout.name != "native":
+            return cfg.actor_rollout_ref.model.path
+        model_path = os.path.join(self.run_dir, "rollout_model")
+        build_policy_model(cfg, len(self.tokenizer), "cpu", cfg.trainer.seed).save_pretrained(model_path)
+        return model_path
+
     def _dp_call(self, group: WorkerGroup, method: str, batch: Batch, *args) -> list:
         """Shard `batch` over the group's data-parallel ranks; one result per shard, in order."""
         ranks = self.dp_ranks[id(group)]
@@ -154,6 +199,8 @@ class DAPOTrainer:
         return [results[r] for r in sorted(results)]
 
     def shutdown(self) -> None:
+        if self.colocated_servers:
+            self._stop_colocated_servers()
         for group in {id(g): g for g in (self.actor, self.rollout, self.ref, self.reward) if g}.values():
             group.shutdown()
 
@@ -253,6 +300,8 @@ class DAPOTrainer:
             self.version += 1
         if self.colocated:
             pairs = self.actor.call("sync_colocated", self.version)
+        elif self.colocated_servers:
+            pairs = self._push_from_actor_ranks()
         elif isinstance(self.rollout, ServerRollout) and self.rollout.sync_mode == "distributed":
             # the actor's rank 0 broadcasts the tensors; the driver plans the sync from dtypes and shapes only
             meta, sent = self.actor.call_rank0("weights_meta")
@@ -268,6 +317,30 @@ class DAPOTrainer:
                 raise WeightSyncError(f"weight sync v{self.version}: rollout rank {rank} holds checksum {held[:12]}, "
                                       f"actor sent {sent[:12]}; refusing to generate with stale weights")
 
+    def _push_from_actor_ranks(self) -> list[tuple[str, str]]:
+        """Colocated server mode: the replicas take their weights memory back, the ranks hosting them send the
+        tensors from their own process (the driver never holds them), then the KV cache comes back."""
+        self._wake_rollout(("weights",))
+        pairs = [p for p in self.actor.call("push_rollout_weights", self.version) if p is not None]
+        self.rollout.weights_synced(self.version)
+        self._wake_rollout(("kv_cache",))
+        return pairs
+
+    def _sleep_rollout(self, timing: dict[str, float]) -> None:
+        """Colocated server mode with rollout.free_cache_engine: after generation the replicas free their
+        weights and KV cache so the actor's passes have the devices; _push_from_actor_ranks wakes them."""
+        if not (self.colocated_servers and self.cfg.actor_rollout_ref.rollout.free_cache_engine):
+            return
+        with timer("rollout_sleep", timing):
+            self.rollout.release_memory(SLEEP_TAGS)
+        self.released = set(SLEEP_TAGS)
+
+    def _wake_rollout(self, tags: tuple[str, ...]) -> None:
+        tags = [t for t in tags if t in self.released]
+        if tags:
+            self.rollout.resume_memory(tags)
+            self.released -= set(tags)
+
     # ---- one step ------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
@@ -275,6 +348,7 @@ class DAPOTrainer:
         dp = max(self.dp_ranks[id(self.actor)]) + 1
         with timer("step", timing):
             batch, metrics = self._collect(timing)
+            self._sleep_rollout(timing)
             rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
             source = self._old_log_prob_source(len(batch), rows)
             if source != "recompute":  # no pass: the key stays on dashboards with the time it took
@@ -449,9 +523,9 @@ def run(cfg) -> list[dict[str, float]]:
 def _cpus_needed(cfg) -> int:
     """Logical CPUs for a local Ray: one per worker bundle (policy ranks, rollout, ref, reward)."""
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    rollout = 0 if cfg.actor_rollout_ref.hybrid_engine else world
-    r = cfg.actor_rollout_ref.rollout
-    if r.mode == "server" and server_launcher(cfg) == "ray":  # one Ray actor (a CPU bundle) per replica
+    hybrid, r = cfg.actor_rollout_ref.hybrid_engine, cfg.actor_rollout_ref.rollout
+    rollout = 0 if hybrid or r.mode == "server" else world  # colocated replicas live in the actor ranks
+    if r.mode == "server" and not hybrid and server_launcher(cfg) == "ray":  # one Ray actor (a CPU bundle) per replica
         rollout += r.server.num_replicas
     ref = world if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
     return world + rollout + ref + 1

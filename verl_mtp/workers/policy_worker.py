@@ -2,6 +2,8 @@
 
 role: "actor_rollout" (colocated: trains, and generates with its own rollout copy of the weights),
 "actor" (trains only; split mode), "rollout" (generates only; split mode) or "ref" (frozen reference).
+In colocated server mode an "actor" rank may also host a rollout server on its node's devices
+(start_rollout_server) and push the weights to it itself (push_rollout_weights).
 The class is plain Python; worker groups wrap it with `ray.remote`.
 """
 
@@ -52,6 +54,7 @@ class PolicyWorker:
         model = build_policy_model(self.cfg, len(self.tokenizer), self.device, self.cfg.trainer.seed)
         self.actor = self.rollout = None
         self.weight_group = self.weight_group_backend = None  # rank 0 of the replicas' weight group (split sync)
+        self.server_host = self.server_client = None  # the colocated replica this rank started, if any
         if role in ("actor", "actor_rollout", "ref"):
             mtp = arr.model.mtp
             train_mtp = role != "ref" and mtp.enable and mtp.enable_train
@@ -148,6 +151,60 @@ class PolicyWorker:
         named = dict(self.actor.engine.named_tensors())
         broadcast_tensors(self.weight_group, [named[n] for n in names], self.weight_group_backend)
         return len(names)
+
+    # ---- colocated server mode: replicas started by the actor ranks, on their devices --------------
+
+    def placement(self) -> tuple[str, list[str]]:
+        """(node IP, device ids Ray gave this rank): what decides which ranks share a replica."""
+        import ray
+
+        return ray.util.get_node_ip_address(), [str(d) for d in ray.get_gpu_ids()]
+
+    def start_rollout_server(self, command: list[str], host: str, port: int, log_dir: str, devices: list[str],
+                             startup_timeout: float = 1800.0) -> str:
+        """Start one replica as this process's child, on `devices` (its tensor-parallel group's GPUs, made
+        visible to the server; none on CPU), wait for /health; -> its URL."""
+        from verl_mtp.rollout.client import ReplicaClient
+        from verl_mtp.rollout.ray_launch import ReplicaHost
+
+        self.server_host = ReplicaHost()
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else None
+        url = self.server_host.start(command, host, port, log_dir, startup_timeout, env)
+        self.server_client = ReplicaClient(url)
+        return url
+
+    def rollout_server_pid(self) -> int | None:
+        return self.server_host.server_pid() if self.server_host is not None else None
+
+    def stop_rollout_server(self) -> None:
+        if self.server_host is not None:
+            self.server_host.stop()
+        self.server_host = self.server_client = None
+
+    def push_rollout_weights(self, version: int) -> tuple[str, str] | None:
+        """Every rank: gather the full tensors (a collective for sharded engines); a rank hosting a replica
+        sends them to it in the sync's order (weight_sync_plan) from this process, the owner of the tensors
+        (SGLang: CUDA IPC handles; our CPU server: base64 safetensors). Then the trainer's offload keys free
+        the device for generation again. -> (sent, held) checksums on hosting ranks, else None."""
+        from verl_mtp.rollout.client import encode_native, push_weights
+        from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT
+        from verl_mtp.rollout.sglang import sglang_tensor_payload
+
+        named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
+        result = None
+        if self.server_client is not None:
+            r = self.cfg.actor_rollout_ref.rollout
+            if r.name == "sglang":  # every tensor-parallel rank of the replica opens the same handles
+                encode, load_format = (lambda part: sglang_tensor_payload(part, r.tensor_model_parallel_size)), None
+            else:
+                encode, load_format = encode_native, TENSOR_LOAD_FORMAT
+            sent = state_checksum(named)
+            (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format,
+                                   sent_checksum=sent)
+            result = (sent, held)
+        del named
+        self.actor.engine.offload()
+        return result
 
     def save_checkpoint(self, folder: str) -> None:
         """An HF/MiMo folder (weights, config, tokenizer) plus optimizer and LR-schedule state."""
