@@ -1,6 +1,9 @@
 """The CPU quickstart: the whole product on a laptop, nothing downloaded but packages.
 
-    verl-mtp quickstart [--out runs/quickstart] [--rl-steps 40] [--no-control] [--fresh]
+    verl-mtp quickstart [--out runs/quickstart] [--rl-steps 40] [--no-control] [--fresh] [RL overrides ...]
+
+Trailing `key=value` arguments are Hydra overrides for both RL runs, applied after the quickstart's
+own (e.g. `actor_rollout_ref.actor.optim.lr=1e-4` to try another learning rate).
 
 Stages (each resumable: re-running the command skips finished stages and resumes the running one):
   1. data       synthetic multi-step arithmetic task (verl parquet, train/test) + SFT corpus
@@ -15,8 +18,8 @@ Stages (each resumable: re-running the command skips finished stages and resumes
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -27,7 +30,7 @@ QUICKSTART_RL = [
     "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.rollout.temperature=1.0",
     "actor_rollout_ref.rollout.max_batch_size=128",
     "actor_rollout_ref.actor.ppo_mini_batch_size=16", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64",
-    "actor_rollout_ref.actor.optim.lr=2e-4", "actor_rollout_ref.actor.optim.clip_grad=1.0",
+    "actor_rollout_ref.actor.optim.lr=5e-5", "actor_rollout_ref.actor.optim.clip_grad=1.0",
     "actor_rollout_ref.actor.optim.weight_decay=0.0",
     "actor_rollout_ref.model.mtp.enable=true", "actor_rollout_ref.model.mtp.num_layers=2",
     "actor_rollout_ref.model.mtp.enable_rollout=true", "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=0.3",
@@ -108,7 +111,8 @@ def stage_warmup(run: Path, sft: Path, data: Path, tok_dir: Path, k: int = 2) ->
     return out / "model"
 
 
-def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp: bool, seed: int) -> Path:
+def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp: bool, seed: int,
+             extra: list[str] = ()) -> Path:
     import ray
 
     from verl_mtp.config import load_config
@@ -125,15 +129,24 @@ def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp:
         f"data.val_files={data / 'test.parquet'}", f"trainer.total_training_steps={steps}",
         f"trainer.log_dir={folder}", f"trainer.default_local_dir={folder / 'ckpt'}", f"trainer.seed={seed}",
         f"trainer.experiment_name=quickstart_{name}", f"actor_rollout_ref.model.mtp.enable_train={train_mtp}",
+        *extra,
     ]
     cfg = load_config(overrides)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    trainer = DAPOTrainer(cfg)
+    previous = os.environ.get("TENSORBOARD_DIR")
+    os.environ["TENSORBOARD_DIR"] = str(folder / "tensorboard")  # the event files stay in the run folder
     try:
-        trainer.fit()
+        trainer = DAPOTrainer(cfg)
+        try:
+            trainer.fit()
+        finally:
+            trainer.shutdown()
     finally:
-        trainer.shutdown()
+        if previous is None:
+            os.environ.pop("TENSORBOARD_DIR")
+        else:
+            os.environ["TENSORBOARD_DIR"] = previous
     return final
 
 
@@ -177,13 +190,14 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512) -> dict
     return result
 
 
-def stage_eval(run: Path, tok_dir: Path, data: Path, models: dict[str, Path], started: float) -> dict:
+def stage_eval(run: Path, tok_dir: Path, data: Path, models: dict[str, Path], started: float,
+               limit: int = 512) -> dict:
     from verl_mtp.observability.report import plot_runs, read_metrics, write_report
     from verl_mtp.trainer.setup import load_tokenizer
 
     _say("stage 6/6 eval: held-out accuracy, acceptance, speed")
     tok = load_tokenizer(str(tok_dir))
-    results = {name: evaluate(path, tok, data / "test.parquet") for name, path in models.items()}
+    results = {name: evaluate(path, tok, data / "test.parquet", limit) for name, path in models.items()}
     report = run / "report"
     report.mkdir(exist_ok=True)
     runs = {name: read_metrics(run / name)[0] for name in ("rl", "rl_control") if (run / name / "metrics.jsonl").exists()}
@@ -219,16 +233,32 @@ def _summary_lines(results: dict, runs: dict, minutes: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="verl-mtp quickstart", description=__doc__.splitlines()[0])
+    from verl_mtp.cli import OneLineParser
+
+    ap = OneLineParser(prog="verl-mtp quickstart", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/quickstart", help="run folder")
     ap.add_argument("--rl-steps", type=int, default=40, help="DAPO steps per RL run")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the SFT stage's)")
     ap.add_argument("--no-control", action="store_true", help="skip the enable_train=false control run")
     ap.add_argument("--fresh", action="store_true", help="delete the run folder first")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-limit", type=int, default=512, help="held-out prompts evaluated per model")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for both RL runs")
     args = ap.parse_args(argv)
     if args.rl_steps < 1:
         ap.error("--rl-steps must be >= 1")
+    if args.eval_limit < 1:
+        ap.error("--eval-limit must be >= 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"RL override {bad[0]!r} is not KEY=VALUE")
+    if args.overrides:  # a bad key fails here, in one line, not after the SFT stage
+        from verl_mtp.config import ConfigError, load_config
+
+        try:
+            load_config(QUICKSTART_RL + args.overrides)
+        except ConfigError as e:
+            ap.error(str(e))
     import torch
 
     # a tiny model gains little from more threads, and OpenMP threads collapse when the cores are shared
@@ -242,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         data = stage_data(run, args.seed)
         tok = stage_tokenizer(run, data)
         sft = stage_warmup(run, stage_sft(run, data, tok, args.seed, args.sft_steps), data, tok)
-        models = {"sft": sft, "rl": stage_rl(run, "rl", sft, data, args.rl_steps, True, args.seed)}
+        models = {"sft": sft, "rl": stage_rl(run, "rl", sft, data, args.rl_steps, True, args.seed, args.overrides)}
         if not args.no_control:
-            models["rl_control"] = stage_rl(run, "rl_control", sft, data, args.rl_steps, False, args.seed)
-        stage_eval(run, tok, data, models, started)
+            models["rl_control"] = stage_rl(run, "rl_control", sft, data, args.rl_steps, False, args.seed,
+                                            args.overrides)
+        stage_eval(run, tok, data, models, started, args.eval_limit)
     except KeyboardInterrupt:
         _say(f"interrupted; run the same command again to resume from {run}")
         return 130
