@@ -259,15 +259,26 @@ class MTPCausalLM(nn.Module):
 
         head_weight = self.lm_head.weight.detach() if mtp_detach else self.lm_head.weight
         h, tok_emb = (hidden.detach(), emb.detach()) if mtp_detach else (hidden, emb)
-        mtp_logits = []
-        for i, layer in enumerate(self.model.mtp_layers[: self.num_mtp_layers if num_mtp is None else num_mtp]):
-            mtp_routing = Routing(mtp_routing_mask(valid, i), routing.records) if routing else None
-            h = layer(h, _shift_left(tok_emb, i + 1), cos, sin, mask, routing=mtp_routing)
-            mtp_logits.append(F.linear(h, head_weight))
+        depths = self.num_mtp_layers if num_mtp is None else num_mtp
+        records = routing.records if routing else None
+        mtp_logits = [F.linear(h_i, head_weight) for h_i in self.mtp_chain(h, tok_emb, cos, sin, mask, valid, depths,
+                                                                           records)]
         out = MTPOutput(logits=logits, mtp_logits=mtp_logits, hidden_states=hidden, aux_loss=hidden.new_zeros(()))
         if routing and routing.records:
             out.aux_loss, out.moe_stats = aux_loss_and_loads(routing.records, self.config.router_aux_loss_coef)
         return out
+
+    def mtp_chain(self, hidden, tok_emb, cos, sin, mask, valid, depths: int, records: list | None = None
+                  ) -> list[torch.Tensor]:
+        """h_1..h_depths of the first `depths` MTP layers over whole sequences, from h_0 = `hidden`
+        (the trunk's normed last hidden state) and the token embeddings `tok_emb`. With `records` (a
+        list), MoE MTP layers route the tokens of `valid` and append their routing records there."""
+        outs = []
+        for i, layer in enumerate(self.model.mtp_layers[:depths]):
+            routing = Routing(mtp_routing_mask(valid, i), records) if records is not None else None
+            hidden = layer(hidden, _shift_left(tok_emb, i + 1), cos, sin, mask, routing=routing)
+            outs.append(hidden)
+        return outs
 
     # ---- chunked cached forwards (rollout engine) -----------------------------------------
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from verl_mtp.data.tokenizer import copy_tokenizer_files
 from verl_mtp.trainer.mtp_warmup_data import (FORMATS, HIDDEN_DTYPES, CollectSettings, Document, OnTheFlySource,
                                               ShardSource, WarmupError, collect, corpus_digest, detect_format,
                                               prepare_documents, read_corpus, read_manifest, read_prompts,
@@ -43,8 +44,6 @@ from verl_mtp.trainer.mtp_warmup_objectives import (ALPHA_SCHEDULES, LABELS, LOS
                                                     diffusion_eval, diffusion_loss)
 
 REPORT_NAME = "mtp_warmup_report"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "generation_config.json")
 
 
 def _opt(default, help: str, choices: Sequence | None = None, kind=None, valid: str | None = None):
@@ -399,9 +398,10 @@ def save_warm_model(model, report: dict, folder: Path, tokenizer_dir: Path | Non
     from safetensors.torch import save_file
 
     model.save_pretrained(folder)
-    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, folder / name)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, folder)
+        if (Path(tokenizer_dir) / "generation_config.json").is_file():  # a base model's decoding defaults
+            shutil.copyfile(Path(tokenizer_dir) / "generation_config.json", folder / "generation_config.json")
     if "mask_embedding" in report:
         save_file({"mask_embedding": report["mask_embedding"].contiguous()}, str(folder / "mtp_diffusion.safetensors"),
                   metadata={"block_length": str(report["config"]["block_length"])})
@@ -409,15 +409,10 @@ def save_warm_model(model, report: dict, folder: Path, tokenizer_dir: Path | Non
 
 # ---- command line ----------------------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (no usage dump): `verl-mtp mtp-warmup: error: ...`."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="verl-mtp mtp-warmup", description=__doc__.splitlines()[0],
+    from verl_mtp.cli import OneLineParser
+
+    ap = OneLineParser(prog="verl-mtp mtp-warmup", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="base model folder (ours, MiMo, Qwen2 or Llama HF)")
     ap.add_argument("--data", required=True, help="corpus file, or a finished collection folder (manifest.json)")
@@ -518,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cli(args)
     except (WarmupError, CheckpointError) as e:
-        print(f"verl-mtp mtp-warmup: error: {e}", file=sys.stderr)
-        return 2
+        raise SystemExit(f"verl-mtp mtp-warmup: error: {e}") from None
     return 0
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from verl_mtp.models.moe import Routing, aux_loss_and_loads, moe_metrics, mtp_routing_mask
+from verl_mtp.models.moe import aux_loss_and_loads, moe_metrics
 from verl_mtp.models.mtp_model import _shift_left, padding_causal_mask, rope_cos_sin
 
 OBJECTIVES = ("ce", "soft", "diffusion")
@@ -59,14 +59,8 @@ def mtp_hidden(model, batch: dict[str, torch.Tensor], depths: int,
     """Outputs h_1..h_depths (B, S, H) of the first `depths` MTP layers, from the stored h_0. MoE MTP
     layers append their routing records to `records` (for the load-balancing loss and metrics)."""
     emb, cos, sin, mask = _attention_inputs(model, batch)
-    h = batch["hidden_states"].to(emb.dtype)
     real = _inside(batch)  # every real token is routed, target or not: that is what rollout routes too
-    outs = []
-    for i in range(depths):
-        routing = Routing(mtp_routing_mask(real, i), records) if records is not None else None
-        h = model.model.mtp_layers[i](h, _shift_left(emb, i + 1), cos, sin, mask, routing=routing)
-        outs.append(h)
-    return outs
+    return model.mtp_chain(batch["hidden_states"].to(emb.dtype), emb, cos, sin, mask, real, depths, records)
 
 
 def depth_targets(batch: dict[str, torch.Tensor], i: int, labels: str) -> tuple[torch.Tensor, torch.Tensor]:
