@@ -150,7 +150,7 @@ def test_depth_controller_picks_best_measured_rate():
 
     ctl = DepthController(num_mtp_layers=2, max_depth=2, warmup_rounds=1, revisit_every=1000)
     cost = {0: 1.0, 1: 1.3, 2: 1.6}  # seconds per round
-    accept = torch.tensor([2, 2, 1, 2])  # a good draft: depth 1 kept 4/4, depth 2 kept 3/4
+    accept = [2, 2, 1, 2]  # a good draft: depth 1 kept 4/4, depth 2 kept 3/4
     for _ in range(30):
         d = ctl.choose(batch_size=4)
         ctl.observe(d, 4, cost[d], accept)
@@ -159,7 +159,7 @@ def test_depth_controller_picks_best_measured_rate():
     ctl = DepthController(num_mtp_layers=2, max_depth=2, warmup_rounds=1, revisit_every=1000)
     for _ in range(30):
         d = ctl.choose(batch_size=4)
-        ctl.observe(d, 4, cost[d], torch.zeros(4, dtype=torch.long))
+        ctl.observe(d, 4, cost[d], [0, 0, 0, 0])
     assert ctl.choose(4) == 0
     # costs are kept per batch-size bucket: a new bucket is measured afresh
     assert ctl.choose(64) == 0 and ctl.count.get((64, 0), 0) == 0

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 
 class DepthController:
     def __init__(self, num_mtp_layers: int, max_depth: int, ema: float = 0.2, warmup_rounds: int = 2,
@@ -73,13 +71,14 @@ class DepthController:
             return ranked[1]
         return ranked[0]
 
-    def observe(self, depth: int, batch_size: int, seconds: float, accepted: torch.Tensor) -> None:
+    def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int]) -> None:
+        """One decode round: its wall time and how many drafts each row kept."""
         b = self.bucket(batch_size)
         if depth <= self.last_depth and math.isfinite(seconds):  # no catch-up: a steady cost sample
             self._observe_cost(b, depth, seconds)
         self.last_depth = depth
         for k in range(min(depth, self.max_depth)):
-            rate = float((accepted > k).float().mean())
+            rate = sum(a > k for a in accepted) / len(accepted)
             self.accept_seen[k] += 1
             weight = max(self.ema, 1 / self.accept_seen[k])  # a plain mean until the EMA takes over
             self.accept[k] = (1 - weight) * self.accept[k] + weight * rate
