@@ -1,5 +1,6 @@
 """Which pass supplies the PPO ratio's old log-probs (DAPOTrainer._old_log_prob_source)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -29,3 +30,22 @@ def test_off_policy_updates_recompute(kwargs, overrides):
 
 def test_bypass_mode_uses_the_rollout_log_probs():
     assert source("algorithm.rollout_correction.bypass_mode=true", mini_rows=16) == "rollout"
+
+
+@pytest.mark.parametrize("extra,recomputed", [
+    (("algorithm.rollout_correction.bypass_mode=true",), False),  # the rollout's own log-probs
+    ((), False),  # one on-policy optimizer step: the update's own log-probs
+    (("actor_rollout_ref.actor.ppo_epochs=2",), True),
+])
+def test_each_source_runs_end_to_end(ray_local, tmp_path, extra, recomputed):
+    from tests.trainer.conftest import overrides
+
+    cfg = load_config(overrides(tmp_path, "trainer.total_training_steps=2", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                                *extra))
+    trainer = DAPOTrainer(cfg)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert len(history) == 2 and all(math.isfinite(h["actor/pg_loss"]) for h in history)
+    assert all((h["timing_s/old_log_prob"] > 0) == recomputed for h in history)

@@ -350,14 +350,7 @@ class DAPOTrainer:
             batch, metrics = self._collect(timing)
             self._sleep_rollout(timing)
             rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
-            source = self._old_log_prob_source(len(batch), rows)
-            if source != "recompute":  # no pass: the key stays on dashboards with the time it took
-                timing["old_log_prob"] = 0.0
-            if source == "rollout":
-                batch = batch.with_(old_log_probs=batch.rollout_log_probs)
-            elif source == "recompute":
-                with timer("old_log_prob", timing):
-                    batch = batch.with_(old_log_probs=torch.cat(self._dp_call(self.actor, "compute_log_probs", batch)))
+            batch = self._with_old_log_probs(batch, rows, timing)
             if self.ref is not None:
                 with timer("ref", timing):
                     batch = batch.with_(ref_log_probs=torch.cat(self._dp_call(self.ref, "compute_log_probs", batch)))
@@ -375,6 +368,14 @@ class DAPOTrainer:
         metrics.update(self.counters)
         metrics["trainer/weight_version"] = float(self.version)
         return metrics
+
+    def _with_old_log_probs(self, batch: Batch, mini_batch_rows: int, timing: dict[str, float]) -> Batch:
+        source = self._old_log_prob_source(len(batch), mini_batch_rows)
+        if source == "recompute":
+            with timer("old_log_prob", timing):
+                return batch.with_(old_log_probs=torch.cat(self._dp_call(self.actor, "compute_log_probs", batch)))
+        timing["timing_s/old_log_prob"] = 0.0  # no pass: the key stays on dashboards with the time it took
+        return batch.with_(old_log_probs=batch.rollout_log_probs) if source == "rollout" else batch
 
     def _old_log_prob_source(self, batch_rows: int, mini_batch_rows: int) -> str:
         """Where the PPO ratio's denominator comes from: "rollout" (algorithm.rollout_correction.bypass_mode:
