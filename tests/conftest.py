@@ -7,6 +7,18 @@ from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.toy import fit_markov, swap_peaks
 
 
+def _sglang_on_gpu() -> bool:
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# GPU tests that drive a real SGLang server: `@needs_sglang` (with `@pytest.mark.gpu`)
+needs_sglang = pytest.mark.skipif(not _sglang_on_gpu(), reason="needs CUDA and sglang")
+
+
 def toy_config(**kw) -> ModelConfig:
     base = dict(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_nextn_predict_layers=2, max_position_embeddings=128)

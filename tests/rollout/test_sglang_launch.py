@@ -16,6 +16,7 @@ from verl_mtp.rollout.client import (colocated_replica_groups, colocated_servers
 from verl_mtp.rollout.server import parse_args, speculative_depth
 from verl_mtp.rollout.sglang import (launch_command, replica_layout, server_cli_args, sglang_server_args,
                                      speculative_args)
+from tests.conftest import needs_sglang
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_RECIPE = REPO / "recipes" / "dapo_mimo_7b_mtp_megatron_sglang.sh"
@@ -158,16 +159,8 @@ def test_cpu_recipe_maps_to_native_server_flags():
                                       "--speculative-eagle-topk", "2"]), num_mtp_layers=1)
 
 
-def _sglang_available() -> bool:
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sglang_available(), reason="needs CUDA and sglang")
+@needs_sglang
 def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
     """One SGLang replica with MTP speculation: /generate carries spec_* counters, and a colocated
     (CUDA IPC) sync of trunk + MTP tensors lands with the new weight_version."""

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import toy_config
+from tests.conftest import toy_config, needs_sglang
 from tests.trainer.conftest import overrides
 from verl_mtp.config import load_config
 from verl_mtp.models import MTPCausalLM
@@ -79,16 +79,8 @@ def test_dapo_with_replicas_hosted_and_fed_by_the_actor_ranks(ray_local, tmp_pat
     assert not any(os.path.exists(f"/proc/{pid}") for pid in server_pids)  # stopped and reaped by their ranks
 
 
-def _sglang_available() -> bool:
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sglang_available(), reason="needs CUDA and sglang")
+@needs_sglang
 def test_gpu_dapo_with_sglang_hosted_by_the_actor_rank(ray_local, tmp_path):
     """One GPU shared by the actor and an SGLang replica it started: CUDA IPC weight sync of trunk and MTP
     layer, memory released and resumed around every update."""

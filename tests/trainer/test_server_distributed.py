@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from tests.conftest import toy_config
+from tests.conftest import toy_config, needs_sglang
 from tests.trainer.conftest import overrides
 from verl_mtp.config import load_config
 from verl_mtp.models import MTPCausalLM
@@ -107,16 +107,8 @@ def test_ray_launcher_asks_for_tp_gpus_per_replica_and_says_when_none_come(ray_l
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
 
 
-def _sglang_available() -> bool:
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sglang_available(), reason="needs CUDA and sglang")
+@needs_sglang
 def test_gpu_ray_launcher_starts_sglang_on_the_node_of_its_gpus(ray_local, tmp_path):
     from verl_mtp.rollout import SamplingParams
     from verl_mtp.rollout.ray_launch import launch_replicas_on_ray
