@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.conftest import toy_config
-from tests.rollout.test_server_protocol import one_thread, tiny_models  # noqa: F401 (one_thread: fixture)
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import NativeEngine, SamplingParams
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, ServerRollout, run_plan
@@ -95,16 +94,7 @@ def test_bad_bodies_name_the_field(served, path, body, needle):
 # ---- real transfer: two server processes, gloo broadcast from this process ----------------------------
 
 
-@pytest.fixture(scope="module")
-def models(one_thread):  # noqa: F811
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
-def folder(models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_model")
-    models[0].save_pretrained(path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weights_travel_by_broadcast_to_both_replicas(folder, models):

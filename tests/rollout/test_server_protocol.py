@@ -1,7 +1,6 @@
 """The rollout server's SGLang protocol over real HTTP on 127.0.0.1 (server in-process, ephemeral port):
 /generate shapes and equality with the engine, seeds, errors, weight updates, pause/continue, the codec."""
 
-import copy
 import threading
 import urllib.error
 import urllib.request
@@ -10,44 +9,18 @@ import pytest
 import torch
 
 from tests.conftest import toy_config
+from tests.rollout.conftest import DEPTH, engine_for
 from verl_mtp.models import MTPCausalLM, state_checksum
-from verl_mtp.models.toy import fit_markov, swap_peaks
-from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.rollout import SamplingParams
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, encode_native
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, decode_tensors, encode_tensors, sample_from_json,
                                        sampling_params_to_json)
 from verl_mtp.rollout.server import RolloutServer
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [10], [11, 12]]
-DEPTH = 2
 
 
-def tiny_models():
-    """(good, bad): trunk and K=2 MTP layers fit to a toy chain in about a second; `bad` has MTP layers
-    refit to the chain with swapped peaks, so its greedy drafts are almost always rejected."""
-    torch.manual_seed(0)
-    good, transitions = fit_markov(MTPCausalLM(toy_config()), steps=40, batch_size=16, seq_len=16, lr=1e-2)
-    bad, _ = fit_markov(copy.deepcopy(good), steps=30, batch_size=16, seq_len=16, lr=1e-2,
-                        transitions=swap_peaks(transitions), mtp_only=True)
-    return good, bad
-
-
-def engine_for(model, depth=DEPTH):
-    return NativeEngine(copy.deepcopy(model), max_batch_size=64, max_seq_len=128, speculative=depth)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: more torch threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(one_thread):
-    return tiny_models()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import toy_config
-from tests.rollout.test_server_protocol import engine_for, one_thread, tiny_models  # noqa: F401 (one_thread: fixture)
+from tests.rollout.conftest import engine_for
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import SamplingParams
 from verl_mtp.rollout.client import LeastOutstanding, ReplicaClient, ReplicaError, ServerRollout
@@ -19,16 +19,7 @@ SPEC_ARGS = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2",
 GREEDY = SamplingParams(n=2, temperature=0, max_new_tokens=20, stop_token_ids=[3])
 
 
-@pytest.fixture(scope="module")
-def models(one_thread):  # noqa: F811
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
-def folder(models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_model")
-    models[0].save_pretrained(path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
