@@ -7,6 +7,16 @@ from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.toy import fit_markov, swap_peaks
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests' tensors are tiny: more OpenMP threads only add contention, and two threads on two
+    shared cores collapse. One thread for the whole session (Ray workers and servers set their own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _sglang_on_gpu() -> bool:
     try:
         import sglang  # noqa: F401

@@ -17,8 +17,6 @@ from verl_mtp.generate import Generator, SamplingParams, banned_ngram_tokens, en
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.rollout import NativeEngine
 
-torch.set_num_threads(1)
-
 QUESTIONS = ["What is 2 + 3?", "Tom has 5 apples. He buys 3. How many apples does Tom have now?", "What is 17 - 9?"]
 
 

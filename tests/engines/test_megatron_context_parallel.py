@@ -177,17 +177,9 @@ def test_context_parallel_with_moe_is_refused_in_one_line():
 def test_gpu_context_parallel_2_gives_the_cp_1_loss_and_gradients():
     """2 GPUs under torchrun: `torchrun --nproc-per-node 2 -m pytest -m gpu tests/engines/test_megatron_context_parallel.py`.
     CP=2 with the TE spec (TransformerEngine's CP attention) against the torch engine on the same batch."""
-    from tests.engines.test_megatron_engine import _arr, _assert_same_training, _batch, _engine, _model, train_once
+    from tests.engines.test_megatron_engine import assert_megatron_trains_like_torch_on_gpus
 
-    if not torch.distributed.is_torchelastic_launched():
-        pytest.skip("run under torchrun with 2 GPUs")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl")
-    torch.cuda.set_device(torch.distributed.get_rank())
-    model, arr, b = _model(), _arr(), _batch().to("cuda")
-    ref = train_once(_engine("torch", model.cuda(), arr), arr, b)
-    ours = train_once(_engine("megatron", model, arr, megatron={"context_parallel_size": 2}), arr, b)
-    _assert_same_training(ours, ref)
+    assert_megatron_trains_like_torch_on_gpus({"context_parallel_size": 2})
 
 
 if __name__ == "__main__":

@@ -235,6 +235,12 @@ def test_tensor_parallel_2_matches_the_torch_engine():
 def test_gpu_parallel_layouts_match_the_torch_engine(megatron):
     """2 GPUs under torchrun: `torchrun --nproc-per-node 2 -m pytest -m gpu tests/engines/test_megatron_engine.py`.
     megatron's pipeline schedules and optimizers allocate on CUDA; sequence parallel needs the TE spec."""
+    assert_megatron_trains_like_torch_on_gpus(megatron)
+
+
+def assert_megatron_trains_like_torch_on_gpus(megatron: dict) -> None:
+    """Under torchrun on 2 GPUs: one PPO update with the megatron engine (the given parallel keys) equals
+    the torch engine's on the same model and batch."""
     if not torch.distributed.is_torchelastic_launched():
         pytest.skip("run under torchrun with 2 GPUs")
     if not torch.distributed.is_initialized():

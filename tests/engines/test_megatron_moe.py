@@ -17,8 +17,6 @@ from verl_mtp.engines import megatron_convert as convert
 from verl_mtp.models import MTPCausalLM
 from tests.conftest import toy_config
 
-torch.set_num_threads(1)
-
 REPO = Path(__file__).resolve().parents[2]
 MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16)
 LAYOUTS = [{}, {"first_k_dense_replace": 1}, {"moe_in_mtp": False, "n_shared_experts": 0},

@@ -19,8 +19,6 @@ from verl_mtp.models.toy import fit_markov
 from verl_mtp.rollout import NativeEngine, SamplingParams
 from tests.conftest import toy_config
 
-torch.set_num_threads(1)
-
 MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16)
 MOE_KEYS = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
             "router_aux_loss_coef", "first_k_dense_replace", "moe_in_mtp", "norm_topk_prob")

@@ -1,4 +1,4 @@
-"""Shared by the rollout server tests: the tiny good/bad-draft models, one torch thread, a saved folder."""
+"""Shared by the rollout server tests: the tiny good/bad-draft models and their saved folder."""
 
 import copy
 
@@ -28,16 +28,7 @@ def engine_for(model, depth=DEPTH):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matrices: more torch threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(one_thread):
+def models():
     return tiny_models()
 
 

@@ -51,7 +51,7 @@ class Trainer:
 
 
 @pytest.fixture(scope="module")
-def served(one_thread):  # noqa: F811
+def served():
     torch.manual_seed(0)
     engine = NativeEngine(MTPCausalLM(toy_config()), max_batch_size=8, max_seq_len=64)
     server = RolloutServer(engine, "toy", port=0).start()
@@ -92,9 +92,6 @@ def test_bad_bodies_name_the_field(served, path, body, needle):
 
 
 # ---- real transfer: two server processes, gloo broadcast from this process ----------------------------
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weights_travel_by_broadcast_to_both_replicas(folder, models):

@@ -20,9 +20,6 @@ from verl_mtp.rollout.server import RolloutServer
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [10], [11, 12]]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture()
 def served(models):
     """A fresh server per test (weights change in some tests); starting one in-process costs milliseconds."""

@@ -19,9 +19,6 @@ SPEC_ARGS = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2",
 GREEDY = SamplingParams(n=2, temperature=0, max_new_tokens=20, stop_token_ids=[3])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def rollout(folder):
     group = ServerRollout.launch(folder, 2, lambda validate, seed: dataclasses.replace(GREEDY, seed=seed),

@@ -15,8 +15,6 @@ from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.trainer import dpo
 from verl_mtp.trainer.dpo import DPOConfig, DPOError
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):

@@ -17,8 +17,6 @@ from verl_mtp.trainer.mtp_warmup_data import (CollectSettings, Document, OnTheFl
 from verl_mtp.trainer.mtp_warmup_objectives import (alpha, chain_loss, diffusion_blocks, diffusion_mask, loss_weight,
                                                     mtp_hidden)
 
-torch.set_num_threads(1)
-
 # small windows, every 4th document held out, greedy accept length over 16 held-out prompts
 FAST = dict(sample_size=24, stride=12, batch_size=16, lr=3e-3, warmup_steps=5, eval_fraction=0.25,
             hidden_dtype="float32", accept_prompts=16, accept_max_new_tokens=40, log_every=1000)

@@ -3,18 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from verl_mtp.trainer.sft import SFTConfig, build_parser, main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads cost more than they give, and collapse on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -15,15 +15,6 @@ from verl_mtp.trainer.sft import (SFTConfig, build_model, collate, evaluate_accu
                                   prepare_tokenizer, sft_loss, train_sft)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads cost more than they give, and collapse on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_data")
