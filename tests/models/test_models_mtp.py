@@ -129,6 +129,31 @@ def test_cached_chunks_match_full_forward(ids):
             assert (model.lm_logits(h) - full.mtp_logits[i][:, :n]).abs().max() < 1e-5
 
 
+
+
+def test_mtp_chunk_padded_with_scratch_reads_only_real_keys(ids):
+    """The engine pads ragged MTP catch-up chunks with a scratch position at the cache's end and passes
+    the real key length; real rows must come out as if each had been run alone."""
+    torch.manual_seed(5)
+    model = MTPCausalLM(_small()).eval()
+    b, t = ids.shape
+    scratch = 31
+    cache = model.allocate_cache(num_slots=b, max_len=scratch + 1)
+    slots = torch.arange(b)
+    pos = torch.arange(t).expand(b, t)
+    with torch.no_grad():
+        hidden = model.trunk_step(ids, pos, cache, slots)
+        model.mtp_step(0, hidden[:, :6], ids[:, 1:7], pos[:, :6], cache, slots)
+        # row r continues with 4 - r real positions from 6; the rest of its chunk is scratch padding
+        real = [4 - r for r in range(b)]
+        chunk_pos = torch.tensor([[6 + j if j < real[r] else scratch for j in range(4)] for r in range(b)])
+        gather = chunk_pos.clamp(max=t - 2)
+        out = model.mtp_step(0, hidden[slots[:, None], gather], ids[slots[:, None], gather + 1], chunk_pos,
+                             cache, slots, length=10)
+        for r in range(b):
+            alone = model.mtp_step(0, hidden[r:r + 1, 6:6 + real[r]], ids[r:r + 1, 7:7 + real[r]],
+                                   pos[r:r + 1, 6:6 + real[r]], cache, slots[r:r + 1])
+            assert torch.allclose(out[r, :real[r]], alone[0], atol=1e-5)
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_encoder_keeps_mtp_gradient_off_the_trunk(ids, detach):
     torch.manual_seed(4)

@@ -109,9 +109,13 @@ class CacheView:
         return ck[read, :, : self.length], cv[read, :, : self.length]
 
 
-def cached_causal_mask(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, T) query positions -> ((B, 1, T, L) mask of key position <= query position, L)."""
-    length = int(positions.max()) + 1
+def cached_causal_mask(positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, int]:
+    """(B, T) query positions -> ((B, 1, T, L) mask of key position <= query position, L).
+
+    L defaults to 1 + the largest position. A caller whose chunk pads rows with a scratch position past
+    every real one passes the real L, so no layer reads keys up to the scratch; the padded queries then
+    see every key read, which keeps their rows finite."""
+    length = int(positions.max()) + 1 if length is None else length
     kpos = torch.arange(length, device=positions.device)
     return (kpos[None, None, :] <= positions[:, :, None])[:, None], length
 
@@ -301,11 +305,12 @@ class MTPCausalLM(nn.Module):
         return self.model.norm(x)
 
     def mtp_step(self, layer_idx: int, hidden: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
-                 cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """MTP layer `layer_idx` on a chunk: hidden h_i at `positions` with tokens at positions+i+1."""
+                 cache: KVCache, slots: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """MTP layer `layer_idx` on a chunk: hidden h_i at `positions` with tokens at positions+i+1.
+        `length`: keys read (see `cached_causal_mask`), for chunks padded with a scratch position."""
         emb = self.model.embed_tokens(token_ids)
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, emb.dtype)
-        mask, length = cached_causal_mask(positions)
+        mask, length = cached_causal_mask(positions, length)
         view = cache.view(self.config.num_hidden_layers + layer_idx, slots, positions, length, slot_block(slots))
         return self.model.mtp_layers[layer_idx](hidden, emb, cos, sin, mask, view)
 

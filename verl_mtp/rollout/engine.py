@@ -301,7 +301,7 @@ class NativeEngine:
             positions = torch.where(positions < n[:, None], positions, self._scratch)
             out = self.model.mtp_step(i, self._hidden[i][slots[:, None], positions],
                                       self._tokens[slots[:, None], (positions + i + 1).clamp(max=self._scratch)],
-                                      positions, self.cache, slots)
+                                      positions, self.cache, slots, length=int(n.max()))
             self._hidden[i + 1][slots[:, None], positions] = out
             self._mtp_len[i, slots] = n - i
             last = out[torch.arange(b, device=self.device), n - 1 - start]
