@@ -54,5 +54,9 @@ def test_bad_state_and_empty_loader_fail_clearly():
         loader.load_state_dict({"epoch": 0, "position": 9, "seed": 0})
     with pytest.raises(ValueError, match="missing"):
         loader.load_state_dict({"epoch": 0})
-    with pytest.raises(ValueError, match="data.train_batch_size=16"):
-        PromptLoader(DATASET, 16).next_batch()
+    # too few prompts for one batch fails when the loader is built (before any worker starts), naming the key
+    with pytest.raises(ValueError, match="data.train_batch_size=16: the training set has only 10 prompts"):
+        PromptLoader(DATASET, 16)
+    with pytest.raises(ValueError, match="data.gen_batch_size=12"):
+        PromptLoader(DATASET, 12, key="data.gen_batch_size")
+    assert len(PromptLoader(DATASET, 16, drop_last=False)) == 1

@@ -218,9 +218,14 @@ class PromptLoader:
     batch k + 1 exactly.
     """
 
-    def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+    def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 key: str = "data.train_batch_size"):
+        """`key`: the config key `batch_size` came from, named in errors."""
         if batch_size < 1:
-            raise ValueError(f"data.train_batch_size={batch_size}: must be >= 1")
+            raise ValueError(f"{key}={batch_size}: must be >= 1")
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"{key}={batch_size}: the training set has only {len(dataset)} prompts, "
+                             f"not enough for one batch (drop_last=True)")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -248,9 +253,6 @@ class PromptLoader:
             yield self.next_batch()
 
     def _roll_epoch_if_done(self) -> None:
-        if len(self) == 0:
-            raise ValueError(f"{len(self.dataset)} prompts make no batch of data.train_batch_size="
-                             f"{self.batch_size} with drop_last=True")
         if self.position >= len(self):
             self.epoch += 1
             self.position = 0

@@ -81,7 +81,8 @@ class DAPOTrainer:
         self.train_set = dataset(train_files)
         self.val_set = dataset(val_files) if val_files else None
         self.loader = PromptLoader(self.train_set, data.gen_batch_size or data.train_batch_size,
-                                   shuffle=data.shuffle, seed=data.seed or cfg.trainer.seed)
+                                   shuffle=data.shuffle, seed=data.seed or cfg.trainer.seed,
+                                   key="data.gen_batch_size" if data.gen_batch_size else "data.train_batch_size")
         steps_per_epoch = max(len(self.train_set) // data.train_batch_size, 1)
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * steps_per_epoch
         alg = cfg.algorithm
