@@ -7,7 +7,8 @@ Without --model it trains a small MTP model (Qwen2 trunk + K MiMo MTP layers) on
 times, at batch 1 / 8 / 64 with the same prompts and the same number of new tokens:
   (a) transformers `Qwen2ForCausalLM.generate` on the saved folder (greedy, left padding; at batch 1
       also assisted generation with the draft model; `use_mtp=True` is tried and reported);
-  (b) NativeEngine, speculative=0;  (c) NativeEngine, speculative=K;  (d) NativeEngine, speculative="auto".
+  (b) NativeEngine, speculative=0;  (c) NativeEngine at fixed depths K and --deep-depth (past K the
+  last MTP layer is reused, one position further per step);  (d) NativeEngine, speculative="auto" (0..K).
 Decoding is greedy with no stop tokens, so every arm generates exactly max_new_tokens per prompt, and
 every arm's tokens are compared with (b)'s. Each arm is warmed up once, then timed `repeats` times,
 round-robin across arms so background load hits them alike; the median is reported with the spread.
@@ -15,7 +16,8 @@ Torch threads: unless --threads is given, 1 and 2 threads are probed first with 
 decoding, and the faster count is used for training and for every arm.
 --model PATH benchmarks a saved MiMo/Qwen2 folder instead (prompts still come from the toy chain and
 assisted generation is skipped: there is no draft model trained for it).
-Prints a table and the issue's targets with PASS/MISS, and writes JSON to --out.
+Prints a table, the floor of a decode step (its matrix multiplies and its attention over the KV cache,
+timed alone: they bound how far any fp32 decoder can beat (a) here) and the issue's targets with PASS/MISS, and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class BenchConfig:
     hidden_size: int = 256
     intermediate_size: int = 704
     num_layers: int = 6
-    num_mtp_layers: int = 2  # K; arm (c) drafts at depth K
+    num_mtp_layers: int = 2  # K; arm (c) drafts at depth K and at deep_depth
+    deep_depth: int = 6  # arm (c)'s second fixed depth, reusing the last MTP layer past K (0: skip)
     train_steps: int = 100  # fit_markov steps for trunk + MTP layers together
     draft_hidden_size: int = 128  # the Qwen2 assistant for transformers' assisted generation
     draft_layers: int = 1
@@ -131,8 +134,9 @@ def make_prompts(transitions: torch.Tensor, n: int, cfg: BenchConfig) -> list[li
 
 class NativeArm:
     def __init__(self, model: MTPCausalLM, speculative: int | str, batch: int, max_new_tokens: int, max_prompt: int):
+        deep = speculative if isinstance(speculative, int) and speculative > model.num_mtp_layers else None
         self.engine = NativeEngine(model, max_batch_size=batch, max_seq_len=max_prompt + max_new_tokens,
-                                   speculative=speculative)
+                                   speculative=speculative, max_draft_depth=deep)
         self.params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
         self.depths: dict[int, int] = {}  # decode rounds per draft depth in the latest run (for "auto")
 
@@ -222,6 +226,38 @@ def time_arms(arms: dict, prompts, repeats: int) -> dict[str, Timing]:
     return results
 
 
+def decode_floor_seconds(model: MTPCausalLM, batch: int, context: int, repeats: int = 50) -> dict[str, float]:
+    """Seconds per plain decode step that no fp32 decoder of this model avoids on this machine, best of
+    `repeats`: "gemm", every nn.Linear of the trunk and the LM head on a (batch, in_features) input;
+    "attention", one unmasked SDPA per trunk layer for a single query against `context` cached keys
+    (reading the KV cache is memory-bound). (a)'s step time over their sum bounds what (b)/(a) can reach."""
+    cfg = model.config
+    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    linears.append(model.lm_head)
+    inputs = [torch.randn(batch, m.in_features) for m in linears]
+    q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim)
+    kv = [torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim) for _ in range(2 * len(model.model.layers))]
+    gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+
+    def gemm():
+        for m, x in zip(linears, inputs):
+            m(x)
+
+    def attention():
+        for i in range(0, len(kv), 2):
+            torch.nn.functional.scaled_dot_product_attention(q, kv[i], kv[i + 1], enable_gqa=gqa)
+
+    best = {}
+    with torch.no_grad():
+        for name, fn in (("gemm", gemm), ("attention", attention)):
+            best[name] = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 class WithThreads:
     """An arm run with a given torch thread count, so thread counts can be interleaved like arms."""
 
@@ -252,7 +288,16 @@ def probe_threads(model_cfg: ModelConfig, prompts_by_batch: dict[int, list], cfg
 # ---- the benchmark ---------------------------------------------------------------------------
 
 ARM_LABELS = {"hf": "(a) transformers generate", "hf_assisted": "(a') transformers assisted (draft model)",
-              "plain": "(b) ours speculative=0", "spec": "(c) ours speculative=K", "auto": "(d) ours speculative=auto"}
+              "plain": "(b) ours speculative=0", "auto": "(d) ours speculative=auto"}
+
+
+def spec_arm(depth: int) -> str:
+    """Arm (c) at a fixed draft depth."""
+    return f"spec_{depth}"
+
+
+def arm_label(name: str) -> str:
+    return f"(c) ours speculative={name.split('_')[1]}" if name.startswith("spec_") else ARM_LABELS[name]
 
 
 def run(cfg: BenchConfig, model_path: str | None, threads: int | None) -> dict:
@@ -272,18 +317,25 @@ def run(cfg: BenchConfig, model_path: str | None, threads: int | None) -> dict:
         draft = load_hf(models.draft_folder) if models.draft_folder else None
     policy, k = models.policy, models.policy.num_mtp_layers
     use_mtp = try_use_mtp(hf, prompts[min(cfg.batch_sizes)][0])
-    rows = []
+    rows, floors = [], []
     for b in cfg.batch_sizes:
         log(f"batch {b}: {cfg.repeats} timed runs per arm, {threads} thread(s)")
         arms = {"hf": HFArm(hf, cfg.max_new_tokens)}
         if b == 1 and draft is not None:
             arms["hf_assisted"] = HFArm(hf, cfg.max_new_tokens, assistant=draft)
         arms["plain"] = NativeArm(policy, 0, b, cfg.max_new_tokens, cfg.prompt_len[1])
+        for depth in fixed_depths(k, cfg.deep_depth):
+            arms[spec_arm(depth)] = NativeArm(policy, depth, b, cfg.max_new_tokens, cfg.prompt_len[1])
         if k:
-            arms["spec"] = NativeArm(policy, k, b, cfg.max_new_tokens, cfg.prompt_len[1])
             arms["auto"] = NativeArm(policy, "auto", b, cfg.max_new_tokens, cfg.prompt_len[1])
         timings = time_arms(arms, prompts[b], cfg.repeats)
         rows += table_rows(b, arms, timings, cfg.max_new_tokens)
+        hf_step = timings["hf"].median / cfg.max_new_tokens
+        floor = decode_floor_seconds(policy, b, context=sum(cfg.prompt_len) // 2 + cfg.max_new_tokens // 2)
+        floors.append({"batch": b, "hf_ms_per_step": round(1e3 * hf_step, 3),
+                       "gemm_ms_per_step": round(1e3 * floor["gemm"], 3),
+                       "attention_ms_per_step": round(1e3 * floor["attention"], 3),
+                       "max_plain_vs_hf": round(hf_step / sum(floor.values()), 2)})
     notes = dict(models.notes)
     if draft is not None:
         notes["assisted"] = f"Qwen2 draft, {notes['params']['draft']} params, transformers' default assistant settings"
@@ -297,8 +349,13 @@ def run(cfg: BenchConfig, model_path: str | None, threads: int | None) -> dict:
         "notes": notes,
         "transformers_use_mtp": use_mtp,
         "rows": rows,
-        "targets": check_targets(rows, k),
+        "decode_floor": floors,
+        "targets": check_targets(rows, fixed_depths(k, cfg.deep_depth)),
     }
+
+
+def fixed_depths(k: int, deep_depth: int) -> list[int]:
+    return [d for d in dict.fromkeys((k, deep_depth)) if d and k]
 
 
 def table_rows(batch: int, arms: dict, timings: dict[str, Timing], new_tokens: int) -> list[dict]:
@@ -308,7 +365,7 @@ def table_rows(batch: int, arms: dict, timings: dict[str, Timing], new_tokens: i
     for name, t in timings.items():
         if any(len(seq) != new_tokens for seq in t.tokens):
             raise RuntimeError(f"{name} at batch {batch} did not generate exactly {new_tokens} tokens per prompt")
-        row = {"batch": batch, "arm": name, "label": ARM_LABELS[name], "tokens_per_s": round(rate[name], 1),
+        row = {"batch": batch, "arm": name, "label": arm_label(name), "tokens_per_s": round(rate[name], 1),
                "seconds_median": round(t.median, 4), "seconds": [round(s, 4) for s in t.seconds],
                "spread": round(t.spread(), 3), "accept_length": round(t.accept_length, 3),
                "vs_hf": round(rate[name] / rate["hf"], 3), "vs_plain": round(rate[name] / rate["plain"], 3),
@@ -319,7 +376,8 @@ def table_rows(batch: int, arms: dict, timings: dict[str, Timing], new_tokens: i
     return rows
 
 
-def check_targets(rows: list[dict], k: int) -> list[dict]:
+def check_targets(rows: list[dict], depths: list[int]) -> list[dict]:
+    """The issue's targets; (c) is checked at every fixed depth that ran, (d) whenever auto ran."""
     at = {(r["batch"], r["arm"]): r for r in rows}
     batches = sorted({r["batch"] for r in rows})
     out = []
@@ -330,11 +388,11 @@ def check_targets(rows: list[dict], k: int) -> list[dict]:
 
     for b in (b for b in batches if b >= 8):
         target("(b) >= 3x (a)", b, at[(b, "plain")]["vs_hf"], 3.0)
-    if k and 1 in batches:
-        spec = at[(1, "spec")]
+    for depth in depths if 1 in batches else []:
+        spec = at[(1, spec_arm(depth))]
         gated = None if spec["accept_length"] >= 2.5 else f"N/A (accept {spec['accept_length']:.2f} < 2.5)"
-        target("(c) >= 1.8x (b) if accept >= 2.5", 1, spec["vs_plain"], 1.8, gated)
-    for b in batches if k else []:
+        target(f"(c) depth {depth} >= 1.8x (b) if accept >= 2.5", 1, spec["vs_plain"], 1.8, gated)
+    for b in batches if depths else []:
         target("(d) >= 0.97x (b)", b, at[(b, "auto")]["vs_plain"], 0.97)
     return out
 
@@ -363,6 +421,11 @@ def format_report(result: dict) -> str:
         lines.append(f"| {r['batch']} | {r['label']} | {r['tokens_per_s']:.0f} | ±{100 * r['spread'] / 2:.0f}% | "
                      f"{r['accept_length']:.2f} | {r['vs_hf']:.2f}x | {r['vs_plain']:.2f}x | "
                      f"{100 * r['same_tokens_as_plain']:.0f}% | {depths} |")
+    lines += ["", "| batch | (a) ms/step | floor: GEMMs ms/step | floor: KV attention ms/step | "
+                  "(b)/(a) if nothing else cost time |", "|---:|---:|---:|---:|---:|"]
+    for f in result["decode_floor"]:
+        lines.append(f"| {f['batch']} | {f['hf_ms_per_step']:.2f} | {f['gemm_ms_per_step']:.2f} | "
+                     f"{f['attention_ms_per_step']:.2f} | {f['max_plain_vs_hf']:.2f}x |")
     lines += ["", "| target | batch | measured | need | status |", "|---|---:|---:|---:|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['batch']} | {t['value']:.3f}x | {t['need']}x | {t['status']} |")
@@ -376,10 +439,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results/rollout.json")
     ap.add_argument("--threads", type=int, help="torch threads for every arm (default: probe 1 vs 2)")
     ap.add_argument("--repeats", type=int, help="timed runs per arm (median reported)")
+    ap.add_argument("--deep-depth", type=int, help="arm (c)'s second fixed draft depth (default 6; 0 skips it)")
     args = ap.parse_args(argv)
     cfg = quick_config() if args.quick else BenchConfig()
     if args.repeats:
         cfg.repeats = args.repeats
+    if args.deep_depth is not None:
+        if args.deep_depth < 0:
+            ap.error("--deep-depth must be >= 0")
+        cfg.deep_depth = args.deep_depth
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
