@@ -7,7 +7,9 @@ Both sides start from the same tiny model folder (written by this script: random
 layout which transformers' Qwen2ForCausalLM loads), the same synthetic-math prompts, group size n,
 completion length cap, temperature 1, no KL, one optimizer step per generation batch. The first step
 of each side is warm-up and not counted; the table reports the median of the rest, and for
-verl_mtp the share of step time per phase.
+verl_mtp the share of step time per phase. It then times the step's fp32 arithmetic alone (decode
+matrix multiplies and KV reads for the mean response length, one forward + backward of the batch;
+bench/floors.py): TRL's step over that floor bounds what any trainer could gain over TRL here.
 """
 
 from __future__ import annotations
@@ -120,6 +122,28 @@ def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path) -> 
                             for p in phases}}
 
 
+def step_floor(model_dir: Path, train_file: Path, args, response_length: float) -> dict:
+    """The arithmetic of one GRPO step timed alone (see bench/floors.py): `response_length` decode steps
+    at batch prompts x n over a cache of the mean context, then one forward + backward over the batch."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from floors import decode_floor_seconds, update_floor_seconds
+    from verl_mtp.data.tokenizer import encode_chat
+    from verl_mtp.models import MTPCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = pq.read_table(train_file).to_pylist()[: args.prompts]
+    prompt = statistics.mean(len(encode_chat(tok, r["prompt"])) for r in rows)
+    model = MTPCausalLM.from_pretrained(model_dir, num_mtp_layers=0)
+    batch, new = args.prompts * args.n, round(response_length)
+    decode = decode_floor_seconds(model, batch, context=round(prompt + new / 2))
+    update = update_floor_seconds(model, batch, round(prompt + new))
+    return {"prompt_tokens": round(prompt, 1), "response_tokens": new,
+            "gen_s": round(new * sum(decode.values()), 4), "update_s": round(update, 4),
+            "step_s": round(new * sum(decode.values()) + update, 4)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -147,12 +171,17 @@ def main(argv=None) -> int:
         results["trl"] = run_trl(model_dir, train_file, args)
     median = {k: statistics.median(v["step_s"][1:]) for k, v in results.items() if isinstance(v, dict) and "step_s" in v}
     results["median_step_s"] = median
+    length = results["trl" if "trl" in results else "verl_mtp_plain"]["mean_response_length"]
+    results["floor"] = floor = step_floor(model_dir, train_file, args, length)
     print(f"\none GRPO step: {args.prompts} prompts x n={args.n}, <= {args.max_new} new tokens, "
           f"hidden {args.hidden}, {args.layers} layers; median of steps 2..{args.steps}")
     print(f"{'system':<18}{'step s':>10}{'vs TRL':>10}{'resp len':>10}")
     for k, s in median.items():
         speedup = f"{median['trl'] / s:.2f}x" if "trl" in median else "-"
         print(f"{k:<18}{s:>10.3f}{speedup:>10}{results[k]['mean_response_length'] or 0:>10.1f}")
+    bound = f"; TRL / floor = {median['trl'] / floor['step_s']:.2f}x, the most any trainer could gain" if "trl" in median else ""
+    print(f"floor (fp32 arithmetic alone: {floor['response_tokens']} decode steps + one forward/backward): "
+          f"gen {floor['gen_s']:.3f} s + update {floor['update_s']:.3f} s = {floor['step_s']:.3f} s{bound}")
     for k in ("verl_mtp_plain", "verl_mtp_mtp"):
         shares = ", ".join(f"{p} {100 * v:.0f}%" for p, v in results[k]["phase_share"].items())
         print(f"{k} phase shares: {shares}; accept length {results[k]['accept_length']:.2f}")

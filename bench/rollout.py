@@ -47,6 +47,8 @@ from verl_mtp.models import MTPCausalLM, ModelConfig, read_config  # noqa: E402
 from verl_mtp.models.toy import fit_markov, markov_batch, markov_transitions  # noqa: E402
 from verl_mtp.rollout import NativeEngine, SamplingParams  # noqa: E402
 
+from floors import decode_floor_seconds  # noqa: E402  (bench/, the script's own folder)
+
 
 @dataclass
 class BenchConfig:
@@ -224,38 +226,6 @@ def time_arms(arms: dict, prompts, repeats: int) -> dict[str, Timing]:
     for name in arms:
         results[name].accept_length = statistics.mean(accepts[name])
     return results
-
-
-def decode_floor_seconds(model: MTPCausalLM, batch: int, context: int, repeats: int = 50) -> dict[str, float]:
-    """Seconds per plain decode step that no fp32 decoder of this model avoids on this machine, best of
-    `repeats`: "gemm", every nn.Linear of the trunk and the LM head on a (batch, in_features) input;
-    "attention", one unmasked SDPA per trunk layer for a single query against `context` cached keys
-    (reading the KV cache is memory-bound). (a)'s step time over their sum bounds what (b)/(a) can reach."""
-    cfg = model.config
-    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    linears.append(model.lm_head)
-    inputs = [torch.randn(batch, m.in_features) for m in linears]
-    q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim)
-    kv = [torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim) for _ in range(2 * len(model.model.layers))]
-    gqa = cfg.num_attention_heads != cfg.num_key_value_heads
-
-    def gemm():
-        for m, x in zip(linears, inputs):
-            m(x)
-
-    def attention():
-        for i in range(0, len(kv), 2):
-            torch.nn.functional.scaled_dot_product_attention(q, kv[i], kv[i + 1], enable_gqa=gqa)
-
-    best = {}
-    with torch.no_grad():
-        for name, fn in (("gemm", gemm), ("attention", attention)):
-            best[name] = math.inf
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 class WithThreads:
