@@ -225,3 +225,18 @@ def test_tampered_pickle_is_refused(tmp_path):
 def test_tiny_default_is_small():
     model = MTPCausalLM(tiny_config())
     assert model.num_parameters() < 3_000_000
+
+
+@pytest.mark.parametrize("heads,kv_heads,t", [(4, 2, 1), (4, 2, 3), (4, 4, 2), (8, 2, 5)])
+def test_grouped_attention_equals_sdpa(heads, kv_heads, t):
+    from verl_mtp.models.mtp_model import grouped_attention
+
+    g = torch.Generator().manual_seed(heads + kv_heads + t)
+    b, length, d = 6, 11, 8
+    q = torch.randn(b, heads, t, d, generator=g)
+    k, v = torch.randn(2, b, kv_heads, length, d, generator=g)
+    positions = torch.randint(t - 1, length, (b, 1), generator=g) - torch.arange(t - 1, -1, -1)  # ragged rows
+    mask = (torch.arange(length)[None, None, :] <= positions[:, :, None])[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                enable_gqa=heads != kv_heads)
+    assert torch.allclose(grouped_attention(q, k, v, mask), expected, atol=1e-5)

@@ -120,6 +120,20 @@ def cached_causal_mask(positions: torch.Tensor, length: int | None = None) -> tu
     return (kpos[None, None, :] <= positions[:, :, None])[:, None], length
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a short query chunk over cached keys: q (B, H, T, D), k/v (B, Hkv, L, D), bool mask
+    (B, 1, T, L). The H/Hkv query heads that share a KV head become one (G*T)-row matrix, so K and V are
+    read once per group and never repeated per head. On CPU this is 3-3.5x faster than SDPA for
+    verify chunks at batch 64 (T=3) and ~1.2x for one-token decode there; SDPA stays faster for small
+    batches and long chunks (see `Attention.forward`)."""
+    b, h, t, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    g = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * t, d), k.transpose(-1, -2)).view(b, hkv, g, t, length)
+    scores = scores.mul_(d ** -0.5).masked_fill_(~mask[:, :, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).view(b, hkv, g * t, length), v).view(b, h, t, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,7 +151,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        if kv is not None and t <= 16 and b * t >= 24:  # decode, draft and verify chunks of a large batch
+            out = grouped_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
