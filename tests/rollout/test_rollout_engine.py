@@ -210,6 +210,19 @@ def test_warp_probs_hand_computed():
     assert torch.equal(sampling.warp_probs(logits, SamplingParams(temperature=0)), torch.tensor([[1.0, 0, 0, 0]]))
 
 
+def test_sample_follows_each_rows_distribution_and_never_picks_zero_mass():
+    n = 100_000
+    rows = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    gen = torch.Generator().manual_seed(0)
+    tokens = sampling.sample(rows.repeat(n, 1), gen).view(n, 3)
+    for r in range(3):
+        freq = torch.bincount(tokens[:, r], minlength=5).float() / n
+        assert torch.all(freq[rows[r] == 0] == 0)
+        assert (freq - rows[r]).abs().max() < 0.006  # ~4 standard errors at p = 0.5
+    again = sampling.sample(rows.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 3)
+    assert torch.equal(tokens, again)  # seeded
+
+
 def test_speculative_accept_rule_exact_probabilities():
     # p = (0.6, 0.4), q = (0.2, 0.8): token 0 is always kept (p/q = 3), token 1 w.p. 0.4/0.8 = 0.5,
     # and a rejected token 1 is replaced from max(0, p - q) = (0.4, 0): token 0.
