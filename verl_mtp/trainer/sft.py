@@ -3,7 +3,7 @@
     verl-mtp data data                       # data/{train,test}.parquet and data/sft.jsonl
     verl-mtp sft --data data/sft.jsonl --out checkpoints/sft
 
-With the defaults (1.3M parameters, K=2, 2000 steps of 16 rows, lr 2e-3, one thread) this takes about
+With the defaults (1.3M parameters, K=2, 2000 steps of 16 rows, lr 1e-3, one thread) this takes about
 4.5 minutes of CPU time and reaches roughly 25-33 % greedy accuracy on the held-out test set (MTP accept
 length ~2.7 at draft depth 2): the model has the format but not yet the arithmetic, leaving RL room.
 The learning curve is steep here (2400 steps reach ~55 %), so --steps is the knob for a stronger start.
@@ -97,7 +97,7 @@ class SFTConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 16  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3
+    lr: float = 1e-3  # 2e-3 trained faster but diverged late in 1 of 3 quickstart runs (docs/benchmarks.md)
     schedule: str = "cosine"  # "cosine" | "linear" | "constant", after linear warmup
     warmup: int = 30
     min_lr_ratio: float = 0.1
