@@ -230,7 +230,8 @@ def test_guard_raises_when_acceptance_collapses_right_after_a_sync():
     for length in (2.6, 2.4):
         guard.observe(stats(length))
     guard.after_sync(12)
-    with pytest.raises(StaleDraftError, match=r"v12: accept length fell to 1\.05 from a running 2\.5.*not refreshed"):
+    with pytest.raises(StaleDraftError, match=r"v12: accept length \(passes that drafted\) fell to 1\.05 "
+                                              r"from a running 2\.5.*not refreshed"):
         guard.observe(stats(1.05))
 
 
@@ -245,6 +246,24 @@ def test_guard_tolerates_drift_and_judges_only_batches_after_a_sync():
     guard.observe(stats(1.0, passes=8))  # too few verify passes to judge
     guard.observe(stats(1.0, depth=0))  # speculation off (adaptive depth 0): nothing to judge
     assert guard.armed_version == 9
+
+
+def test_guard_judges_the_passes_that_drafted_not_rounds_adaptive_depth_left_plain():
+    guard = StaleDraftGuard()
+    guard.observe(stats(1.8))
+    guard.after_sync(1)
+    # the failure seen in a loaded full-suite run: auto depth drafted in 64 of 320 passes, and kept 59 of
+    # those 64 drafts; the overall accept length (1.18) looks collapsed, the draft is fine
+    healthy = SpecStats(verify_passes=320, generated=379, drafted=64, accepted=59, accepted_per_depth=[59],
+                        passes_per_depth=[64])
+    assert healthy.accept_length < 1.2 and healthy.drafting_accept_length == pytest.approx(1 + 59 / 64)
+    guard.observe(healthy)
+    assert guard.armed_version is None
+    guard.after_sync(2)
+    stale = SpecStats(verify_passes=320, generated=322, drafted=64, accepted=2, accepted_per_depth=[2],
+                      passes_per_depth=[64])
+    with pytest.raises(StaleDraftError, match="v2: accept length \\(passes that drafted\\) fell to 1.03"):
+        guard.observe(stale)
 
 
 def test_guard_needs_a_baseline_worth_protecting():

@@ -71,6 +71,18 @@ class SpecStats:
     def accept_length(self) -> float:
         return self.generated / self.verify_passes if self.verify_passes else 1.0
 
+    @property
+    def drafting_passes(self) -> int:
+        """Verify passes that checked at least one draft (adaptive depth may run some at depth 0). Stats
+        without per-depth counts (e.g. from an engine that always drafts) count every pass."""
+        return self.passes_per_depth[0] if self.passes_per_depth else self.verify_passes
+
+    @property
+    def drafting_accept_length(self) -> float:
+        """Tokens per verify pass over the passes that drafted: what the draft is worth when it is used,
+        independent of how often adaptive depth switched speculation off."""
+        return 1.0 + self.accepted / self.drafting_passes if self.drafting_passes else 1.0
+
     def accept_rate(self, depth: int) -> float:
         """P(draft at depth `depth` (1-based) accepted | it was drafted)."""
         k = depth - 1

@@ -241,9 +241,12 @@ class StaleDraftGuard:
     running baseline was well above it: that is what a draft left behind by the sync looks like (the
     target moved, the draft did not), and it turns speculation into a net loss without any error.
 
-    Collapse: accept_length - 1 < collapse_ratio * (baseline - 1), with baseline >= min_baseline (below
-    it speculation barely pays, and an untrained draft sampled at T=1 already reaches ~1.3 by chance).
-    Batches without speculation, or with fewer than min_verify_passes verify passes, are not judged.
+    Judged on the passes that drafted (`SpecStats.drafting_accept_length`): adaptive depth may run
+    most rounds at depth 0 when speculation does not pay at that moment (e.g. a loaded machine), which
+    lowers the overall accept length without any staleness.
+    Collapse: length - 1 < collapse_ratio * (baseline - 1), with baseline >= min_baseline (below it
+    speculation barely pays, and an untrained draft sampled at T=1 already reaches ~1.3 by chance).
+    Batches without speculation, or with fewer than min_verify_passes drafting passes, are not judged.
     Feed it batches of one regime (the training batches): greedy validation accepts differently.
     """
 
@@ -258,14 +261,15 @@ class StaleDraftGuard:
         self.armed_version = version
 
     def observe(self, stats: SpecStats) -> None:
-        if stats.drafted == 0 or stats.verify_passes < self.min_verify_passes:
+        if stats.drafted == 0 or stats.drafting_passes < self.min_verify_passes:
             return
-        length = stats.accept_length
+        length = stats.drafting_accept_length
         if self.armed_version is not None and self.baseline is not None and self.baseline >= self.min_baseline \
                 and length - 1 < self.collapse_ratio * (self.baseline - 1):
             raise StaleDraftError(
-                f"stale draft after weight sync v{self.armed_version}: accept length fell to {length:.2f} from a "
-                f"running {self.baseline:.2f}. Drafts are almost never accepted, the signature of MTP/draft weights "
+                f"stale draft after weight sync v{self.armed_version}: accept length (passes that drafted) fell to "
+                f"{length:.2f} from a running {self.baseline:.2f}. Drafts are almost never accepted, the signature "
+                "of MTP/draft weights "
                 "that were not refreshed: check that the sync carries the model.mtp_layers.* tensors, that the "
                 "server applied them (SGLang: no disable_draft_model; colocated MTP rollout needs "
                 "--enable-draft-weights-cpu-backup), and that the actor trains the MTP layers.")
