@@ -120,6 +120,25 @@ def test_stop_tokens_length_and_continuous_batching(good_draft_model):
     assert [s.prompt_index for s in out.samples] == list(range(len(RAGGED)))
 
 
+def test_new_rows_catching_up_separately_draft_exactly_as_in_one_wide_chunk(good_draft_model):
+    """Rows admitted mid-run (continuous batching) run their MTP catch-up as a separate call; the MTP
+    layers' outputs at every position they hold, and so drafts and acceptance, must be those of running
+    all rows in one padded chunk. (Sampling makes rows keep different numbers of drafts, so they finish,
+    and their slots are refilled, one at a time; both engines draw the same random numbers.)"""
+    prompts = [[(5 * j + i) % 24 for j in range(8 + 3 * i)] for i in range(10)]  # ragged, 8-35 tokens
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=0)
+    split, wide = (NativeEngine(good_draft_model, max_batch_size=3, max_seq_len=64) for _ in range(2))
+    wide.max_draft_depth = 10**6  # no row counts as far behind: one chunk for all rows, as before the split
+    a, b = split.generate(prompts, params, speculative=2), wide.generate(prompts, params, speculative=2)
+    assert _tokens(a) == _tokens(b) and a.stats.accepted_per_depth == b.stats.accepted_per_depth
+    assert torch.equal(split._mtp_len, wide._mtp_len)
+    for i in range(good_draft_model.num_mtp_layers):  # layer i's outputs (buffer i+1) where it is caught up
+        for slot in range(3):
+            held = int(split._mtp_len[i, slot])
+            assert held > 0 and torch.allclose(split._hidden[i + 1][slot, :held], wide._hidden[i + 1][slot, :held],
+                                               atol=1e-5)
+
+
 def test_stats_are_consistent(good_draft_model):
     engine = NativeEngine(good_draft_model, max_batch_size=8, max_seq_len=64)
     out = engine.generate(RAGGED, SamplingParams(temperature=1.0, max_new_tokens=20, seed=0), speculative=2)

@@ -12,6 +12,8 @@ One decode round with draft depth S:
   3. roll back by bookkeeping only: lengths move forward by what was accepted, and cache entries past
      them are stale, masked by position and overwritten later.
 Layers not drafting in a round simply lag and catch up when next used, so depth 0 costs nothing extra.
+Rows far behind the rest (a newly admitted prompt) catch up in a separate call first, so one new row
+does not widen every row's chunk to its prompt's length.
 """
 
 from __future__ import annotations
@@ -308,13 +310,15 @@ class NativeEngine:
         drafts, probs = [], []
         for i in range(min(depth, k)):
             start = self._mtp_len[i, slots]
-            width = int((n - start).max())
-            positions = start[:, None] + torch.arange(width, device=self.device)
-            positions = torch.where(positions < n[:, None], positions, self._scratch)
-            out = self.model.mtp_step(i, self._hidden[i][slots[:, None], positions],
-                                      self._tokens[slots[:, None], (positions + i + 1).clamp(max=self._scratch)],
-                                      positions, self.cache, slots, length=int(n.max()))
-            self._hidden[i + 1][slots[:, None], positions] = out
+            # rows far behind (a new prompt, or rounds at depth 0) first catch up on confirmed positions alone,
+            # so they do not widen every row's chunk; a drafting row lags by at most depth + 1 positions
+            behind = n - i - 1 - start > self.max_draft_depth + 1
+            if bool(behind.any()) and not bool(behind.all()):
+                rows = behind.nonzero().squeeze(1)
+                self._mtp_chunk(i, slots[rows], start[rows], n[rows] - i - 1)
+                self._mtp_len[i, slots[rows]] = n[rows] - i - 1
+                start = self._mtp_len[i, slots]
+            out = self._mtp_chunk(i, slots, start, n)
             self._mtp_len[i, slots] = n - i
             last = out[torch.arange(b, device=self.device), n - 1 - start]
             self._push_draft(last, slots, n + i + 1, drafts, probs, params, gen)
@@ -325,6 +329,18 @@ class NativeEngine:
             self._hidden[k][slots, pos] = out[:, 0]
             self._push_draft(out[:, 0], slots, n + j, drafts, probs, params, gen)
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
+
+    def _mtp_chunk(self, i: int, slots, start, stop):
+        """MTP layer i over positions [start, stop) of each row (ragged rows are padded to the widest with
+        the scratch position); writes its outputs to buffer i+1 and returns them, (B, width, H)."""
+        width = int((stop - start).max())
+        positions = start[:, None] + torch.arange(width, device=self.device)
+        positions = torch.where(positions < stop[:, None], positions, self._scratch)
+        out = self.model.mtp_step(i, self._hidden[i][slots[:, None], positions],
+                                  self._tokens[slots[:, None], (positions + i + 1).clamp(max=self._scratch)],
+                                  positions, self.cache, slots, length=int(stop.max()))
+        self._hidden[i + 1][slots[:, None], positions] = out
+        return out
 
     def _push_draft(self, hidden, slots, at, drafts, probs, params, gen) -> None:
         q = warp_probs(self.model.lm_logits(hidden), params)
