@@ -138,10 +138,10 @@ def step_floor(model_dir: Path, train_file: Path, args, response_length: float) 
     model = MTPCausalLM.from_pretrained(model_dir, num_mtp_layers=0)
     batch, new = args.prompts * args.n, round(response_length)
     decode = decode_floor_seconds(model, batch, context=round(prompt + new / 2))
+    gen = new * sum(decode.values())
     update = update_floor_seconds(model, batch, round(prompt + new))
-    return {"prompt_tokens": round(prompt, 1), "response_tokens": new,
-            "gen_s": round(new * sum(decode.values()), 4), "update_s": round(update, 4),
-            "step_s": round(new * sum(decode.values()) + update, 4)}
+    return {"prompt_tokens": round(prompt, 1), "response_tokens": new, "gen_s": round(gen, 4),
+            "update_s": round(update, 4), "step_s": round(gen + update, 4)}
 
 
 def main(argv=None) -> int:

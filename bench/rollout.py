@@ -17,7 +17,8 @@ decoding, and the faster count is used for training and for every arm.
 --model PATH benchmarks a saved MiMo/Qwen2 folder instead (prompts still come from the toy chain and
 assisted generation is skipped: there is no draft model trained for it).
 Prints a table, the floor of a decode step (its matrix multiplies and its attention over the KV cache,
-timed alone: they bound how far any fp32 decoder can beat (a) here) and the issue's targets with PASS/MISS, and writes JSON to --out.
+timed alone: they bound how far any fp32 decoder can beat (a) here) and the issue's targets with
+PASS/MISS, and writes JSON to --out.
 """
 
 from __future__ import annotations

@@ -316,8 +316,7 @@ class NativeEngine:
             if bool(behind.any()) and not bool(behind.all()):
                 rows = behind.nonzero().squeeze(1)
                 self._mtp_chunk(i, slots[rows], start[rows], n[rows] - i - 1)
-                self._mtp_len[i, slots[rows]] = n[rows] - i - 1
-                start = self._mtp_len[i, slots]
+                start = torch.where(behind, n - i - 1, start)
             out = self._mtp_chunk(i, slots, start, n)
             self._mtp_len[i, slots] = n - i
             last = out[torch.arange(b, device=self.device), n - 1 - start]

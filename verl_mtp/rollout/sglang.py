@@ -269,9 +269,8 @@ class StaleDraftGuard:
             raise StaleDraftError(
                 f"stale draft after weight sync v{self.armed_version}: accept length (passes that drafted) fell to "
                 f"{length:.2f} from a running {self.baseline:.2f}. Drafts are almost never accepted, the signature "
-                "of MTP/draft weights "
-                "that were not refreshed: check that the sync carries the model.mtp_layers.* tensors, that the "
-                "server applied them (SGLang: no disable_draft_model; colocated MTP rollout needs "
-                "--enable-draft-weights-cpu-backup), and that the actor trains the MTP layers.")
+                "of MTP/draft weights that were not refreshed: check that the sync carries the model.mtp_layers.* "
+                "tensors, that the server applied them (SGLang: no disable_draft_model; colocated MTP rollout "
+                "needs --enable-draft-weights-cpu-backup), and that the actor trains the MTP layers.")
         self.armed_version = None
         self.baseline = length if self.baseline is None else (1 - self.ema) * self.baseline + self.ema * length
