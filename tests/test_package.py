@@ -14,7 +14,7 @@ def test_import_does_not_load_ray_megatron_or_sglang():
 def test_cli_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "verl_mtp.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for command in ("dapo", "quickstart", "sft", "mtp-warmup", "dpo", "generate", "report"):
+    for command in ("dapo", "quickstart", "sft", "mtp-warmup", "dpo", "generate", "eval", "report"):
         assert f"  {command} " in out
     bad = subprocess.run([sys.executable, "-m", "verl_mtp.cli", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr

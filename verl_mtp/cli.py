@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mtp-warmup": ("verl_mtp.trainer.mtp_warmup", "warm-start the MTP layers on the frozen trunk (collect, train, report)"),
     "dpo": ("verl_mtp.trainer.dpo", "DPO on preference pairs (prompt/chosen/rejected), MTP heads kept fresh"),
     "generate": ("verl_mtp.generate", "generate from a model folder: one prompt, a prompts file or chat, MTP speculation"),
+    "eval": ("verl_mtp.trainer.evaluate", "held-out accuracy, accept length and speed of model folders, with plots"),
     "report": ("verl_mtp.observability.report", "plots (PNG) and a markdown summary of a run from its metrics.jsonl"),
     "smoke": ("verl_mtp.smoke", "CPU smoke run: train a tiny MTP model for seconds, then speculative generation"),
     "data": ("verl_mtp.data.synthetic_math", "write the synthetic math task as verl parquet (+ SFT corpus)"),

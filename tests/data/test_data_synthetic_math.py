@@ -93,3 +93,49 @@ def test_write_sft_corpus_and_corpus_text_are_deterministic(tmp_path):
     assert open(a).read() == open(b).read()
     texts = list(iter_corpus_text(4, seed=0))
     assert len(texts) == 8 and texts[0].startswith("user\n") and texts[1].startswith("assistant\n")
+
+
+def _carry(x: int, op: str, y: int) -> bool:
+    return x % 10 + y % 10 >= 10 if op == "+" else x % 10 < y % 10
+
+
+def _slip_corpus(tmp_path, slip: float) -> list[dict]:
+    path = write_sft_corpus(str(tmp_path / f"slip{slip}.jsonl"), 3000, seed=4, teacher_slip=slip)
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_fallible_teacher_drops_carries_at_its_rate_and_stays_self_consistent(tmp_path):
+    clean, half, always = (_slip_corpus(tmp_path, s) for s in (0.0, 0.5, 1.0))
+    assert [r["prompt"] for r in half] == [r["prompt"] for r in clean]  # the same problems at every rate
+    counts = {}
+    for name, corpus in (("clean", clean), ("half", half), ("always", always)):
+        carries = dropped = 0
+        for record, truth in zip(corpus, clean):
+            *lines, answer = record["response"].split("\n")
+            value = None
+            for line, true_line in zip(lines, truth["response"].split("\n")):
+                x, op, y, z = STEP.match(line).groups()
+                x, y, z = int(x), int(y), int(z)
+                assert value is None or x == value  # each line starts from the teacher's previous value
+                assert 0 <= z < 100
+                exact = x + y if op == "+" else x - y
+                if _carry(x, op, y):
+                    carries += 1
+                    dropped += z != exact
+                    assert z in (exact, exact - 10 if op == "+" else exact + 10)
+                else:
+                    assert z == exact
+                value = z
+            assert answer == f"Answer: {value}"
+        counts[name] = (carries, dropped)
+    assert counts["clean"][1] == 0
+    carries, dropped = counts["half"]
+    assert carries > 1000 and 0.45 < dropped / carries < 0.55
+    carries, dropped = counts["always"]
+    assert dropped / carries > 0.85
+
+
+def test_teacher_slip_out_of_range_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher_slip must be in \[0, 1\], got 1.5"):
+        write_sft_corpus(str(tmp_path / "x.jsonl"), 3, seed=0, teacher_slip=1.5)

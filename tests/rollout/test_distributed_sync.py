@@ -94,13 +94,14 @@ def test_bad_bodies_name_the_field(served, path, body, needle):
 # ---- real transfer: two server processes, gloo broadcast from this process ----------------------------
 
 
-def test_weights_travel_by_broadcast_to_both_replicas(folder, models):
+def test_weights_travel_by_broadcast_to_both_replicas(folder, models, tmp_path):
     torch.manual_seed(5)
     fresh = MTPCausalLM(toy_config()).state_dict()
     trainer = Trainer(fresh.items())
     group = weight_update_group("127.0.0.1", free_port(), num_replicas=2, ranks_per_replica=1, backend="gloo")
     rollout = ServerRollout.launch(folder, 2, lambda validate, seed: dataclasses.replace(GREEDY, seed=seed),
                                    startup_timeout=120, timeout=60, sync_mode="distributed", init_group=group,
+                                   log_dir=str(tmp_path),
                                    join_group=lambda: trainer.join(group), broadcast=trainer.broadcast)
     try:
         baseline, _ = rollout.generate(PROMPTS)

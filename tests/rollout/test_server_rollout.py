@@ -20,9 +20,10 @@ GREEDY = SamplingParams(n=2, temperature=0, max_new_tokens=20, stop_token_ids=[3
 
 
 @pytest.fixture(scope="module")
-def rollout(folder):
+def rollout(folder, tmp_path_factory):
     group = ServerRollout.launch(folder, 2, lambda validate, seed: dataclasses.replace(GREEDY, seed=seed),
-                                 server_args=SPEC_ARGS, startup_timeout=120, timeout=60)
+                                 server_args=SPEC_ARGS, startup_timeout=120, timeout=60,
+                                 log_dir=str(tmp_path_factory.mktemp("servers")))
     yield group
     group.shutdown()
     assert all(p.proc.poll() is not None for p in group.processes)  # the servers it started are gone
@@ -82,8 +83,9 @@ def test_stale_draft_guard_stops_the_run(rollout, models):
         guarded.shutdown()  # it started no process: the module's replicas stay up
 
 
-def test_a_dead_replica_gives_an_error_naming_it(folder):
-    group = ServerRollout.launch(folder, 1, lambda validate, seed: GREEDY, startup_timeout=120, timeout=30)
+def test_a_dead_replica_gives_an_error_naming_it(folder, tmp_path):
+    group = ServerRollout.launch(folder, 1, lambda validate, seed: GREEDY, startup_timeout=120, timeout=30,
+                                 log_dir=str(tmp_path))
     try:
         (url,) = group.urls
         group.processes[0].proc.kill()
@@ -98,7 +100,8 @@ def test_a_dead_replica_gives_an_error_naming_it(folder):
 
 def test_a_replica_that_cannot_start_says_why(tmp_path):
     with pytest.raises(ReplicaError, match=r"exited with code \d+ during startup(.|\n)*no config.json"):
-        ServerRollout.launch(str(tmp_path / "missing"), 1, lambda validate, seed: GREEDY, startup_timeout=120)
+        ServerRollout.launch(str(tmp_path / "missing"), 1, lambda validate, seed: GREEDY, startup_timeout=120,
+                             log_dir=str(tmp_path / "servers"))
 
 
 def test_least_outstanding_balancer():

@@ -3,11 +3,16 @@ and a second invocation resumes (skips finished stages) instead of redoing them.
 
 import json
 import os
+import shlex
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from verl_mtp.trainer import quickstart
+from verl_mtp.config import load_config
+from verl_mtp.trainer import main_dapo, quickstart, sft
 
 FAST = ["--sft-steps", "12", "--rl-steps", "2", "--eval-limit", "8",
         "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=2",
@@ -20,6 +25,7 @@ FAST = ["--sft-steps", "12", "--rl-steps", "2", "--eval-limit", "8",
 @pytest.mark.parametrize("argv,needle", [
     (["--rl-steps", "0"], "--rl-steps must be >= 1"),
     (["--eval-limit", "0"], "--eval-limit must be >= 1"),
+    (["--teacher-slip", "1.5"], "--teacher-slip must be in [0, 1], got 1.5"),
     (["noequals"], "RL override 'noequals' is not KEY=VALUE"),
     (["actor_rollout_ref.actor.optim.lrx=1"], "unknown config key 'actor_rollout_ref.actor.optim.lrx'"),
 ])
@@ -28,6 +34,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, needle):
         quickstart.main(["--out", str(tmp_path / "run"), *argv])
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_run_folder_is_not_continued_with_other_data(tmp_path):
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    (data / "DONE").write_text(json.dumps({"seed": 0, "teacher_slip": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--out", str(tmp_path / "run"), "--teacher-slip", "0"])
+    assert "data made with {'seed': 0, 'teacher_slip': 0.5}, not {'seed': 0, 'teacher_slip': 0.0}" in str(e.value)
+    assert "use --fresh or another --out" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "tokenizer").exists()  # it stopped before the first stage
 
 
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):
@@ -55,3 +72,64 @@ def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage 1/6" not in out and "stage 3/6" not in out and "stage 4/6" not in out
     assert "stage 6/6" in out and time.perf_counter() - start < 60
+
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart_cpu.sh"
+
+
+def recipe(run, *args, dry=True, **env):
+    env = {**os.environ, "RUN": str(run), "DRY_RUN": str(int(dry)), **env}
+    return subprocess.run(["bash", str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=600,
+                          check=True)
+
+
+def test_recipe_runs_the_quickstarts_stages_with_its_settings(tmp_path):
+    run = tmp_path / "run"
+    commands = [shlex.split(line) for line in recipe(run, "actor_rollout_ref.actor.optim.lr=1e-4").stdout.splitlines()]
+    assert [c[:2] for c in commands] == [["verl-mtp", s] for s in ("data", "tokenizer", "sft", "dapo", "dapo", "eval")]
+    data = commands[0]
+    for flag, value in quickstart.DATA_SIZES.items():
+        assert data[data.index("--" + flag.replace("_", "-")) + 1] == str(value)
+    assert data[data.index("--teacher-slip") + 1] == "0.5"
+    sft_args = sft.build_parser().parse_args(commands[2][2:])
+    assert sft_args.steps == sft.SFTConfig().steps and sft_args.out == str(run / "sft")
+    for command, name, train in zip(commands[3:5], ("rl", "rl_control"), (True, False)):
+        config_name, args = main_dapo.parse(command[2:])
+        want = quickstart.rl_overrides(run / name, run / "sft", run / "data", 40, train, 0,
+                                       ["actor_rollout_ref.actor.optim.lr=1e-4"])
+        assert OmegaConf.to_container(load_config(args, config_name=config_name)) == \
+            OmegaConf.to_container(load_config(want, config_name=quickstart.RL_CONFIG))
+
+
+def test_recipe_end_to_end_then_resume(tmp_path):
+    run = tmp_path / "run"
+    fast = [o for o in FAST if "=" in o] + ["+ray_kwargs.ray_init.address=local"]  # its own Ray, not the tests'
+    env = dict(SFT_STEPS="12", RL_STEPS="2", EVAL_LIMIT="8")
+    recipe(run, *fast, dry=False, **env)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert set(summary["models"]) == {"sft", "rl", "rl_control"}
+    assert {"rollout/accept_length", "critic/acc/mean"} <= set(summary["plots"])
+    for name in ("rl", "rl_control"):
+        assert (run / name / "ckpt" / "global_step_2" / "actor" / "model.safetensors").exists()
+        assert list((run / name / "tensorboard").glob("events.out.tfevents.*"))
+    ran = recipe(run, *fast, dry=False, **env).stderr  # every stage is done: only the eval runs again
+    assert "verl-mtp eval" in ran and not any(f"verl-mtp {s} " in ran for s in ("data", "tokenizer", "sft", "dapo"))
+
+
+def test_eval_cli_names_the_bad_argument(tmp_path):
+    from verl_mtp.trainer import evaluate
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    (tmp_path / "t.parquet").write_text("")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    base = ["--tokenizer", str(tmp_path / "tok"), "--test", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "r")]
+    for args, needle in ((["sft"], "model 'sft' is not NAME=DIR"),
+                         ([f"sft={tmp_path}"], f"model sft: {tmp_path} has no config.json"),
+                         (["--run", f"rl={tmp_path}", f"sft={tmp_path / 'm'}"],
+                          f"--run rl: {tmp_path} has no metrics.jsonl"),
+                         (["--limit", "0", "a=b"], "--limit must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(base + args)
+        assert needle in str(e.value) and "\n" not in str(e.value)

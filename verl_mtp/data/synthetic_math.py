@@ -1,8 +1,8 @@
 """Synthetic multi-step arithmetic task for the CPU quickstart.
 
-Every problem is solved by a short chain of `x op y = z` lines ending in `Answer: N`,
-so a ~1-3M parameter model trained for minutes on 2 CPU cores can learn the format
-quickly but still gets many answers wrong: carries and chaining leave room for RL.
+Every problem is solved by a short chain of `x op y = z` lines ending in `Answer: N`;
+a ~1M parameter model trained for minutes on 2 CPU cores learns the format quickly and,
+given ~4000 SFT steps, the arithmetic too (carries are the last thing it gets right).
 
     level 1   What is 17 + 5?                              one step
     level 2   What is 17 + 5 - 9?                          two steps
@@ -12,9 +12,16 @@ quickly but still gets many answers wrong: carries and chaining leave room for R
 All numbers stay non-negative and below 100, so responses fit in ~40 tokens with
 single-digit tokenization. Generation is a pure function of (n, seed, levels, exclude).
 
+The SFT corpus can come from a fallible teacher (`teacher_slip=p`): at every line that needs a
+carry (`38 + 16`) or a borrow (`52 - 17`) the teacher drops it with probability p, writes
+`38 + 16 = 44`, and carries on from its wrong value, so the trace stays self-consistent but its
+answer is wrong. An SFT model trained to convergence imitates the slips; RL with the exact
+reward is what removes them. The RL and test sets always hold the true answers.
+
 Run as a script to write the quickstart data:
 
     python -m verl_mtp.data.synthetic_math OUT_DIR [--n-train N] [--n-test N] [--n-sft N] [--seed S]
+                                                   [--teacher-slip P]
 """
 
 from __future__ import annotations
@@ -50,11 +57,32 @@ def _chain(rng: random.Random, start: int, steps: int, max_operand: int) -> list
     return chain
 
 
-def _trace(start: int, chain: Sequence[tuple[str, int]]) -> tuple[str, int]:
-    """The step-by-step solution text and the final value."""
-    lines, value = [], start
+def _needs_carry(x: int, op: str, y: int) -> bool:
+    """The units column carries (addition) or borrows (subtraction)."""
+    return x % 10 + y % 10 >= 10 if op == "+" else x % 10 < y % 10
+
+
+def _in_range(value: int, chain: Sequence[tuple[str, int]]) -> bool:
+    """`value` and every running value of `chain` applied to it stay in [0, 100)."""
     for op, operand in chain:
+        if not 0 <= value < 100:
+            return False
+        value = _apply(value, op, operand)
+    return 0 <= value < 100
+
+
+def _trace(start: int, chain: Sequence[tuple[str, int]], slip: float = 0.0,
+           rng: random.Random | None = None) -> tuple[str, int]:
+    """The step-by-step solution text and its final value; with `slip > 0` each carry or borrow is
+    dropped with that probability (the tens digit is written as if the units column did not overflow),
+    unless that would take a later value out of [0, 100), a range the task never leaves."""
+    lines, value = [], start
+    for i, (op, operand) in enumerate(chain):
         result = _apply(value, op, operand)
+        if slip and _needs_carry(value, op, operand) and rng.random() < slip:
+            slipped = result + (-10 if op == "+" else 10)
+            if _in_range(slipped, chain[i + 1:]):
+                result = slipped
         lines.append(f"{value} {op} {operand} = {result}")
         value = result
     lines.append(f"Answer: {value}")
@@ -94,13 +122,15 @@ LEVELS = {1: _level1, 2: _level2, 3: _level3}
 
 
 def make_problem(rng: random.Random, level: int) -> dict:
-    """One problem dict: question, solution (ends in 'Answer: N'), answer, level."""
+    """One problem dict: question, solution (ends in 'Answer: N'), answer, level, and the start value and
+    (op, operand) chain the solution is computed from."""
     if level not in LEVELS:
         raise ValueError(f"unknown synthetic_math level {level!r}; known: {sorted(LEVELS)}")
     kind, start, chain = LEVELS[level](rng)
     question = _expression_question(start, chain) if kind == "expr" else _word_question(rng, start, chain)
     solution, answer = _trace(start, chain)
-    return {"question": question, "solution": solution, "answer": answer, "level": level}
+    return {"question": question, "solution": solution, "answer": answer, "level": level,
+            "start": start, "chain": chain}
 
 
 def generate_problems(n: int, seed: int, levels: Sequence[int] = (1, 2, 3),
@@ -166,8 +196,9 @@ def to_rl_row(problem: dict, index: int, split: str) -> dict:
 
 
 def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
-                     levels: Sequence[int] = (1, 2, 3), n_sft: int = 0) -> dict[str, str]:
-    """Write `train.parquet` and `test.parquet` (and `sft.jsonl` if `n_sft > 0`).
+                     levels: Sequence[int] = (1, 2, 3), n_sft: int = 0, teacher_slip: float = 0.0) -> dict[str, str]:
+    """Write `train.parquet` and `test.parquet` (and `sft.jsonl` if `n_sft > 0`, written by a teacher
+    that drops carries with probability `teacher_slip`).
 
     The SFT corpus never contains a test question, so evaluation measures generalisation
     rather than recall. Returns the written paths by split name.
@@ -183,17 +214,24 @@ def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
         paths[split] = os.path.join(out_dir, f"{split}.parquet")
         pq.write_table(pa.Table.from_pylist(rows), paths[split])
     if n_sft > 0:
-        paths["sft"] = write_sft_corpus(os.path.join(out_dir, "sft.jsonl"), n_sft,
-                                        _stream_seed(seed, "sft"), levels, exclude=_questions(test))
+        paths["sft"] = write_sft_corpus(os.path.join(out_dir, "sft.jsonl"), n_sft, _stream_seed(seed, "sft"),
+                                        levels, exclude=_questions(test), teacher_slip=teacher_slip)
     return paths
 
 
 def write_sft_corpus(path: str, n: int, seed: int, levels: Sequence[int] = (1, 2, 3),
-                     exclude: Iterable[str] = ()) -> str:
-    """JSONL lines `{"prompt": [chat messages], "response": solution}`; returns `path`."""
+                     exclude: Iterable[str] = (), teacher_slip: float = 0.0) -> str:
+    """JSONL lines `{"prompt": [chat messages], "response": solution}`; returns `path`.
+
+    `teacher_slip` in [0, 1]: the probability that the teacher drops each carry or borrow (module doc).
+    """
+    if not 0.0 <= teacher_slip <= 1.0:
+        raise ValueError(f"teacher_slip must be in [0, 1], got {teacher_slip}")
+    slips = random.Random(seed + 1)  # its own stream: the problems are the same at every slip rate
     with open(path, "w", encoding="utf-8") as f:
         for problem in generate_problems(n, seed, levels, exclude=exclude):
-            record = {"prompt": chat_prompt(problem["question"]), "response": problem["solution"]}
+            solution = _trace(problem["start"], problem["chain"], teacher_slip, slips)[0]
+            record = {"prompt": chat_prompt(problem["question"]), "response": solution}
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -217,8 +255,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-sft", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--teacher-slip", type=float, default=0.0,
+                        help="probability that the SFT corpus's teacher drops a carry or borrow (0: a perfect teacher)")
     args = parser.parse_args(argv)
-    paths = write_rl_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.levels, args.n_sft)
+    if not 0.0 <= args.teacher_slip <= 1.0:
+        parser.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")
+    paths = write_rl_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.levels, args.n_sft,
+                             args.teacher_slip)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -114,9 +114,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"tokenizer: {args.out_dir}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # the files that make up an HF tokenizer folder (whichever of them exist)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -134,3 +131,7 @@ def copy_tokenizer_files(source, out) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Evaluate model folders on a held-out verl parquet and write the report: the quickstart's last stage.
+
+    verl-mtp eval --tokenizer TOK --test data/test.parquet --out REPORT_DIR \\
+        [--run rl=RUN_DIR ...] [--limit 512] NAME=MODEL_DIR [NAME=MODEL_DIR ...]
+
+For each model: held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length and per-depth
+accept rate of its MTP draft at depth 2, and batch-64 generation speed plain / depth 2 / adaptive. Each
+`--run NAME=DIR` is an RL run folder (its metrics.jsonl): the report overlays their curves (held-out
+accuracy, accept length, train accuracy, reward, response length) and writes each run's own report.
+Output: REPORT_DIR/summary.{json,md} and PNGs; the table is also printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# the curves a quickstart-style comparison is judged by, overlaid across runs
+CURVES = ("val-core/synthetic_math/acc/mean@1", "rollout/accept_length", "critic/acc/mean", "critic/score/mean",
+          "response_length/mean")
+COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/sampled", "accept_rate_2/sampled",
+           "tokens_per_s/plain", "tokens_per_s/speculative_2", "tokens_per_s/auto")
+
+
+def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512) -> dict[str, float]:
+    """Held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length per depth at the
+    rollout's settings, and generation speed with and without speculation (batch 64)."""
+    import pyarrow.parquet as pq
+
+    from verl_mtp.data.tokenizer import encode_chat
+    from verl_mtp.models import MTPCausalLM
+    from verl_mtp.rewards.scorers.math_dapo import compute_score
+    from verl_mtp.rollout import NativeEngine, SamplingParams
+
+    model = MTPCausalLM.from_pretrained(model_dir)
+    rows = pq.read_table(test_parquet).to_pylist()[:limit]
+    prompts = [encode_chat(tok, r["prompt"]) for r in rows]
+    truth = [str(r["reward_model"]["ground_truth"]) for r in rows]
+    engine = NativeEngine(model, tok, max_batch_size=64, max_seq_len=max(map(len, prompts)) + 64)
+    stop = [tok.eos_token_id]
+
+    def accuracy(out, n):
+        texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in out.samples]
+        return sum(compute_score(t, truth[i // n])["acc"] for i, t in enumerate(texts)) / len(texts)
+
+    result = {}
+    greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
+    plain = engine.generate(prompts, greedy, speculative=0)
+    result["acc/greedy"] = accuracy(plain, 1)
+    result["tokens_per_s/plain"] = plain.tokens_per_s
+    spec = engine.generate(prompts, greedy, speculative=2)
+    result["tokens_per_s/speculative_2"] = spec.tokens_per_s
+    result["accept_length/greedy"] = spec.stats.accept_length
+    auto = engine.generate(prompts, greedy, speculative="auto")
+    result["tokens_per_s/auto"] = auto.tokens_per_s
+    sampled = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop,
+                                                      seed=0), speculative=2)
+    result["acc/sampled"] = accuracy(sampled, 4)
+    result["accept_length/sampled"] = sampled.stats.accept_length
+    for k in range(1, 3):
+        result[f"accept_rate_{k}/sampled"] = sampled.stats.accept_rate(k)
+    return result
+
+
+def write_eval_report(models: dict[str, Path], tok_dir: Path, test_parquet: Path, report: Path,
+                      runs: dict[str, Path] | None = None, limit: int = 512, started: float | None = None) -> dict:
+    """Evaluate every model, plot the runs' curves, write summary.json / summary.md into `report`, print
+    the table; `started` (a time.time()) adds the wall time since then."""
+    from verl_mtp.observability.report import plot_runs, read_metrics, write_report
+    from verl_mtp.trainer.setup import load_tokenizer
+
+    tok = load_tokenizer(str(tok_dir))
+    results = {name: evaluate(path, tok, test_parquet, limit) for name, path in models.items()}
+    report.mkdir(parents=True, exist_ok=True)
+    rows = {name: read_metrics(folder)[0] for name, folder in (runs or {}).items()}
+    plots = {}
+    for key in CURVES:
+        path = report / f"{key.replace('/', '_').replace('@', '')}.png"
+        if plot_runs(rows, key, str(path)):
+            plots[key] = path.name
+    for name, folder in (runs or {}).items():
+        write_report(str(folder), str(report / name))
+    summary = {"models": results, "plots": plots}
+    if started is not None:
+        summary["minutes"] = (time.time() - started) / 60
+    (report / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = summary_lines(results, rows, summary.get("minutes"))
+    (report / "summary.md").write_text("\n".join(["# Evaluation summary", "", *lines, ""] +
+                                                 [f"![{k}]({v})" for k, v in plots.items()]))
+    print("\n".join(lines), flush=True)
+    return summary
+
+
+def summary_lines(results: dict, runs: dict, minutes: float | None) -> list[str]:
+    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if r[c] < 10 else f"{r[c]:.0f}" for c in COLUMNS) + " |")
+    for name, rows in runs.items():
+        accept = [r["rollout/accept_length"] for r in rows if "rollout/accept_length" in r]
+        if accept:
+            lines.append(f"- {name}: rollout accept length first {accept[0]:.3f}, last {accept[-1]:.3f}, "
+                         f"min {min(accept):.3f} over {len(accept)} steps")
+    if minutes is not None:
+        lines.append(f"- wall time: {minutes:.1f} min")
+    return lines
+
+
+def _named_folders(ap, pairs: list[str], what: str, need: str) -> dict[str, Path]:
+    """NAME=DIR pairs -> {name: Path}, each DIR holding `need`; one-line errors otherwise."""
+    folders = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            ap.error(f"{what} {pair!r} is not NAME=DIR")
+        if name in folders:
+            ap.error(f"{what} name {name!r} is given twice")
+        if not (Path(folder) / need).exists():
+            ap.error(f"{what} {name}: {folder} has no {need}")
+        folders[name] = Path(folder)
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    from verl_mtp.cli import OneLineParser
+
+    ap = OneLineParser(prog="verl-mtp eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
+    ap.add_argument("--test", required=True, help="held-out verl parquet (prompt, reward_model.ground_truth)")
+    ap.add_argument("--out", required=True, help="report folder")
+    ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="RL run folder to plot")
+    ap.add_argument("--limit", type=int, default=512, help="held-out prompts evaluated per model")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("models", nargs="+", metavar="NAME=MODEL_DIR")
+    args = ap.parse_args(argv)
+    if args.limit < 1:
+        ap.error("--limit must be >= 1")
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
+    for flag, path in (("--tokenizer", Path(args.tokenizer) / "tokenizer.json"), ("--test", Path(args.test))):
+        if not path.exists():
+            ap.error(f"{flag}: {path} does not exist")
+    models = _named_folders(ap, args.models, "model", "config.json")
+    runs = _named_folders(ap, args.run, "--run", "metrics.jsonl")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    write_eval_report(models, Path(args.tokenizer), Path(args.test), Path(args.out), runs, args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
