@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
@@ -78,7 +79,10 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart_cpu.sh"
 
 
 def recipe(run, *args, dry=True, **env):
-    env = {**os.environ, "RUN": str(run), "DRY_RUN": str(int(dry)), **env}
+    # `verl-mtp` is where this interpreter's pip put it, whether or not that folder is on PATH
+    scripts = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user")]
+    path = os.pathsep.join([*scripts, os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "RUN": str(run), "DRY_RUN": str(int(dry)), **env}
     return subprocess.run(["bash", str(RECIPE), *args], env=env, capture_output=True, text=True, timeout=600,
                           check=True)
 
