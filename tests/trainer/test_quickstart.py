@@ -48,6 +48,18 @@ def test_a_run_folder_is_not_continued_with_other_data(tmp_path):
     assert not (tmp_path / "run" / "tokenizer").exists()  # it stopped before the first stage
 
 
+def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
+    run = tmp_path / "run"
+    for stage, done in (("data", {"seed": 0, "teacher_slip": 0.5}), ("sft", {"steps": 4000})):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "DONE").write_text(json.dumps(done))
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--out", str(run), "--sft-steps", "12"])
+    assert f"{run / 'sft'} was trained for 4000 steps, not 12: use --fresh or another --out" in str(e.value)
+
+
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):
     run = tmp_path / "qs"
     assert quickstart.main(["--out", str(run), *FAST]) == 0

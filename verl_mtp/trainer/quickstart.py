@@ -76,24 +76,29 @@ def stage_tokenizer(run: Path, data: Path) -> Path:
 def stage_sft(run: Path, data: Path, tok: Path, seed: int, steps: int | None) -> Path:
     from verl_mtp.trainer.sft import SFTConfig, train_sft
 
-    out = run / "sft"
-    if not (out / "DONE").exists():
-        _say("stage 3/6 sft: training a tiny MTP model on the solution traces")
-        cfg = SFTConfig(data=str(data / "sft.jsonl"), out=str(out), tokenizer=str(tok), seed=seed, test_data=None)
-        if steps:
-            cfg.steps = steps
-        import torch
+    out, done = run / "sft", run / "sft" / "DONE"
+    cfg = SFTConfig(data=str(data / "sft.jsonl"), out=str(out), tokenizer=str(tok), seed=seed, test_data=None)
+    if steps:
+        cfg.steps = steps
+    if done.exists():
+        trained = json.loads(done.read_text()).get("steps", cfg.steps)  # folders from before: not recorded
+        if trained != cfg.steps:
+            raise QuickstartError(f"{out} was trained for {trained} steps, not {cfg.steps}: "
+                                  f"use --fresh or another --out")
+        return out
+    _say("stage 3/6 sft: training a tiny MTP model on the solution traces")
+    import torch
 
-        # nothing else runs during SFT: two threads train the tiny model 1.4x faster than one (docs/benchmarks.md)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-        try:
-            metrics = train_sft(cfg)
-        finally:
-            torch.set_num_threads(threads)
-        if metrics.get("interrupted"):
-            raise KeyboardInterrupt
-        (out / "DONE").write_text(json.dumps(metrics))
+    # nothing else runs during SFT: two threads train the tiny model 1.4x faster than one (docs/benchmarks.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        metrics = train_sft(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    if metrics.get("interrupted"):
+        raise KeyboardInterrupt
+    done.write_text(json.dumps({**metrics, "steps": cfg.steps}))
     return out
 
 
