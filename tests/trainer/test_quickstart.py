@@ -43,9 +43,13 @@ def test_a_run_folder_is_not_continued_with_other_data(tmp_path):
     (data / "DONE").write_text(json.dumps({"seed": 0, "teacher_slip": 0.5}))
     with pytest.raises(SystemExit) as e:
         quickstart.main(["--out", str(tmp_path / "run"), "--teacher-slip", "0"])
-    assert "data made with {'seed': 0, 'teacher_slip': 0.5}, not {'seed': 0, 'teacher_slip': 0.0}" in str(e.value)
+    assert "data was made with {'seed': 0, 'teacher_slip': 0.5}, not {'seed': 0, 'teacher_slip': 0.0}" in str(e.value)
     assert "use --fresh or another --out" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "tokenizer").exists()  # it stopped before the first stage
+    (data / "DONE").write_text("ok")  # a folder from before the options were recorded: a perfect teacher's data
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--out", str(tmp_path / "run")])
+    assert "data was made with {'seed': 0, 'teacher_slip': 0.0}, not {'seed': 0, 'teacher_slip': 0.5}" in str(e.value)
 
 
 def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
@@ -57,7 +61,8 @@ def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
     (run / "tokenizer" / "tokenizer.json").write_text("{}")
     with pytest.raises(SystemExit) as e:
         quickstart.main(["--out", str(run), "--sft-steps", "12"])
-    assert f"{run / 'sft'} was trained for 4000 steps, not 12: use --fresh or another --out" in str(e.value)
+    assert f"{run / 'sft'} was made with {{'steps': 4000}}, not {{'steps': 12}}: use --fresh or another --out" \
+        in str(e.value)
 
 
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):

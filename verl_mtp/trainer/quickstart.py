@@ -42,23 +42,31 @@ class QuickstartError(Exception):
     """A run folder that cannot be continued as asked."""
 
 
+def _finished(done: Path, options: dict, unrecorded: dict | None = None) -> bool:
+    """Whether the stage that writes `done` finished, with these options. Finished with other options is an
+    error: reusing it would silently mix runs. `unrecorded`: what folders from before an option was
+    recorded in DONE were made with (default: the options asked for)."""
+    if not done.exists():
+        return False
+    try:
+        recorded = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        recorded = {}
+    before = {k: recorded.get(k, (unrecorded or {}).get(k, v)) for k, v in options.items()}
+    if before != options:
+        raise QuickstartError(f"{done.parent} was made with {before}, not {options}: use --fresh or another --out")
+    return True
+
+
 def stage_data(run: Path, seed: int, teacher_slip: float) -> Path:
     from verl_mtp.data.synthetic_math import write_rl_dataset
 
-    data = run / "data"
-    made = {"seed": seed, "teacher_slip": teacher_slip}
-    done = data / "DONE"
-    if done.exists():
-        try:
-            before = json.loads(done.read_text())
-        except json.JSONDecodeError:  # a folder from before the data options were recorded
-            before = {"seed": seed, "teacher_slip": 0.0}
-        if before != made:
-            raise QuickstartError(f"{run} holds data made with {before}, not {made}: use --fresh or another --out")
+    data, options = run / "data", {"seed": seed, "teacher_slip": teacher_slip}
+    if _finished(data / "DONE", options, unrecorded={"teacher_slip": 0.0}):  # older data was a perfect teacher's
         return data
     _say(f"stage 1/6 data: writing the synthetic math task (SFT teacher drops carries with p={teacher_slip})")
     write_rl_dataset(str(data), seed=seed, teacher_slip=teacher_slip, **DATA_SIZES)
-    done.write_text(json.dumps(made))
+    (data / "DONE").write_text(json.dumps(options))
     return data
 
 
@@ -76,15 +84,11 @@ def stage_tokenizer(run: Path, data: Path) -> Path:
 def stage_sft(run: Path, data: Path, tok: Path, seed: int, steps: int | None) -> Path:
     from verl_mtp.trainer.sft import SFTConfig, train_sft
 
-    out, done = run / "sft", run / "sft" / "DONE"
+    out = run / "sft"
     cfg = SFTConfig(data=str(data / "sft.jsonl"), out=str(out), tokenizer=str(tok), seed=seed, test_data=None)
     if steps:
         cfg.steps = steps
-    if done.exists():
-        trained = json.loads(done.read_text()).get("steps", cfg.steps)  # folders from before: not recorded
-        if trained != cfg.steps:
-            raise QuickstartError(f"{out} was trained for {trained} steps, not {cfg.steps}: "
-                                  f"use --fresh or another --out")
+    if _finished(out / "DONE", {"steps": cfg.steps}):
         return out
     _say("stage 3/6 sft: training a tiny MTP model on the solution traces")
     import torch
@@ -98,7 +102,7 @@ def stage_sft(run: Path, data: Path, tok: Path, seed: int, steps: int | None) ->
         torch.set_num_threads(threads)
     if metrics.get("interrupted"):
         raise KeyboardInterrupt
-    done.write_text(json.dumps({**metrics, "steps": cfg.steps}))
+    (out / "DONE").write_text(json.dumps({**metrics, "steps": cfg.steps}))
     return out
 
 
