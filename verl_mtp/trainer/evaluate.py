@@ -24,9 +24,13 @@ COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/
            "tokens_per_s/plain", "tokens_per_s/speculative_2", "tokens_per_s/auto")
 
 
-def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512) -> dict[str, float]:
+PASSES = 4  # generation passes per model: plain, depth 2 and adaptive greedy, then sampled
+
+
+def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=lambda: None) -> dict[str, float]:
     """Held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length per depth at the
-    rollout's settings, and generation speed with and without speculation (batch 64)."""
+    rollout's settings, and generation speed with and without speculation (batch 64). `tick()` is
+    called after each of the PASSES generation passes."""
     import pyarrow.parquet as pq
 
     from verl_mtp.data.tokenizer import encode_chat
@@ -48,15 +52,19 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512) -> dict
     result = {}
     greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
     plain = engine.generate(prompts, greedy, speculative=0)
+    tick()
     result["acc/greedy"] = accuracy(plain, 1)
     result["tokens_per_s/plain"] = plain.tokens_per_s
     spec = engine.generate(prompts, greedy, speculative=2)
+    tick()
     result["tokens_per_s/speculative_2"] = spec.tokens_per_s
     result["accept_length/greedy"] = spec.stats.accept_length
     auto = engine.generate(prompts, greedy, speculative="auto")
+    tick()
     result["tokens_per_s/auto"] = auto.tokens_per_s
     sampled = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop,
                                                       seed=0), speculative=2)
+    tick()
     result["acc/sampled"] = accuracy(sampled, 4)
     result["accept_length/sampled"] = sampled.stats.accept_length
     for k in range(1, 3):
@@ -71,8 +79,12 @@ def write_eval_report(models: dict[str, Path], tok_dir: Path, test_parquet: Path
     from verl_mtp.observability.report import plot_runs, read_metrics, write_report
     from verl_mtp.trainer.setup import load_tokenizer
 
+    from tqdm import tqdm
+
     tok = load_tokenizer(str(tok_dir))
-    results = {name: evaluate(path, tok, test_parquet, limit) for name, path in models.items()}
+    with tqdm(total=PASSES * len(models), desc="eval", unit="pass", file=sys.stderr, disable=None) as bar:
+        results = {name: evaluate(path, tok, test_parquet, limit, tick=lambda: bar.update(1))
+                   for name, path in models.items()}
     report.mkdir(parents=True, exist_ok=True)
     rows = {name: read_metrics(folder)[0] for name, folder in (runs or {}).items()}
     plots = {}
