@@ -22,8 +22,6 @@ CURVES = ("val-core/synthetic_math/acc/mean@1", "rollout/accept_length", "critic
           "response_length/mean")
 COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/sampled", "accept_rate_2/sampled",
            "tokens_per_s/plain", "tokens_per_s/speculative_2", "tokens_per_s/auto")
-
-
 PASSES = 4  # generation passes per model: plain, depth 2 and adaptive greedy, then sampled
 
 
@@ -49,22 +47,22 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=la
         texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in out.samples]
         return sum(compute_score(t, truth[i // n])["acc"] for i, t in enumerate(texts)) / len(texts)
 
+    def generate(params, speculative):
+        out = engine.generate(prompts, params, speculative=speculative)
+        tick()
+        return out
+
     result = {}
     greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
-    plain = engine.generate(prompts, greedy, speculative=0)
-    tick()
+    plain = generate(greedy, 0)
     result["acc/greedy"] = accuracy(plain, 1)
     result["tokens_per_s/plain"] = plain.tokens_per_s
-    spec = engine.generate(prompts, greedy, speculative=2)
-    tick()
+    spec = generate(greedy, 2)
     result["tokens_per_s/speculative_2"] = spec.tokens_per_s
     result["accept_length/greedy"] = spec.stats.accept_length
-    auto = engine.generate(prompts, greedy, speculative="auto")
-    tick()
+    auto = generate(greedy, "auto")
     result["tokens_per_s/auto"] = auto.tokens_per_s
-    sampled = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop,
-                                                      seed=0), speculative=2)
-    tick()
+    sampled = generate(SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop, seed=0), 2)
     result["acc/sampled"] = accuracy(sampled, 4)
     result["accept_length/sampled"] = sampled.stats.accept_length
     for k in range(1, 3):
@@ -76,10 +74,10 @@ def write_eval_report(models: dict[str, Path], tok_dir: Path, test_parquet: Path
                       runs: dict[str, Path] | None = None, limit: int = 512, started: float | None = None) -> dict:
     """Evaluate every model, plot the runs' curves, write summary.json / summary.md into `report`, print
     the table; `started` (a time.time()) adds the wall time since then."""
+    from tqdm import tqdm
+
     from verl_mtp.observability.report import plot_runs, read_metrics, write_report
     from verl_mtp.trainer.setup import load_tokenizer
-
-    from tqdm import tqdm
 
     tok = load_tokenizer(str(tok_dir))
     with tqdm(total=PASSES * len(models), desc="eval", unit="pass", file=sys.stderr, disable=None) as bar:
