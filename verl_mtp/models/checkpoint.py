@@ -1,4 +1,9 @@
-"""HF-folder checkpoint IO: MiMo layout out, MiMo / Qwen2 / Llama folders in. Never unpickles code."""
+"""HF-folder checkpoint IO: MiMo layout out, MiMo / Qwen2 / Llama folders in. Never unpickles code.
+
+A folder we save carries modeling code for transformers' `trust_remote_code` (transformers has no built-in
+`mimo`): `configuration_mimo.py` / `modeling_mimo.py` from `hf_mimo/` and their `auto_map` in config.json,
+or, when the model came from a MiMo folder with its own code (Xiaomi's release), that folder's `*.py`
+and `auto_map` unchanged."""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ from verl_mtp.models.config import ModelConfig
 _MTP_KEY = re.compile(r"^model\.mtp_layers\.(\d+)\.(.+)$")
 # tensors of a decoder block that an MTP layer shares in name with a trunk layer
 _BLOCK_PARTS = ("self_attn.", "mlp.", "input_layernorm.", "post_attention_layernorm.")
+_HF_CODE = Path(__file__).parent / "hf_mimo"
+_HF_AUTO_MAP = {"AutoConfig": "configuration_mimo.MiMoConfig", "AutoModel": "modeling_mimo.MiMoModel",
+                "AutoModelForCausalLM": "modeling_mimo.MiMoForCausalLM"}
+_OUR_CODE_MARK = "verl_mtp:hf_mimo"  # in our files: a folder we saved gets today's code on its next save
 
 
 class CheckpointError(ValueError):
@@ -28,9 +37,29 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF model folder)")
     try:
-        return ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+        hf = json.loads(cfg_file.read_text())
+        cfg = ModelConfig.from_hf_dict(hf)
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: unreadable config: {e}") from None
+    cfg.remote_code = _own_remote_code(Path(path), hf)
+    return cfg
+
+
+def _own_remote_code(folder: Path, hf: dict) -> dict:
+    """A MiMo folder's own `auto_map` and `*.py`, to keep in every folder saved from it; empty for other
+    architectures and for folders whose code is ours."""
+    if hf.get("model_type") != "mimo" or "auto_map" not in hf:
+        return {}
+    files = {p.name: p.read_text() for p in sorted(folder.glob("*.py"))}
+    if any(_OUR_CODE_MARK in text for text in files.values()):
+        return {}
+    return {"auto_map": hf["auto_map"], "files": files}
+
+
+def _remote_code(cfg: ModelConfig) -> dict:
+    if cfg.remote_code:
+        return cfg.remote_code
+    return {"auto_map": _HF_AUTO_MAP, "files": {p.name: p.read_text() for p in sorted(_HF_CODE.glob("*.py"))}}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -115,9 +144,15 @@ def load_pretrained(cls, path, num_mtp_layers=None, dtype=torch.float32, init_mt
     return model.to(dtype)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_pretrained(model, path) -> None:
-    """config.json + model.safetensors in MiMo layout. Files are written under temporary names and
-    renamed, so a reader never sees a half-written file."""
+    """config.json + model.safetensors in MiMo layout, and the modeling code (see the module docstring).
+    Files are written under temporary names and renamed, so a reader never sees a half-written file."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
@@ -126,11 +161,13 @@ def save_pretrained(model, path) -> None:
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
+    code = _remote_code(model.config)
+    for name, text in code["files"].items():
+        _write_atomic(folder / name, text)
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    tmp = folder / ".config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    os.replace(tmp, folder / "config.json")
+    cfg["auto_map"] = code["auto_map"]
+    _write_atomic(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def state_checksum(named_tensors) -> str:

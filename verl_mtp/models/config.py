@@ -44,6 +44,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     source_model_type: str = "mimo"  # what the folder we came from was; we always save as MiMo
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, written back unchanged
+    # a MiMo folder's own modeling code, {"auto_map": ..., "files": {name: text}}, that every save copies
+    # (see models.checkpoint); empty: the folder gets verl_mtp's own
+    remote_code: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
