@@ -10,7 +10,12 @@ A *scorer reference* names one in a form that pickles, so worker processes can l
     None                          default_compute_score below
     "pkg.module:function"         an importable function
     "path/to/file.py[:function]"  a function in a file (default name "compute_score")
-    ("path/to/file.py", "name")   the same, as verl's custom_reward_function.{path,name}
+    ("path/to/file.py", "name")   the same, as verl's custom_reward_function.{path,name}; the path
+                                  may also be "pkg://pkg.module" or "file://path", as in verl
+
+``default_compute_score`` routes data sources as verl's does; ``lenient_compute_score`` is the
+same with our more forgiving Answer-line grader (``custom_reward_function.path=
+pkg://verl_mtp.rewards.scorers`` and ``custom_reward_function.name=lenient_compute_score``).
 """
 
 from __future__ import annotations
@@ -24,34 +29,64 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import math_dapo
+from . import gsm8k, math_dapo, math_dapo_lenient
 
 ScorerRef = str | tuple[str, str] | None
 
-_MATH_DAPO_SOURCES = ("math_dapo", "synthetic_math")  # and every "aime*" source
-_BOXED_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", "math")
+# Data sources graded by the Answer-line grader: verl's, plus our synthetic task (and every "aime*").
+ANSWER_LINE_SOURCES = ("math_dapo", "math", "math_dapo_reasoning", "synthetic_math")
+BOXED_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")
+GSM8K_SOURCES = ("openai/gsm8k",)
+# verl grades these with scorers we do not ship (prime_math, code sandboxes, geo3k, search-R1 EM).
+_VERL_ONLY_SOURCES = (
+    "numina_aops_forum", "numina_synthetic_math", "numina_amc_aime", "numina_synthetic_amc", "numina_cn_k12",
+    "numina_olympiads", "codecontests", "apps", "codeforces", "taco", "hiyouga/geometry3k", "searchR1_nq",
+    "searchR1_triviaqa", "searchR1_popqa", "searchR1_hotpotqa", "searchR1_2wikimultihopqa", "searchR1_musique",
+    "searchR1_bamboogle",
+)
 
 
 def default_compute_score(
     data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None
-) -> dict[str, Any]:
-    """Scores with the grader that fits ``data_source``: ``Answer:`` lines or a final ``\\boxed{}``."""
-    if data_source in _MATH_DAPO_SOURCES or str(data_source).startswith("aime"):
-        return math_dapo.compute_score(solution_str, ground_truth)
-    if data_source in _BOXED_SOURCES:
+) -> dict[str, Any] | float:
+    """Scores with the grader verl's ``default_compute_score`` picks for ``data_source``."""
+    return _route(data_source, solution_str, ground_truth, math_dapo.compute_score)
+
+
+def lenient_compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None
+) -> dict[str, Any] | float:
+    """``default_compute_score`` with ``math_dapo_lenient`` for the Answer-line sources: numbers
+    compared by value (``42.0`` is ``42``), ``\\dfrac``, ``\\%`` and trailing periods ignored."""
+    return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score)
+
+
+def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: Callable) -> dict[str, Any] | float:
+    source = str(data_source)
+    if source in ANSWER_LINE_SOURCES or source.startswith("aime"):
+        return answer_line(solution_str, ground_truth)
+    if source in GSM8K_SOURCES:
+        return gsm8k.compute_score(solution_str, ground_truth)
+    if source in BOXED_SOURCES:
         from . import boxed  # imports sympy; workers that never grade MATH-style data skip that
 
         return boxed.compute_score(solution_str, ground_truth)
-    known = ", ".join((*_MATH_DAPO_SOURCES, "aime*", *_BOXED_SOURCES))
+    if source in _VERL_ONLY_SOURCES:
+        raise ValueError(f"data_source={source!r} needs a grader verl has and verl_mtp does not; "
+                         f"set custom_reward_function.path to grade it")
+    known = ", ".join((*ANSWER_LINE_SOURCES, "aime*", *GSM8K_SOURCES, *BOXED_SOURCES))
     raise ValueError(
-        f"no built-in reward function for data_source={data_source!r} (known: {known}); "
+        f"no built-in reward function for data_source={source!r} (known: {known}); "
         f"set custom_reward_function.path to grade it"
     )
 
 
 def load_custom_reward_function(path: str, name: str = "compute_score") -> Callable:
-    """The function ``name`` defined in the Python file at ``path``."""
-    file = os.path.abspath(os.path.expanduser(path))
+    """The function ``name`` defined in the Python file at ``path`` (``file://`` optional), or in
+    the module ``pkg://pkg.module`` (``pkg://pkg/module`` too), as verl accepts them."""
+    if path.startswith("pkg://"):
+        return _import_function(path[len("pkg://"):].replace("/", "."), name)
+    file = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
     if not os.path.isfile(file):
         raise FileNotFoundError(f"custom_reward_function.path={path!r}: no such file")
     module_name = "_verl_mtp_reward_" + re.sub(r"\W", "_", file)

@@ -12,7 +12,7 @@ from typing import Any
 
 from math_verify import parse, verify
 
-from .math_dapo import NO_ANSWER, last_boxed_content
+from .math_dapo_lenient import NO_ANSWER, last_boxed_content
 
 
 class _DropTimeoutDisabledNotice(logging.Filter):

@@ -1,10 +1,12 @@
-"""Minerva-style grader for responses that end with an ``Answer: <value>`` line.
+"""A more forgiving grader for ``Answer: <value>`` lines than verl's ``math_dapo`` (ours before it
+matched verl): numbers compare by value (``42.0``, ``+3``, ``007``, ``1,000``), ``\\dfrac``, ``\\%``,
+degree signs, unit words and trailing periods are ignored, and ``1,2`` stays a pair. Selected by
+``lenient_compute_score`` (see ``scorers``); DAPO's published numbers use ``math_dapo``.
 
-Used for DAPO-Math, AIME and the synthetic task. Only the tail of a response is read, as in
-verl: the answer belongs at the end, and a response must not earn credit for an ``Answer:``
-line it wrote early and then kept talking past.
+Only the tail of a response is read, as in verl: the answer belongs at the end, and a response
+must not earn credit for an ``Answer:`` line it wrote early and then kept talking past.
 
-    compute_score("... so the total is 42.\\nAnswer: 42", "42")
+    compute_score("... so the total is 42.\\nAnswer: 42.0", "42")
     -> {"score": 1.0, "acc": True, "pred": "42"}
 """
 
