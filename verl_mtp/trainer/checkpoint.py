@@ -1,15 +1,19 @@
 """Run checkpoints: `{default_local_dir}/global_step_{N}/` with the actor's HF folder and optimizer,
 and the driver's state (step, dataloader position, RNG, KL coefficient, metrics history, config).
 
-A checkpoint is written into a temporary folder and renamed into place, and
-`latest_checkpointed_iteration.txt` is replaced last: a crash at any point leaves the previous
-checkpoint intact and still the one `resume_mode=auto` picks."""
+A checkpoint is written into a temporary folder and renamed into place (a re-saved step's old folder
+is first renamed aside and deleted last), and `latest_checkpointed_iteration.txt` is replaced after
+it: a crash at any point leaves a whole checkpoint that `resume_mode=auto` picks. Pruning
+(`max_actor_ckpt_to_keep`) keeps the newest saves in the order they were made, recorded in
+`checkpoint_save_order.txt`. A `latest` file naming a missing checkpoint stops the run with one line
+rather than starting it afresh."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +21,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from verl_mtp.config import ConfigError
+
 LATEST = "latest_checkpointed_iteration.txt"
+SAVE_ORDER = "checkpoint_save_order.txt"  # steps, oldest save first
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
 def _rng_state() -> dict:
@@ -51,28 +60,56 @@ def save(root: str, step: int, trainer_state: dict, actor_group, cfg, keep: int 
     actor_group.call_rank0("save_checkpoint", str(tmp / "actor"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": _rng_state()}))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    if final.exists():  # re-saving a step (after a recovery): replace it as a whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)
     _write_atomic(root_path / LATEST, str(step))
-    _prune(root_path, keep)
+    _prune(root_path, step, keep)
     return str(final)
 
 
-def _prune(root: Path, keep: int | None) -> None:
-    if not keep or keep <= 0:
-        return
-    steps = sorted(int(p.name.split("_")[-1]) for p in root.glob("global_step_*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(root / f"global_step_{old}", ignore_errors=True)
+def _aside(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def swap_in(new: Path, folder: Path) -> None:
+    """Rename `new` to `folder`. An existing `folder` (a re-saved step) is renamed aside first and deleted
+    last, so a crash between the renames still leaves that step whole (`latest` reads the aside copy)."""
+    old = _aside(folder)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, step: int, keep: int | None) -> None:
+    """Record `step` as the newest save; delete all but the `keep` newest saves. Save order, not step
+    number: a run resumed from an older step saves lower steps after higher ones, and the one just
+    saved is the one `latest` names. Folders the record lacks count as the oldest."""
+    present = {int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))}
+    record = root / SAVE_ORDER
+    recorded = [int(s) for s in record.read_text().split()] if record.is_file() else []
+    order = sorted(present - set(recorded) - {step}) + [s for s in recorded if s in present and s != step] + [step]
+    doomed = order[:-keep] if keep and keep > 0 else []
+    _write_atomic(record, "\n".join(str(s) for s in order if s not in doomed) + "\n")
+    for s in doomed:
+        shutil.rmtree(root / f"global_step_{s}", ignore_errors=True)
+    for aside in root.glob(".global_step_*.old"):  # left by a re-save that stopped; `latest` names `step` now
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def latest(root: str) -> str | None:
+    """The checkpoint `latest_checkpointed_iteration.txt` names, None when there is no such file."""
     marker = Path(root) / LATEST
     if not marker.is_file():
         return None
-    folder = Path(root) / f"global_step_{marker.read_text().strip()}"
-    return str(folder) if (folder / "trainer_state.json").is_file() else None
+    step = marker.read_text().strip()
+    folder = Path(root) / f"global_step_{step}"
+    for candidate in (folder, _aside(folder)):  # the aside copy: a re-save that stopped between its renames
+        if (candidate / STATE).is_file():
+            return str(candidate)
+    raise ConfigError(f"trainer.default_local_dir={root}: {LATEST} names step {step} but {folder} holds no "
+                      f"checkpoint; set trainer.resume_mode=disable to start afresh, or resume_mode=resume_path "
+                      f"with trainer.resume_from_path")
 
 
 def find_resume_path(trainer_cfg) -> str | None:
@@ -81,8 +118,8 @@ def find_resume_path(trainer_cfg) -> str | None:
         return None
     if mode == "resume_path":
         path = trainer_cfg.resume_from_path
-        if not (Path(path) / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"trainer.resume_from_path={path}: not a checkpoint folder (no trainer_state.json)")
+        if not (Path(path) / STATE).is_file():
+            raise ConfigError(f"key 'trainer.resume_from_path': {path} is not a checkpoint folder (no {STATE})")
         return path
     return latest(trainer_cfg.default_local_dir)
 
