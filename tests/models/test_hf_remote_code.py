@@ -64,6 +64,18 @@ def test_auto_model_runs_trunk_and_every_mtp_layer_as_we_do(tmp_path, variant):
         assert (g - w)[valid].abs().max() < 1e-5, f"MTP layer {i}"
 
 
+def test_generate_runs_the_trunk_with_a_cache_greedy_as_we_do(tmp_path):
+    ours = _model()
+    ours.save_pretrained(tmp_path)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    got = _load(tmp_path).generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            want = torch.cat([want, ours(want).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, want)
+
+
 def test_moe_folder_config_loads_and_the_model_refuses_in_one_line(tmp_path):
     _model(n_routed_experts=4, num_experts_per_tok=2, num_nextn_predict_layers=1).save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path, trust_remote_code=True).n_routed_experts == 4
