@@ -1,8 +1,8 @@
 """Folders we save load in plain transformers (`trust_remote_code`) with the trunk and every MTP layer, and a
 MiMo folder's own modeling code survives a load/save through us."""
 
+import ast
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,16 @@ def _model(**kw) -> MTPCausalLM:
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
+
+
+def test_shipped_files_import_only_torch_transformers_and_each_other():
+    """Users load a saved folder without verl_mtp installed."""
+    for f in HF_CODE.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 or isinstance(node, ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert all(n.split(".")[0] in ("torch", "transformers", "dataclasses", "__future__") for n in names), \
+                    f"{f.name}: imports {names}"
 
 
 def _load(folder) -> torch.nn.Module:
