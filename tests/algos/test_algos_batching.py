@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_mtp.algos import partition_by_token_budget, split_into_micro_batches
+from verl_mtp.algos import epoch_orders, partition_by_token_budget, split_into_micro_batches
 
 
 def test_split_into_micro_batches():
@@ -57,3 +57,17 @@ def test_partition_properties(seq_lens, budget, min_bins):
     fitting = [n for n in seq_lens if n <= budget]
     bound = max(min_bins, math.ceil(2 * sum(fitting) / budget), sum(2 * n > budget for n in fitting), 1)
     assert len(parts) - (len(seq_lens) - len(fitting)) <= bound
+
+
+def test_epoch_orders_without_shuffle_keep_the_rows_in_place():
+    assert epoch_orders(4, 2, shuffle=False, seed=1, step=3) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_shuffled_orders_change_per_step_and_epoch_and_replay_on_resume():
+    orders = {step: epoch_orders(32, 2, shuffle=True, seed=7, step=step) for step in range(1, 6)}
+    for step, (first, second) in orders.items():
+        assert sorted(first) == list(range(32)) and first != second  # epochs differ
+        assert epoch_orders(32, 2, shuffle=True, seed=7, step=step) == [first, second]  # a resumed run replays it
+    assert len({tuple(o[0]) for o in orders.values()}) == 5  # a new permutation every step (before: one for all)
+    assert epoch_orders(32, 1, shuffle=True, seed=8, step=1) != orders[1][:1]  # and per seed
+    assert epoch_orders(32, 1, shuffle=True, seed=0, step=1) != epoch_orders(32, 1, shuffle=True, seed=1, step=1)

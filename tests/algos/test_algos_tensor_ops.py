@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from verl_mtp.algos import agg_loss, entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum
+from verl_mtp.algos import (LossAggregation, agg_loss, entropy_from_logits, logprobs_from_logits, masked_mean,
+                            masked_sum)
 
 # 2 x 3 example: row 0 has 2 response tokens, row 1 has 3.
 LOSS = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
@@ -27,11 +28,33 @@ def test_masked_mean_of_nothing_is_zero_not_nan():
         ("token-mean", (1 + 2 + 3 + 4 + 5) / 5),  # 3.0
         ("seq-mean-token-sum", (3 + 12) / 2),  # 7.5
         ("seq-mean-token-mean", (1.5 + 4.0) / 2),  # 2.75
-        ("seq-mean-token-sum-norm", (3 / 3 + 12 / 3) / 2),  # 2.5, horizon T = 3
+        ("seq-mean-token-sum-norm", (3 + 12) / 3),  # 5.0: summed over sequences, horizon T = 3 (verl)
     ],
 )
 def test_agg_loss_modes_on_2x3(mode, expected):
     assert agg_loss(LOSS, MASK, mode).item() == pytest.approx(expected)
+
+
+def test_dr_grpo_divides_by_the_constant_horizon_not_the_padded_width():
+    # verl's loss_scale_factor: the max response length (here 8), whatever width this batch was padded to
+    assert agg_loss(LOSS, MASK, "seq-mean-token-sum-norm", horizon=8).item() == pytest.approx((3 + 12) / 8)
+    wider = torch.nn.functional.pad(LOSS, (0, 5)), torch.nn.functional.pad(MASK, (0, 5))
+    assert agg_loss(*wider, "seq-mean-token-sum-norm", horizon=8).item() == pytest.approx((3 + 12) / 8)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token-mean", 15 / 5),
+        ("seq-mean-token-sum", (3 + 12) / 2),  # the empty row is not a sequence: / 2, not / 3
+        ("seq-mean-token-mean", (1.5 + 4.0) / 2),
+        ("seq-mean-token-sum-norm", (3 + 12) / 3),
+    ],
+)
+def test_a_fully_masked_row_does_not_count(mode, expected):
+    loss = torch.cat([LOSS, torch.full((1, 3), 7.0)])
+    mask = torch.cat([MASK, torch.zeros(1, 3, dtype=MASK.dtype)])
+    assert agg_loss(loss, mask, mode).item() == pytest.approx(expected)
 
 
 def test_agg_loss_unknown_mode():
@@ -57,10 +80,18 @@ def test_seq_modes_with_global_seq_count_sum_to_full_batch(mode):
     torch.manual_seed(1)
     loss = torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.4).int()
+    mask[2] = 0  # a row without response tokens: 5 sequences count
     # The token count is ignored by seq-* modes, so callers may always pass both.
     parts = (slice(0, 1), slice(1, 6))
-    micro = [agg_loss(loss[s], mask[s], mode, global_token_count=999, global_seq_count=6) for s in parts]
-    torch.testing.assert_close(sum(micro), agg_loss(loss, mask, mode))
+    micro = [agg_loss(loss[s], mask[s], mode, global_token_count=999, global_seq_count=5, horizon=7) for s in parts]
+    torch.testing.assert_close(sum(micro), agg_loss(loss, mask, mode, horizon=7))
+
+
+def test_loss_aggregation_binds_the_settings():
+    agg = LossAggregation("seq-mean-token-sum-norm", global_token_count=10, global_seq_count=4, horizon=5)
+    assert agg(LOSS, MASK).item() == pytest.approx(15 / 5)
+    assert agg(LOSS, MASK, mode="seq-mean-token-mean").item() == pytest.approx((1.5 + 4.0) / 4)
+    assert agg(LOSS, MASK, mode="token-mean").item() == pytest.approx(15 / 10)
 
 
 def test_entropy_of_uniform_is_log_vocab():

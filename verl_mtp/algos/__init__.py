@@ -4,7 +4,7 @@ name (``get_adv_estimator("grpo")``, ``get_policy_loss("vanilla")``) or by dotte
 """
 
 from .advantages import compute_grpo_outcome_advantage, compute_rloo_outcome_advantage, index_groups
-from .batching import partition_by_token_budget, split_into_micro_batches
+from .batching import epoch_orders, partition_by_token_budget, split_into_micro_batches
 from .dynamic_sampling import AccumulateResult, DynamicSamplingState, accumulate_groups, filter_groups
 from .kl import (
     AdaptiveKLController,
@@ -18,6 +18,7 @@ from .registry import get_adv_estimator, get_policy_loss, register_adv_estimator
 from .schedule import lr_lambda
 from .tensor_ops import (
     LOSS_AGG_MODES,
+    LossAggregation,
     agg_loss,
     entropy_from_logits,
     logprobs_from_logits,
@@ -33,6 +34,7 @@ __all__ = [
     "AdaptiveKLController",
     "DynamicSamplingState",
     "FixedKLController",
+    "LossAggregation",
     "accumulate_groups",
     "agg_loss",
     "apply_kl_in_reward",
@@ -42,6 +44,7 @@ __all__ = [
     "compute_policy_loss",
     "compute_rloo_outcome_advantage",
     "entropy_from_logits",
+    "epoch_orders",
     "filter_groups",
     "get_adv_estimator",
     "get_policy_loss",

@@ -1,9 +1,20 @@
-"""Split a mini-batch into micro-batches: fixed size, or by a token budget (``use_dynamic_bsz``)."""
+"""Order a batch's rows for the PPO epochs (``actor.shuffle``), and split a mini-batch into
+micro-batches: fixed size, or by a token budget (``use_dynamic_bsz``)."""
 
 from __future__ import annotations
 
 import heapq
 import math
+
+import numpy as np
+
+
+def epoch_orders(n: int, epochs: int, shuffle: bool, seed: int, step: int) -> list[list[int]]:
+    """The row order of each PPO epoch: ``range(n)``, or with ``shuffle`` a permutation drawn from
+    (seed, step, epoch), so it differs every step and epoch, and a run resumed at ``step`` replays it."""
+    if not shuffle:
+        return [list(range(n))] * epochs
+    return [np.random.default_rng([seed, step, epoch]).permutation(n).tolist() for epoch in range(epochs)]
 
 
 def split_into_micro_batches(n: int, micro_bsz: int) -> list[list[int]]:

@@ -5,6 +5,8 @@ Shapes: B sequences, T response positions, V vocabulary. Masks are 0/1 (bool, in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -39,33 +41,53 @@ def agg_loss(
     loss_agg_mode: str,
     global_token_count: int | torch.Tensor | None = None,
     global_seq_count: int | torch.Tensor | None = None,
+    horizon: int | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss to a scalar (verl's ``actor.loss_agg_mode``).
 
     - ``token-mean``: sum over all tokens / number of tokens (DAPO).
-    - ``seq-mean-token-sum``: per-sequence sum, mean over sequences.
-    - ``seq-mean-token-mean``: per-sequence mean, mean over sequences (original GRPO).
-    - ``seq-mean-token-sum-norm``: per-sequence sum / ``T`` (a constant horizon), mean over
-      sequences (Dr.GRPO). ``T`` is ``loss_mask.shape[-1]``: pad to the max response length
-      so it really is constant.
+    - ``seq-mean-token-sum``: per-sequence sum, mean over the sequences that have response tokens.
+    - ``seq-mean-token-mean``: per-sequence mean, mean over those sequences (original GRPO).
+    - ``seq-mean-token-sum-norm``: sum over all tokens of all sequences / ``horizon``, a constant
+      (Dr.GRPO; verl's ``loss_scale_factor``, by default the maximum response length). Sequences
+      are summed, not averaged, as in verl. Without ``horizon`` it is ``loss_mask.shape[-1]``,
+      which is constant only when every batch is padded to the same width.
 
-    Gradient accumulation: pass the mini-batch's token count (``token-mean``) or sequence count
-    (``seq-*``) as ``global_token_count`` / ``global_seq_count`` and *sum* the micro-batch
-    losses; the total then equals the loss of the whole mini-batch. The count a mode does not
-    use is ignored, so callers may always pass both.
+    A sequence without response tokens (all masked) adds nothing and is not counted, as in verl.
+
+    Gradient accumulation: pass the mini-batch's token count (``token-mean``) or the number of
+    its sequences with response tokens (``seq-mean-*``) as ``global_token_count`` /
+    ``global_seq_count`` and *sum* the micro-batch losses; the total then equals the loss of the
+    whole mini-batch (``seq-mean-token-sum-norm`` needs no count: it is a plain sum). The count a
+    mode does not use is ignored, so callers may always pass both.
     """
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; known: {', '.join(LOSS_AGG_MODES)}")
     if loss_agg_mode == "token-mean":
         tokens = loss_mask.sum() if global_token_count is None else global_token_count
         return masked_sum(loss_mat, loss_mask) / _count(tokens, loss_mat)
-    seq_loss = masked_sum(loss_mat, loss_mask, dim=-1)  # (B,)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return masked_sum(loss_mat, loss_mask) / _count(horizon or loss_mask.shape[-1], loss_mat)
+    seq_loss = masked_sum(loss_mat, loss_mask, dim=-1)  # (B,), 0 for a row without response tokens
     if loss_agg_mode == "seq-mean-token-mean":
         seq_loss = seq_loss / loss_mask.sum(-1).clamp(min=1)
-    elif loss_agg_mode == "seq-mean-token-sum-norm":
-        seq_loss = seq_loss / loss_mask.shape[-1]
-    seqs = loss_mask.shape[0] if global_seq_count is None else global_seq_count
+    seqs = (loss_mask.sum(-1) > 0).sum() if global_seq_count is None else global_seq_count
     return seq_loss.sum() / _count(seqs, loss_mat)
+
+
+@dataclass(frozen=True)
+class LossAggregation:
+    """``agg_loss`` with its settings bound: what a policy loss calls to reduce its (B, T) loss."""
+
+    mode: str = "token-mean"
+    global_token_count: float | None = None
+    global_seq_count: float | None = None
+    horizon: int | None = None  # seq-mean-token-sum-norm's constant
+
+    def __call__(self, loss_mat: torch.Tensor, loss_mask: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``mode`` overrides the configured one (GSPO always averages per sequence)."""
+        return agg_loss(loss_mat, loss_mask, mode or self.mode, self.global_token_count, self.global_seq_count,
+                        self.horizon)
 
 
 def logprobs_from_logits(

@@ -214,7 +214,12 @@ class CheckpointConfig:
 
 @dataclass
 class PolicyLossConfig:
-    loss_mode: str = "vanilla"  # a registered policy loss, or a user one as "pkg.module:function"
+    loss_mode: str = "vanilla"  # vanilla | gspo | clip_cov | kl_cov, or a user one as "pkg.module:function"
+    clip_cov_ratio: float = 0.0002  # clip_cov: fraction of tokens whose gradient is cut
+    clip_cov_lb: float = 1.0  # clip_cov: covariance range of the candidates
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002  # kl_cov: fraction of tokens given the KL penalty
+    ppo_kl_coef: float = 0.1  # kl_cov: weight of that penalty
 
 
 @dataclass
@@ -231,6 +236,7 @@ class ActorConfig:
     clip_ratio_high: float = _follow(".clip_ratio")  # DAPO clip-higher uses e.g. 0.28
     clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages; must be > 1
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_scale_factor: Optional[int] = None  # seq-mean-token-sum-norm's constant; null = data.max_response_length
     entropy_coeff: float = 0.0
     use_kl_loss: bool = False  # KL to the reference model as a loss term (GRPO style)
     kl_loss_coef: float = 0.001

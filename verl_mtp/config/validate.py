@@ -4,6 +4,7 @@ Every failure is a ConfigError whose one-line message names the full dotted key.
 """
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, Callable, Optional, Union
 
@@ -25,6 +26,7 @@ ROLLOUT_MODES = ("sync", "async", "server")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 TRUNCATIONS = ("error", "left", "right", "filter")
 ADV_ESTIMATORS = ("grpo", "rloo")  # or a user function as "pkg.module:function"
+POLICY_LOSSES = ("vanilla", "gspo", "clip_cov", "kl_cov")  # algos.registry's (config sits below algos); or a dotted path
 KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 LR_SCHEDULERS = ("constant", "cosine")
 REWARD_MANAGERS = ("naive", "dapo")
@@ -142,6 +144,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     _ARR + "actor.clip_ratio_low": _at_least(0),
     _ARR + "actor.clip_ratio_high": _at_least(0),
     _ARR + "actor.kl_loss_coef": _at_least(0),
+    _ARR + "actor.loss_scale_factor": _at_least(1),
+    _ARR + "actor.policy_loss.clip_cov_ratio": _in_range(0, 1, open_low=True),
+    _ARR + "actor.policy_loss.kl_cov_ratio": _in_range(0, 1, open_low=True),
     _ARR + "actor.optim.lr": _at_least(0),
     _ARR + "actor.optim.lr_warmup_steps_ratio": _in_range(0, 1),
     _ARR + "actor.optim.weight_decay": _at_least(0),
@@ -155,7 +160,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     _ARR + "ref.megatron.context_parallel_size": _at_least(1),
     _ARR + "ref.log_prob_micro_batch_size_per_gpu": _at_least(1),
     _ARR + "rollout.n": _at_least(1),
-    _ARR + "rollout.temperature": _at_least(0),
+    _ARR + "rollout.temperature": ((lambda v: v > 0), "must be > 0 for training rollouts (the policy's log-probs divide "
+                                   "the logits by it; greedy decoding is for validation: rollout.val_kwargs.temperature=0)"),
     _ARR + "rollout.top_p": _in_range(0, 1, open_low=True),
     _ARR + "rollout.top_k": _at_least(-1),
     _ARR + "rollout.max_batch_size": _at_least(1),
@@ -358,6 +364,22 @@ def _check_actor(cfg: DictConfig) -> None:
         )
     if len(actor.optim.betas) != 2:
         raise ConfigError(f"key '{_ARR}actor.optim.betas': expected 2 values, got {list(actor.optim.betas)}")
+    _check_function(_ARR + "actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, POLICY_LOSSES)
+
+
+def _check_function(key: str, name: str, builtins: tuple[str, ...]) -> None:
+    """`name` is a built-in, or a 'pkg.module:function' that imports here (not first inside a worker)."""
+    if name in builtins:
+        return
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ConfigError(f"key '{key}': expected one of {'|'.join(builtins)} or 'pkg.module:function', got {name!r}")
+    try:
+        function = getattr(importlib.import_module(module), attr)
+    except Exception as err:  # any error of the user's module: reported in one line
+        raise ConfigError(f"key '{key}': cannot load {name!r}: {type(err).__name__}: {err}") from None
+    if not callable(function):
+        raise ConfigError(f"key '{key}': {name!r} is not callable")
 
 
 def _check_files(cfg: DictConfig) -> None:

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import torch
 
-from verl_mtp.algos import (agg_loss, entropy_from_logits, get_policy_loss, kl_penalty, logprobs_from_logits,
-                            masked_mean, partition_by_token_budget, split_into_micro_batches)
+from verl_mtp.algos import (LossAggregation, entropy_from_logits, epoch_orders, get_policy_loss, kl_penalty,
+                            logprobs_from_logits, masked_mean, partition_by_token_budget, split_into_micro_batches)
 from verl_mtp.algos.mtp_loss import mtp_targets, mtp_token_losses, reduce_mtp_loss
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
@@ -49,12 +49,17 @@ def responses_of(values: torch.Tensor, micro: Batch) -> torch.Tensor:
 class PolicyActor:
     """cfg: the `actor_rollout_ref` config (DictConfig or nested dict)."""
 
-    def __init__(self, engine: TrainingEngine, cfg, temperature: float = 1.0):
+    def __init__(self, engine: TrainingEngine, cfg, temperature: float = 1.0, max_response_length: int | None = None,
+                 seed: int = 0):
         self.engine = engine
         self.actor = cfg.actor
         self.mtp = cfg.model.mtp
         self.temperature = temperature
         self.policy_loss = get_policy_loss(self.actor.policy_loss.loss_mode)
+        # Dr.GRPO's constant (seq-mean-token-sum-norm): verl's loss_scale_factor, by default the max
+        # response length (verl pads every response to it); None: this batch's padded width
+        self.horizon = self.actor.get("loss_scale_factor") or max_response_length
+        self.seed = seed  # with the step, draws the mini-batch order when actor.shuffle
 
     # ---- micro-batching ------------------------------------------------------------------
 
@@ -108,16 +113,15 @@ class PolicyActor:
             mask = micro.response_mask
             # no old log-probs: the batch is on-policy for this single step (see DAPOTrainer._old_log_prob_source)
             old = micro.old_log_probs if micro.old_log_probs is not None else log_prob.detach()
-            pg = self.policy_loss(old, log_prob, micro.advantages, mask, a.clip_ratio_low,
-                                  a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode, tokens, seqs)
+            aggregate = LossAggregation(a.loss_agg_mode, tokens, seqs, self.horizon)
+            pg = self.policy_loss(old, log_prob, micro.advantages, mask, a, aggregate)
             loss = pg["pg_loss"]
             metrics = {f"actor/{k}": float(v.detach()) for k, v in pg.items()}
             if a.entropy_coeff:
-                loss = loss - a.entropy_coeff * agg_loss(entropy, mask, a.loss_agg_mode, tokens, seqs)
+                loss = loss - a.entropy_coeff * aggregate(entropy, mask)
             metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mask))
             if a.use_kl_loss:
-                kl = agg_loss(kl_penalty(log_prob, micro.ref_log_probs, a.kl_loss_type), mask, a.loss_agg_mode,
-                              tokens, seqs)
+                kl = aggregate(kl_penalty(log_prob, micro.ref_log_probs, a.kl_loss_type), mask)
                 loss = loss + a.kl_loss_coef * kl
                 metrics["actor/kl_loss"] = float(kl.detach())
             depths = sum(k.startswith("mtp_ce_") for k in values)
@@ -136,14 +140,13 @@ class PolicyActor:
 
         return MicroBatchFn(self._per_token(bool(a.entropy_coeff)), reduce, self._targets)
 
-    def update_policy(self, batch: Batch, mini_batch_rows: int) -> dict[str, float]:
-        """PPO epochs over mini-batches of `mini_batch_rows` rows; one optimizer step per mini-batch."""
+    def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
+        """PPO epochs over mini-batches of `mini_batch_rows` rows; one optimizer step per mini-batch.
+        `step` (the trainer's global step) and the seed draw the row order when actor.shuffle."""
         a = self.actor
         per_micro, per_mini = defaultdict(list), defaultdict(list)
         grad_norms, nan_steps = defaultdict(list), 0
-        g = torch.Generator().manual_seed(len(batch))  # deterministic, so a resumed run replays it
-        for _ in range(a.ppo_epochs):
-            order = torch.randperm(len(batch), generator=g) if a.shuffle else torch.arange(len(batch))
+        for order in epoch_orders(len(batch), a.ppo_epochs, a.shuffle, self.seed, step):
             for start in range(0, len(batch), mini_batch_rows):
                 mini = batch.select(order[start: start + mini_batch_rows])
                 tokens = float(mini.response_mask.sum())
@@ -151,7 +154,7 @@ class PolicyActor:
                                              a.ppo_max_token_len_per_gpu)
                 # each micro-batch divides by the mini-batch's token count, so their losses add up to it
                 sums = defaultdict(float)
-                for m in self.engine.forward_backward(micros, self._loss_fn(tokens, float(len(mini)))):
+                for m in self.engine.forward_backward(micros, self._loss_fn(tokens, float((mini.response_mask.sum(-1) > 0).sum()))):
                     for k, v in m.items():
                         if k in _ADDITIVE:
                             sums[k] += v

@@ -81,7 +81,7 @@ class DAPOTrainer:
         self.train_set = dataset(train_files)
         self.val_set = dataset(val_files) if val_files else None
         self.loader = PromptLoader(self.train_set, data.gen_batch_size or data.train_batch_size,
-                                   shuffle=data.shuffle, seed=data.seed or cfg.trainer.seed,
+                                   shuffle=data.shuffle, seed=data.seed,
                                    key="data.gen_batch_size" if data.gen_batch_size else "data.train_batch_size")
         steps_per_epoch = max(len(self.train_set) // data.train_batch_size, 1)
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * steps_per_epoch
@@ -358,7 +358,8 @@ class DAPOTrainer:
             with timer("adv", timing):
                 batch, adv_metrics = self._advantages(batch)
             with timer("update_actor", timing):
-                actor_metrics = _mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1)))
+                actor_metrics = _mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1),
+                                                               self.step + 1))
             with timer("update_weights", timing):
                 self._sync_weights()
         metrics.update(adv_metrics)

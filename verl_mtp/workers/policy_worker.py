@@ -64,7 +64,8 @@ class PolicyWorker:
                                   num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
                                   mtp_detach=mtp.detach_encoder, megatron=parallel,
                                   fsdp=OmegaConf.to_container((arr.ref if role == "ref" else arr.actor).fsdp_config))
-            self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature)
+            self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature,
+                                     max_response_length=self.cfg.data.max_response_length, seed=self.cfg.trainer.seed)
         if role in ("rollout", "actor_rollout"):
             # colocated: the rollout holds its own copy, refreshed (and verified) after every update
             rollout_model = copy.deepcopy(model) if self.actor else model
@@ -109,8 +110,8 @@ class PolicyWorker:
         micro = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
         return self.actor.compute_log_probs(batch.to(self.device), micro)[0].cpu()
 
-    def update_policy(self, batch: Batch, mini_batch_rows: int) -> dict[str, float]:
-        return self.actor.update_policy(batch.to(self.device), mini_batch_rows)
+    def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
+        return self.actor.update_policy(batch.to(self.device), mini_batch_rows, step)
 
     def get_weights(self) -> tuple[dict[str, torch.Tensor], str]:
         named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
