@@ -3,7 +3,6 @@
 process as the trainer (rank 0), which broadcasts the tensors; bad bodies refused naming the field."""
 
 import dataclasses
-import socket
 
 import pytest
 import torch
@@ -12,18 +11,13 @@ from tests.conftest import toy_config
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import NativeEngine, SamplingParams
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, ServerRollout, run_plan
+from verl_mtp.rollout.replica import free_port
 from verl_mtp.rollout.server import RolloutServer
 from verl_mtp.rollout.sglang import WEIGHT_GROUP_NAME, SyncCall, weight_update_group
 from verl_mtp.rollout.weight_group import broadcast_tensors, join_weight_group, leave_weight_group
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [10], [11, 12]]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Trainer:
@@ -84,8 +78,10 @@ UPDATE = {"names": ["lm_head.weight"], "dtypes": ["float32"], "shapes": [[64, 32
 def test_bad_bodies_name_the_field(served, path, body, needle):
     endpoint = {"init": "/init_weights_update_group", "update": "/update_weights_from_distributed"}[path]
     checksum = served.request("GET", "/get_model_info")["weights_checksum"]
+    served.request("POST", "/begin_weight_update", {})  # SGLang 0.5.23: updates only inside a session
     with pytest.raises(ReplicaError, match="HTTP 400") as info:
         served.request("POST", endpoint, body)
+    served.request("POST", "/end_weight_update", {})
     assert f"{endpoint[1:]}: {needle}" in str(info.value)
     assert served.request("GET", "/get_model_info")["weights_checksum"] == checksum
     assert served.request("GET", "/get_server_info")["weight_update_groups"] == {}
@@ -108,7 +104,8 @@ def test_weights_travel_by_broadcast_to_both_replicas(folder, models, tmp_path):
         # only dtypes and shapes reach the driver side of the plan: the tensors go over the group
         meta = {n: torch.empty_like(t, device="meta") for n, t in fresh.items()}
         sent = state_checksum(fresh.items())
-        assert rollout.call("update_rollout_weights", meta, 1, sent_checksum=sent) == [sent, sent]
+        # the checksums are the servers' own (computed from what they hold), not `sent` echoed back
+        assert rollout.call("update_rollout_weights", meta, 1, sent_checksum="not echoed") == [sent, sent]
         assert sorted(trainer.sent) == sorted(fresh) and rollout.init_group is None  # init with the first sync only
         for rank, url in enumerate(rollout.urls, start=1):
             client = ReplicaClient(url)
@@ -132,8 +129,10 @@ def test_weights_travel_by_broadcast_to_both_replicas(folder, models, tmp_path):
                        {"names": ["lm_head.weight", "model.nope"], "dtypes": ["float32", "float32"],
                         "shapes": [list(fresh["lm_head.weight"].shape), [2]], "weight_version": "3"},
                        broadcast=("lm_head.weight", "model.nope"))
+        session = [SyncCall("POST", "/begin_weight_update", {}), bad, SyncCall("POST", "/end_weight_update", {})]
         with pytest.raises(ReplicaError, match="unknown tensor 'model.nope'"):
-            run_plan(rollout.clients, [bad], trainer.broadcast)
+            run_plan(rollout.clients, session, trainer.broadcast)
+        run_plan(rollout.clients, session[2:])
         del trainer.named["model.nope"]
         assert rollout.update_rollout_weights(trainer.named, 4) == state_checksum(trainer.named.items())
         assert [ReplicaClient(u).request("GET", "/get_model_info")["weight_version"] for u in rollout.urls] == ["4"] * 2
@@ -141,7 +140,7 @@ def test_weights_travel_by_broadcast_to_both_replicas(folder, models, tmp_path):
         # a second init (a restarted trainer) replaces the group
         rollout.init_group = group = weight_update_group("127.0.0.1", free_port(), 2, 1, backend="gloo")
         trainer.named = dict(fresh)
-        assert rollout.update_rollout_weights(meta, 5, sent_checksum=sent) == sent
+        assert rollout.update_rollout_weights(meta, 5) == sent
         assert ReplicaClient(rollout.urls[1]).request("GET", "/get_server_info")["weight_update_groups"][
             WEIGHT_GROUP_NAME]["rank"] == 2
     finally:

@@ -1,5 +1,6 @@
 """The rollout server's SGLang protocol over real HTTP on 127.0.0.1 (server in-process, ephemeral port):
-/generate shapes and equality with the engine, seeds, errors, weight updates, pause/continue, the codec."""
+/generate shapes and equality with the engine, seeds, errors, weight updates, pause/continue, the codec,
+and that it is at least as strict as the SGLang version it emulates (bodies, sessions, fields)."""
 
 import threading
 import urllib.error
@@ -26,6 +27,11 @@ def served(models):
     server = RolloutServer(engine_for(models[0]), "toy", port=0, speculative=True).start()
     yield server, ReplicaClient(server.url, timeout=30)
     server.shutdown()
+
+
+def _serve(models, sglang):
+    server = RolloutServer(engine_for(models[0]), "toy", port=0, speculative=True, sglang=sglang).start()
+    return server, ReplicaClient(server.url, timeout=30)
 
 
 def _generate(client, params, prompts=PROMPTS):
@@ -58,9 +64,9 @@ def test_generate_matches_engine_with_sglang_shapes(served, models):
         expected = {"type": "stop", "matched": 3} if finish["type"] == "stop" else {"type": "length", "length": 20}
         assert finish == expected
         s = sample.stats
-        assert (meta["spec_verify_ct"], meta["spec_accept_token_num"], meta["spec_draft_token_num"]) == \
+        assert (meta["spec_verify_ct"], meta["spec_num_correct_drafts"], meta["spec_num_proposed_drafts"]) == \
             (s.verify_passes, s.accepted, s.drafted)
-        assert meta["spec_draft_token_num"] == DEPTH * meta["spec_verify_ct"]  # fixed depth: S drafts per pass
+        assert meta["spec_num_proposed_drafts"] == DEPTH * meta["spec_verify_ct"]  # fixed depth: S drafts per pass
         assert meta["spec_accept_length"] == (len(sample.token_ids) / s.verify_passes if s.verify_passes else 0.0)
         tokens, logprobs, reason, stats = sample_from_json(item)
         assert (tokens, logprobs, reason) == (sample.token_ids, sample.logprobs, sample.finish_reason)
@@ -109,9 +115,14 @@ def test_unknown_endpoint_bad_json_and_distributed_sync_are_clear(served):
     assert info.value.code == 400 and b"not JSON" in info.value.read()
 
 
-def _update(client, named, **extra):
+def _update(client, named, selector="all", **extra):
+    """One update inside a weight-update session (SGLang 0.5.23, the default emulated version)."""
     body = {"serialized_named_tensors": encode_native(named), "load_format": TENSOR_LOAD_FORMAT, **extra}
-    return client.request("POST", "/update_weights_from_tensor", body)
+    client.request("POST", "/begin_weight_update", {"selector": selector})
+    try:
+        return client.request("POST", "/update_weights_from_tensor", {**body, "selector": selector})
+    finally:
+        client.request("POST", "/end_weight_update", {})
 
 
 def test_weight_update_returns_checksum_and_changes_outputs(served, models):
@@ -136,24 +147,71 @@ def test_bad_weight_updates_change_nothing(served, models):
     checksum = client.request("GET", "/get_model_info")["weights_checksum"]
     named = list(models[1].state_dict().items())
     with pytest.raises(ReplicaError, match="load_format must be 'safetensors_base64'"):
-        client.request("POST", "/update_weights_from_tensor", {"serialized_named_tensors": encode_native(named)})
+        _update(client, named, load_format=None)
     with pytest.raises(ReplicaError, match="unknown tensor 'model.nope'"):
         _update(client, named + [("model.nope", torch.zeros(2))])
     with pytest.raises(ReplicaError, match="has shape"):
         _update(client, [(named[0][0], torch.zeros(3, 3))] + named[1:])
+    client.request("POST", "/begin_weight_update", {})
     with pytest.raises(ReplicaError, match="not base64 safetensors"):
         client.request("POST", "/update_weights_from_tensor",
                        {"serialized_named_tensors": ["@@"], "load_format": TENSOR_LOAD_FORMAT})
+    client.request("POST", "/end_weight_update", {})
     assert client.request("GET", "/get_model_info")["weights_checksum"] == checksum
 
 
 def test_target_only_update_leaves_the_draft_stale(served, models):
-    """disable_draft_model (SGLang's flag) skips the MTP tensors: exactly the failure the guard exists for."""
+    """selector=target (SGLang 0.5.23) skips the MTP tensors: exactly the failure the guard exists for."""
     _, client = served
     named = list(models[1].state_dict().items())
-    answer = _update(client, named, disable_draft_model=True)
+    answer = _update(client, named, selector="target")
     assert "left" in answer["message"] and answer["weights_checksum"] != state_checksum(named)
     assert _update(client, named)["weights_checksum"] == state_checksum(named)
+
+
+def test_as_strict_as_sglang_about_bodies_fields_and_sessions(served, models):
+    """What real SGLang refuses (422 without a declared body, 400 outside a 0.5.23 session), this server
+    refuses too; fields SGLang would silently ignore (the invented disable_draft_model) are refused here."""
+    server, client = served
+    req = urllib.request.Request(server.url + "/continue_generation", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10)
+    assert info.value.code == 422 and b"Field required" in info.value.read()
+    body = {"serialized_named_tensors": encode_native(models[1].state_dict().items()),
+            "load_format": TENSOR_LOAD_FORMAT}
+    checksum = client.request("GET", "/model_info")["weights_checksum"]
+    with pytest.raises(ReplicaError, match="HTTP 400: update_weights_from_tensor must run between "
+                                           "begin_weight_update"):
+        client.request("POST", "/update_weights_from_tensor", body)
+    with pytest.raises(ReplicaError, match="HTTP 400: no weight-update session is open"):
+        client.request("POST", "/end_weight_update", {})
+    with pytest.raises(ReplicaError, match="field 'disable_draft_model' is not part of SGLang 0.5.23's request"):
+        _update(client, models[1].state_dict().items(), disable_draft_model=False)
+    assert client.request("GET", "/model_info")["weights_checksum"] == checksum
+    assert client.request("GET", "/server_info")["version"] == "0.5.23"
+
+
+def test_emulated_0_5_6_drops_the_version_while_paused_and_has_no_sessions(models):
+    """SGLang 0.5.6: no session endpoints or selector, and an update made while paused keeps the old
+    weight_version (its early return), so the version must be recorded by /update_weight_version."""
+    server, client = _serve(models, "0.5.6")
+    try:
+        with pytest.raises(ReplicaError, match="HTTP 404"):
+            client.request("POST", "/begin_weight_update", {})
+        body = {"serialized_named_tensors": encode_native(models[1].state_dict().items()),
+                "load_format": TENSOR_LOAD_FORMAT, "weight_version": "3"}
+        with pytest.raises(ReplicaError, match="field 'selector' is not part of SGLang 0.5.6's request"):
+            client.request("POST", "/update_weights_from_tensor", {**body, "selector": "all"})
+        client.request("POST", "/pause_generation", {"mode": "abort"})
+        assert client.request("POST", "/update_weights_from_tensor", body)["success"]
+        assert client.request("GET", "/weight_version")["weight_version"] == "default"
+        client.request("POST", "/update_weight_version", {"new_version": "3", "abort_all_requests": False})
+        client.request("POST", "/continue_generation", {})
+        assert client.request("GET", "/model_info")["weight_version"] == "3"
+        item = _generate(client, SamplingParams(temperature=0, max_new_tokens=8))[0]
+        assert "spec_accept_token_num" in item["meta_info"] and "spec_num_correct_drafts" not in item["meta_info"]
+    finally:
+        server.shutdown()
 
 
 def test_pause_holds_generation_until_continue(served):
@@ -189,10 +247,12 @@ def test_released_memory_refuses_generate_and_weight_updates_until_resumed(serve
         _generate(client, params)
     body = {"serialized_named_tensors": encode_native(models[1].state_dict().items()),
             "load_format": TENSOR_LOAD_FORMAT, "weight_version": "1"}
+    client.request("POST", "/begin_weight_update", {})
     with pytest.raises(ReplicaError, match=r"HTTP 400: weight update: weights are released"):
         client.request("POST", "/update_weights_from_tensor", body)
     client.request("POST", "/resume_memory_occupation", {"tags": ["weights"]})
     assert client.request("POST", "/update_weights_from_tensor", body)["success"]
+    client.request("POST", "/end_weight_update", {})
     with pytest.raises(ReplicaError, match=r"memory released \(kv_cache\)"):
         _generate(client, params)
     client.request("POST", "/resume_memory_occupation", {})  # SGLang's empty body: all of it

@@ -14,8 +14,8 @@ from verl_mtp.config import load_config
 from verl_mtp.rollout.client import (colocated_replica_groups, colocated_servers, native_server_args,
                                      server_launcher, server_sync_mode, weight_update_group_for)
 from verl_mtp.rollout.server import parse_args, speculative_depth
-from verl_mtp.rollout.sglang import (launch_command, replica_layout, server_cli_args, sglang_server_args,
-                                     speculative_args)
+from verl_mtp.rollout.sglang import (check_sglang_support, launch_command, replica_layout, server_cli_args,
+                                     sglang_server_args, speculative_args)
 from tests.conftest import needs_sglang
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +83,35 @@ def test_engine_kwargs_pass_through_last(cluster_cfg):
     cfg = load_config(recipe_overrides(CLUSTER_RECIPE) + extra, config_name="ppo_megatron_trainer")
     args = sglang_server_args(cfg)
     assert args["attention_backend"] == "fa3" and args["tp_size"] == 8
+
+
+def test_list_and_dict_engine_kwargs_become_sglang_values_not_python_reprs():
+    argv = server_cli_args({"cuda_graph_bs": [1, 2, 4], "json_model_override_args": {"a": [1, "b"]}, "tp_size": 2})
+    assert argv == ["--cuda-graph-bs", "1", "2", "4", "--json-model-override-args", '{"a": [1, "b"]}',
+                    "--tp-size", "2"]  # parsed by SGLang's own parser in tests/rollout/sglang_contract
+
+
+@pytest.mark.parametrize("overrides, version, needle", [
+    (["actor_rollout_ref.model.mtp.num_layers=2"], "0.5.23",
+     "key 'actor_rollout_ref.model.mtp.num_layers': SGLang 0.5.23 drafts with 1 MTP layer"),
+    ([], "0.5.6", "key 'actor_rollout_ref.rollout.server.sync_mode': distributed sync on SGLang 0.5.6 updates the "
+                  "target only"),
+    ([], "0.5.6.post2", "distributed sync on SGLang 0.5.6.post2 updates the target only"),
+    ([], "0.5.9", r"SGLang 0.5.9 is not a supported version \(tested: 0.5.6, 0.5.6.post2, 0.5.23\)"),
+])
+def test_runs_an_sglang_version_cannot_do_are_refused_in_one_line(overrides, version, needle):
+    split = ["actor_rollout_ref.hybrid_engine=False", "actor_rollout_ref.rollout.server.sync_mode=distributed"]
+    cfg = load_config(recipe_overrides(CLUSTER_RECIPE) + split + overrides, config_name="ppo_megatron_trainer")
+    with pytest.raises(ValueError, match=needle) as info:
+        check_sglang_support(cfg, version)
+    assert "\n" not in str(info.value)
+
+
+def test_supported_runs_pass_the_version_check(cluster_cfg):
+    check_sglang_support(cluster_cfg, "0.5.6")  # colocated tensor sync reaches the draft on every version
+    split = ["actor_rollout_ref.hybrid_engine=False", "actor_rollout_ref.rollout.server.sync_mode=distributed"]
+    check_sglang_support(load_config(recipe_overrides(CLUSTER_RECIPE) + split, config_name="ppo_megatron_trainer"),
+                         "0.5.23")
 
 
 @pytest.mark.parametrize("mtp, needle", [
@@ -167,7 +196,7 @@ def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
     from tests.conftest import toy_config
     from verl_mtp.models import MTPCausalLM
     from verl_mtp.rollout import SamplingParams
-    from verl_mtp.rollout.client import ReplicaClient, push_weights
+    from verl_mtp.rollout.client import VERSION_CHECKED, ReplicaClient, push_weights
     from verl_mtp.rollout.sglang import launch_sglang_replicas, sglang_tensor_payload
 
     torch.manual_seed(0)
@@ -183,8 +212,9 @@ def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
         client = ReplicaClient(replica.url, timeout=300)
         items = client.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8))
         assert "spec_verify_ct" in items[0]["meta_info"]
-        named = {n: t.cuda() for n, t in model.state_dict().items()}
-        push_weights([client], named, 1, encode=lambda part: sglang_tensor_payload(part, 1), load_format=None)
-        assert client.request("GET", "/get_model_info")["weight_version"] == "1"
+        # CPU tensors, as Megatron's TP/PP gather leaves them: the payload moves them to this GPU itself
+        named = dict(model.state_dict())
+        held = push_weights([client], named, 1, encode=lambda part: sglang_tensor_payload(part, 1), load_format=None)
+        assert held == [VERSION_CHECKED] and client.request("GET", "/model_info")["weight_version"] == "1"
     finally:
         replica.stop()

@@ -9,18 +9,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from verl_mtp.models import state_checksum
-from verl_mtp.rollout.client import ReplicaClient, ReplicaError, push_weights, run_plan
+from verl_mtp.rollout.client import VERSION_CHECKED, ReplicaClient, ReplicaError, push_weights, run_plan
 from verl_mtp.rollout.engine import SpecStats
-from verl_mtp.rollout.sglang import StaleDraftError, StaleDraftGuard, weight_sync_plan, weight_update_group
+from verl_mtp.rollout.sglang import (SGLANG_VERSIONS, StaleDraftError, StaleDraftGuard, weight_sync_plan,
+                                     weight_update_group)
 
 NAMED = [("model.embed_tokens.weight", torch.ones(4, 2)), ("model.layers.0.mlp.up_proj.weight", torch.ones(3, 2)),
          ("model.mtp_layers.0.input_proj.weight", torch.ones(2, 4, dtype=torch.bfloat16)),
          ("lm_head.weight", torch.ones(4, 2))]
 TRUNK = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
 MTP = ["model.mtp_layers.0.input_proj.weight"]
-ORDER = ["/pause_generation", "/update_weights_from_tensor", "/update_weights_from_tensor", "/flush_cache",
-         "/continue_generation", "/get_model_info"]
+ORDER = ["/pause_generation", "/begin_weight_update", "/update_weights_from_tensor", "/update_weights_from_tensor",
+         "/end_weight_update", "/flush_cache", "/continue_generation", "/model_info"]  # SGLang 0.5.23
+# SGLang 0.5.6: no session, and the version recorded after the updates (it drops it while paused)
+ORDER_0_5_6 = ["/pause_generation", "/update_weights_from_tensor", "/update_weights_from_tensor",
+               "/update_weight_version", "/flush_cache", "/continue_generation", "/model_info"]
 
 
 def names_of(named):
@@ -35,14 +38,24 @@ def test_tensor_plan_pauses_sends_trunk_then_draft_then_flushes():
     plan = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: encoded.append(names_of(part)) or ["blob"],
                             load_format="fmt")
     assert [c.path for c in plan] == ORDER and plan[0].body == {"mode": "abort"} and plan[-1].method == "GET"
+    assert all(c.body is not None for c in plan if c.method == "POST")  # SGLang declares a body on each
     assert encoded == [TRUNK, MTP]
-    trunk, draft = plan[1].body, plan[2].body
+    trunk, draft = plan[2].body, plan[3].body
     # the version moves only with the last part, so a half-synced replica never claims the new version
     assert trunk["weight_version"] is None and draft["weight_version"] == "5"
     for body in (trunk, draft):
         assert body["serialized_named_tensors"] == ["blob"] and body["load_format"] == "fmt"
-        assert body["flush_cache"] is False and body["disable_draft_model"] is False
+        assert body["flush_cache"] is False and body["selector"] == "all"
     assert all(not c.broadcast for c in plan)
+
+
+def test_plan_speaks_each_versions_dialect():
+    old = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: ["blob"], protocol=SGLANG_VERSIONS["0.5.6"])
+    assert [c.path for c in old] == ORDER_0_5_6 and "selector" not in old[1].body
+    assert old[3].body == {"new_version": "5", "abort_all_requests": False}
+    post2 = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: ["blob"],
+                             protocol=SGLANG_VERSIONS["0.5.6.post2"])
+    assert [c.path for c in post2] == [p for p in ORDER_0_5_6 if p != "/update_weight_version"]
 
 
 def test_plan_of_a_model_without_mtp_layers_has_one_update_with_the_version():
@@ -62,7 +75,7 @@ def test_distributed_plan_initialises_the_group_once_and_lists_what_to_broadcast
     # each replica joins at its own rank: the trainer is 0, replica i's TP ranks start at 1 + i * tp
     assert [init.body_for(i)["rank_offset"] for i in range(2)] == [1, 3]
     assert [c.path for c in first[1:]] == [p.replace("tensor", "distributed") for p in ORDER]
-    trunk, draft = first[2], first[3]
+    trunk, draft = first[3], first[4]
     assert trunk.body["names"] == TRUNK and list(trunk.broadcast) == TRUNK and draft.body["names"] == MTP
     assert draft.body["dtypes"] == ["bfloat16"] and draft.body["shapes"] == [[2, 4]]
     assert trunk.body["group_name"] == "weight_update_group" and draft.body["weight_version"] == "2"
@@ -71,7 +84,7 @@ def test_distributed_plan_initialises_the_group_once_and_lists_what_to_broadcast
     meta = [(n, torch.empty_like(t, device="meta")) for n, t in NAMED]
     cpu = weight_sync_plan(meta, 1, "distributed", init_group=weight_update_group("h", 1, 1, 1, backend="gloo"))
     assert cpu[0].body["backend"] == "gloo" and cpu[0].body_for(0)["rank_offset"] == 1
-    assert cpu[3].body == draft.body | {"weight_version": "1"}
+    assert cpu[4].body == draft.body | {"weight_version": "1"}
 
 
 def test_plan_argument_errors():
@@ -90,6 +103,7 @@ class FakeSGLang:
 
     def __init__(self, arrived: threading.Event, broadcast_done: threading.Event, fail_path: str | None = None):
         self.calls, self.version, self.fail_path = [], "default", fail_path
+        self.reported = "0.5.23"
         self.arrived, self.broadcast_done = arrived, broadcast_done
         fake = self
 
@@ -128,8 +142,10 @@ class FakeSGLang:
                 return 400, {"success": False, "message": "no broadcast arrived"}
         if body and body.get("weight_version"):
             self.version = body["weight_version"]
-        if path == "/get_model_info":
+        if path == "/model_info":
             return 200, {"model_path": "fake", "weight_version": self.version}
+        if path == "/server_info":
+            return 200, {"version": self.reported}
         return 200, {"success": True, "message": "ok"}
 
     def close(self):
@@ -155,10 +171,12 @@ def fakes():
 def test_colocated_sync_reaches_every_replica_in_order(fakes):
     replicas, _, _ = fakes()
     clients = [ReplicaClient(f.url, timeout=10) for f in replicas]
-    held = push_weights(clients, dict(NAMED), 5, encode=lambda part: ["blob"], load_format=None)
-    assert held == [state_checksum(NAMED)] * 2  # SGLang reports no checksum: its version check stands in
+    held = push_weights(clients, dict(NAMED), 5, encode=lambda part: ["blob"], load_format=None,
+                        sent_checksum="sender's")
+    # SGLang reports no checksum: the version check stands in, and says so (never the sender's echoed back)
+    assert held == [VERSION_CHECKED] * 2
     for fake in replicas:
-        assert [p for p, _ in fake.calls] == ORDER and fake.version == "5"
+        assert [p for p, _ in fake.calls] == ["/server_info", *ORDER] and fake.version == "5"  # version first
 
 
 def test_split_sync_broadcasts_while_every_replica_waits(fakes):
@@ -205,6 +223,15 @@ def test_a_failed_step_names_the_replica_and_the_call(fakes):
     with pytest.raises(ReplicaError, match=f"{replicas[0].url}: POST /update_weights_from_tensor .*HTTP 400: boom"):
         push_weights([ReplicaClient(replicas[0].url, timeout=10)], dict(NAMED), 1, encode=lambda part: ["blob"])
     assert "/continue_generation" not in [p for p, _ in replicas[0].calls]  # stopped at the failure
+
+
+def test_an_untested_sglang_version_is_refused_in_one_line(fakes):
+    replicas, _, _ = fakes(1)
+    replicas[0].reported = "0.5.10"
+    with pytest.raises(ReplicaError, match=r"SGLang 0.5.10 is not a supported version \(tested: 0.5.6, "
+                                           r"0.5.6.post2, 0.5.23\)"):
+        push_weights([ReplicaClient(replicas[0].url, timeout=10)], dict(NAMED), 1, encode=lambda part: ["blob"])
+    assert [p for p, _ in replicas[0].calls] == ["/server_info"]  # nothing was sent
 
 
 def test_a_replica_left_on_the_old_version_is_an_error(fakes):

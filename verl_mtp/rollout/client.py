@@ -1,101 +1,43 @@
-"""The trainer's side of server-mode rollout: HTTP clients for rollout replicas (our server or SGLang), a
-least-outstanding load balancer, replica launching, and `ServerRollout`, which the driver uses in place
-of a rollout worker group (`call_shards("generate", ...)`, `call("update_rollout_weights", ...)`).
+"""The trainer's side of server-mode rollout: a least-outstanding load balancer over rollout replicas (our
+server or SGLang, reached through replica.ReplicaClient) and `ServerRollout`, which the driver uses in
+place of a rollout worker group (`call_shards("generate", ...)`, `call("update_rollout_weights", ...)`).
 
-It speaks only the SGLang protocol (protocol.py), so the same code runs against `python -m
-verl_mtp.rollout.server` on a laptop and against `sglang.launch_server` on a cluster.
+It speaks only the SGLang protocol (protocol.py), in the dialect of the version each replica reports
+(sglang.SGLANG_VERSIONS), so the same code runs against `python -m verl_mtp.rollout.server` on a laptop
+and against `sglang.launch_server` on a cluster.
+
+What a sync proves: our server answers the exact checksum of what it holds (computed on the server).
+SGLang cannot hash its weights, and its models (Qwen2 / MiMo) do not implement /get_weights_by_name, so
+there a sync is "version-checked + acceptance guard": every replica must report the new weight_version,
+and the stale-draft guard judges the next batch's accept length. `push_weights` then answers
+VERSION_CHECKED instead of a checksum, never the sender's own checksum back.
 """
 
 from __future__ import annotations
 
 import functools
-import http.client
-import json
+import logging
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from verl_mtp.models import state_checksum
 from verl_mtp.rollout.engine import SpecStats
-from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT, encode_tensors, sample_from_json, sampling_params_to_json
+from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT, encode_tensors, sample_from_json
+from verl_mtp.rollout.replica import (DEFAULT_TIMEOUT_S, ReplicaClient, ReplicaError, ReplicaUnreachable,  # noqa: F401
+                                      ServerProcess, launch_replicas, native_server_args, native_server_command)
 from verl_mtp.rollout.sampling import SamplingParams, rollout_sampling_params
-from verl_mtp.rollout.sglang import StaleDraftGuard, SyncCall, weight_sync_plan, weight_update_group
+from verl_mtp.rollout.sglang import (DEFAULT_SGLANG_VERSION, SGLangVersion, StaleDraftGuard, SyncCall,
+                                     check_sglang_support, installed_sglang_version, launch_sglang_replicas,
+                                     sglang_version, weight_sync_plan, weight_update_group)
 
-# a replica that cannot answer within this long is treated as gone; generation of long responses on
-# GPUs takes minutes, so this is generous by design and configurable per ServerRollout
-DEFAULT_TIMEOUT_S = 1800.0
+log = logging.getLogger(__name__)
 
-
-class ReplicaError(RuntimeError):
-    """A rollout replica failed or refused a request; the message names its URL."""
-
-
-class ReplicaUnreachable(ReplicaError):
-    """The replica did not answer at all (refused, reset, timed out): its process is likely gone, which
-    the driver may treat like a dead worker. Refusals (HTTP errors) are plain ReplicaErrors: bugs."""
-
-
-class ReplicaClient:
-    """Blocking JSON-over-HTTP calls to one replica. Proxies are ignored: replicas are local or in-cluster."""
-
-    _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
-                raw, kind = resp.read(), resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as e:
-            raise ReplicaError(f"rollout server {self.url}: {method} {path} failed with HTTP {e.code}: "
-                               f"{_error_message(e.read())}") from None
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, closed mid-answer
-            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise ReplicaUnreachable(f"rollout server {self.url} did not answer {method} {path} ({reason}); "
-                                     "is the replica still running?") from None
-        return json.loads(raw) if "json" in kind else raw.decode()
-
-    def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            self.request("GET", "/health", timeout=timeout)
-            return True
-        except ReplicaError:
-            return False
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
-        body = {"input_ids": prompts, "sampling_params": sampling_params_to_json(params), "return_logprob": True}
-        items = self.request("POST", "/generate", body)
-        expected = len(prompts) * params.n
-        if not isinstance(items, list) or len(items) != expected:
-            got = len(items) if isinstance(items, list) else type(items).__name__
-            raise ReplicaError(f"rollout server {self.url}: /generate returned {got} samples, expected {expected}")
-        return items
-
-
-def _error_message(raw: bytes) -> str:
-    """SGLang answers {"error": {"message"}} from /generate and {"success": false, "message"} from its
-    weight endpoints; anything else is shown as it came."""
-    try:
-        body = json.loads(raw)
-        return body["error"]["message"] if "error" in body else body["message"]
-    except (ValueError, KeyError, TypeError):
-        return raw.decode(errors="replace").strip() or "(no message)"
-
+# what push_weights reports for a replica that cannot report a checksum of its weights (SGLang)
+VERSION_CHECKED = "version-checked + acceptance guard"
 
 class LeastOutstanding:
     """Picks the replica with the fewest requests in flight, round-robin among ties, so concurrent shards
@@ -121,93 +63,7 @@ class LeastOutstanding:
                 self.outstanding[index] -= 1
 
 
-# ---- launching replicas ------------------------------------------------------------------------------
-
-
-@dataclass
-class ServerProcess:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def native_server_command(model_path: str, host: str, port: int, port_file: str, server_args=()) -> list[str]:
-    return [sys.executable, "-m", "verl_mtp.rollout.server", "--model-path", str(model_path), "--host", host,
-            "--port", str(port), "--port-file", port_file, *map(str, server_args)]
-
-
-def launch_replicas(commands: list[list[str]], host: str, ports: list[int], log_dir: str | None = None,
-                    startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> list[ServerProcess]:
-    """Start every command at once, then wait for each /health. Port 0 means the server picks one and
-    writes it to the --port-file given in its command (`native_server_command` does). `env` adds to (or
-    overrides) this process's environment, e.g. the CUDA_VISIBLE_DEVICES of a colocated replica. On
-    failure all replicas are stopped and the error names the one that failed, with the end of its log."""
-    folder = Path(log_dir or tempfile.mkdtemp(prefix="verl_mtp_rollout_"))
-    folder.mkdir(parents=True, exist_ok=True)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    started = []
-    for i, cmd in enumerate(commands):
-        log = folder / f"replica{i}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        started.append((proc, log, _port_file(cmd)))
-    ready = []
-    try:
-        deadline = time.monotonic() + startup_timeout
-        for (proc, log, port_file), port in zip(started, ports):
-            ready.append(_wait_ready(proc, log, host, port, port_file, deadline))
-    except BaseException:
-        for proc, log, _ in started:
-            ServerProcess("", proc, log).stop()
-        raise
-    return ready
-
-
-def _port_file(cmd: list[str]) -> str | None:
-    return cmd[cmd.index("--port-file") + 1] if "--port-file" in cmd else None
-
-
-def _wait_ready(proc, log: Path, host: str, port: int, port_file: str | None, deadline: float) -> ServerProcess:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise ReplicaError(f"rollout server {host}:{port or '?'} exited with code {proc.returncode} during "
-                               f"startup; end of {log}:\n{tail}")
-        if not port and port_file and os.path.exists(port_file):
-            port = int(Path(port_file).read_text())
-        if port and ReplicaClient(f"http://{host}:{port}").healthy(timeout=1.0):
-            return ServerProcess(f"http://{host}:{port}", proc, log)
-        time.sleep(0.1)
-    raise ReplicaError(f"rollout server {host}:{port or '?'} not healthy within the startup timeout; see {log}")
-
-
 # ---- the rollout group --------------------------------------------------------------------------------
-
-
-def native_server_args(cfg) -> list[str]:
-    """Our config -> `python -m verl_mtp.rollout.server` flags (SGLang's names, as sglang_server_args)."""
-    arr = cfg.actor_rollout_ref
-    r, mtp = arr.rollout, arr.model.mtp
-    args = ["--context-length", r.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
-            "--max-running-requests", r.max_batch_size, "--random-seed", cfg.trainer.seed,
-            "--load-format", "dummy" if r.load_format == "dummy" else "auto"]
-    if mtp.enable and mtp.enable_rollout:
-        args += ["--speculative-algorithm", mtp.speculative_algorithm, "--speculative-num-steps",
-                 mtp.speculative_num_steps, "--speculative-eagle-topk", mtp.speculative_eagle_topk]
-        if mtp.speculative_num_draft_tokens is not None:
-            args += ["--speculative-num-draft-tokens", mtp.speculative_num_draft_tokens]
-    return [str(a) for a in args]
 
 
 def server_sync_mode(rollout) -> str:
@@ -277,6 +133,8 @@ class ServerRollout:
                          join_group=join_group)
         self.init_group = init_group  # distributed mode: sent with the first sync only
         self.guard = guard
+        self._protocol: SGLangVersion | None = None
+        self._seed_warned = False
         self.balancer = LeastOutstanding(len(urls))
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(urls)), thread_name_prefix="rollout-client")
 
@@ -306,7 +164,8 @@ class ServerRollout:
         sampling = _sampling_for(cfg, eos_token_id)
         kwargs.setdefault("guard", _guard_for(cfg))
         kwargs["sync_mode"] = server_sync_mode(r)
-        if r.name == "sglang":
+        if r.name == "sglang":  # refused before anything starts, then again with the version that answers
+            check_sglang_support(cfg, installed_sglang_version() or DEFAULT_SGLANG_VERSION)
             kwargs["load_format"] = None
         if server_launcher(cfg) == "ray":
             from verl_mtp.rollout.ray_launch import launch_replicas_on_ray
@@ -316,18 +175,27 @@ class ServerRollout:
             return cls.launch(model_path, r.server.num_replicas, sampling, server_args=native_server_args(cfg),
                               host=r.server.host, base_port=r.server.base_port, log_dir=log_dir, **kwargs)
         else:
-            from verl_mtp.rollout.sglang import launch_sglang_replicas
-
             processes = launch_sglang_replicas(cfg, r.server.num_replicas, host=r.server.host,
                                                base_port=r.server.base_port, model_path=model_path, log_dir=log_dir)
-        return cls([p.url for p in processes], sampling, processes=processes, **kwargs)
+        rollout = cls([p.url for p in processes], sampling, processes=processes, **kwargs)
+        if r.name == "sglang":
+            try:
+                check_sglang_support(cfg, rollout.protocol.version)
+            except BaseException:
+                rollout.shutdown()
+                raise
+        return rollout
 
     @classmethod
     def connect(cls, cfg, urls: list[str], eos_token_id: int | None, **kwargs):
         """Replicas that are already running, e.g. the ones the actor workers started (colocated server
-        mode): sampling from the config, the guard on whenever the rollout speculates."""
+        mode): sampling from the config, the guard on whenever the rollout speculates. SGLang replicas
+        are checked against the config with the version they report."""
         kwargs.setdefault("guard", _guard_for(cfg))
-        return cls(urls, _sampling_for(cfg, eos_token_id), **kwargs)
+        rollout = cls(urls, _sampling_for(cfg, eos_token_id), **kwargs)
+        if cfg.actor_rollout_ref.rollout.name == "sglang":
+            check_sglang_support(cfg, rollout.protocol.version)
+        return rollout
 
     @property
     def urls(self) -> list[str]:
@@ -336,6 +204,13 @@ class ServerRollout:
     @property
     def sync_mode(self) -> str:
         return self.sync["mode"]
+
+    @property
+    def protocol(self) -> SGLangVersion:
+        """The SGLang version the replicas speak (asked once, on first use)."""
+        if self._protocol is None:
+            self._protocol = detect_protocol(self.clients)
+        return self._protocol
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -360,6 +235,7 @@ class ServerRollout:
         return self._generate_many([prompts], validate, seed)[0]
 
     def update_rollout_weights(self, named_tensors: dict, version: int, sent_checksum: str | None = None) -> str:
+        """-> the checksum all replicas hold (VERSION_CHECKED for SGLang); they must agree."""
         held = self._sync(named_tensors, version, sent_checksum)
         for client, checksum in zip(self.clients, held):
             if checksum != held[0]:
@@ -388,6 +264,12 @@ class ServerRollout:
 
     def _generate_many(self, shards: list, validate: bool = False, seed: int | None = None) -> list:
         params = self.sampling_params(validate, seed)
+        if params.seed is not None and not self._seed_warned and not self.protocol_info().get(
+                "enable_deterministic_inference", True):
+            self._seed_warned = True  # SGLang reads sampling_seed only in deterministic mode
+            log.warning("rollout: sampling_seed %s is ignored by these SGLang replicas (launched without "
+                        "--enable-deterministic-inference; set rollout.engine_kwargs.sglang."
+                        "enable_deterministic_inference=true for seeded sampling)", params.seed)
         outs = list(self._pool.map(lambda shard: self._generate_shard(shard, params), shards))
         if self.guard is not None and not validate:  # validation decodes differently: its own regime
             total = SpecStats()
@@ -411,9 +293,15 @@ class ServerRollout:
         metrics["rollout/tokens_per_s"] = sum(len(s[1]) for s in samples) / max(time.perf_counter() - start, 1e-9)
         return samples, stats, metrics
 
+    def protocol_info(self) -> dict:
+        """The first replica's /server_info (SGLang: its ServerArgs and version), asked once."""
+        if not hasattr(self, "_server_info"):
+            self._server_info = self.clients[0].request("GET", "/server_info")
+        return self._server_info
+
     def _sync(self, named_tensors: dict, version, sent_checksum: str | None = None) -> list[str]:
         held = push_weights(self.clients, named_tensors, version, init_group=self.init_group,
-                            sent_checksum=sent_checksum, **self.sync)
+                            protocol=self.protocol, **self.sync)
         self.init_group = None
         self.weights_synced(version)
         return held
@@ -438,30 +326,43 @@ def encode_native(named) -> list[str]:
     return [encode_tensors(named)]
 
 
+def detect_protocol(clients: list[ReplicaClient]) -> SGLangVersion:
+    """The SGLang version every replica reports in GET /server_info ("version"); they must agree."""
+    versions = {c.url: str(c.request("GET", "/server_info").get("version")) for c in clients}
+    if len(set(versions.values())) > 1:
+        raise ReplicaError(f"rollout replicas run different SGLang versions: {versions}")
+    (version,) = set(versions.values())
+    try:
+        return sglang_version(version)
+    except ValueError as e:
+        raise ReplicaError(f"rollout server {clients[0].url}: {e}") from None
+
+
 def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, mode: str = "tensor",
                  encode: Callable = encode_native, load_format: str | None = TENSOR_LOAD_FORMAT,
                  broadcast: Callable | None = None, init_group: dict | None = None,
-                 join_group: Callable | None = None, sent_checksum: str | None = None) -> list[str]:
-    """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan); -> the checksum each holds.
+                 join_group: Callable | None = None, protocol: SGLangVersion | None = None,
+                 sent_checksum: str | None = None) -> list[str]:
+    """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan, in the dialect of `protocol`,
+    asked from the replicas when not given); -> what each replica holds: its weights' checksum when it
+    reports one (our server), else VERSION_CHECKED (SGLang: the new weight_version was checked).
 
     mode "tensor": the tensors travel in the request, serialized by `encode` (colocated; on GPUs run it
     in the process that owns them, with sglang_tensor_payload). mode "distributed": `broadcast(names)`
     sends them over the weight group that `init_group` describes and `join_group()` joins as rank 0
-    (split); `named_tensors` then only needs dtypes and shapes, and `sent_checksum` is the sender's.
-    SGLang cannot hash its weights: there the reported weight_version stands in, and the sent checksum is
-    returned once it matches; the stale-draft guard then judges the next batch.
+    (split); `named_tensors` then only needs dtypes and shapes. `sent_checksum` is accepted for callers
+    of the old signature and not used: a replica's answer is never the sender's checksum echoed back.
     """
-    named = list(named_tensors.items())
-    plan = weight_sync_plan(named, version, mode, encode=encode, load_format=load_format, init_group=init_group)
+    protocol = protocol or detect_protocol(clients)
+    plan = weight_sync_plan(list(named_tensors.items()), version, mode, encode=encode, load_format=load_format,
+                            init_group=init_group, protocol=protocol)
     infos = run_plan(clients, plan, broadcast, join_group)
     held = []
     for client, info in zip(clients, infos):
         if str(info.get("weight_version")) != str(version):
             raise ReplicaError(f"rollout server {client.url}: weight sync v{version} ended with weight_version "
                                f"{info.get('weight_version')!r}")
-        if "weights_checksum" not in info and sent_checksum is None:
-            sent_checksum = state_checksum(named)
-        held.append(info.get("weights_checksum", sent_checksum))
+        held.append(info.get("weights_checksum") or VERSION_CHECKED)
     return held
 
 

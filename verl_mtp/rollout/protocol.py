@@ -7,12 +7,15 @@ HTTP API the trainer uses, with SGLang's field names and shapes, so the same cli
 /generate response: one item per sample
     {"output_ids": [...], "meta_info": {"id", "finish_reason": {"type": "stop", "matched": id} | {"type": "length",
      "length": n}, "prompt_tokens", "completion_tokens", "weight_version", "output_token_logprobs": [[logprob,
-     token_id, null], ...], "spec_verify_ct", "spec_accept_token_num", "spec_draft_token_num", "spec_accept_rate",
-     "spec_accept_length"}}
-  plus two verl_mtp extensions SGLang lacks: "spec_passes_per_depth" and "spec_accepted_per_depth".
+     token_id, null], ...], "spec_verify_ct", ACCEPTED, PROPOSED, "spec_accept_rate", "spec_accept_length"}}
+  where (ACCEPTED, PROPOSED) are "spec_accept_token_num", "spec_draft_token_num" up to SGLang 0.5.6.post2 and
+  "spec_num_correct_drafts", "spec_num_proposed_drafts" from 0.5.23 on (both are read); plus two verl_mtp
+  extensions SGLang lacks: "spec_passes_per_depth" and "spec_accepted_per_depth". SGLang's spec_accept_rate
+  counts per tree node when speculative_eagle_topk > 1, not per depth; we rebuild ours from the counts.
 
 /update_weights_from_tensor: SGLang's body ({"serialized_named_tensors": [...], "load_format", "flush_cache",
-"weight_version", "disable_draft_model"}), where real SGLang expects CUDA-IPC handles from its own serializer.
+"weight_version"}, plus "selector" from 0.5.23), where real SGLang expects CUDA-IPC handles from its own
+serializer.
 Our CPU transport is load_format "safetensors_base64": one list entry (one tensor-parallel rank), the base64 of
 a safetensors file holding the named tensors. It is plain data: nothing is ever unpickled.
 """
@@ -118,8 +121,14 @@ def prompts_from_request(body: dict) -> tuple[list[list[int]], bool]:
 # ---- responses --------------------------------------------------------------------------------
 
 
+# meta_info names of (accepted drafts, proposed drafts): SGLang <= 0.5.6.post2, then >= 0.5.23
+SPEC_COUNTER_NAMES = (("spec_accept_token_num", "spec_draft_token_num"),
+                      ("spec_num_correct_drafts", "spec_num_proposed_drafts"))
+
+
 def sample_to_json(sample: Sample, prompt_len: int, rid: str, weight_version: str | None,
-                   params: SamplingParams, speculative: bool) -> dict:
+                   params: SamplingParams, speculative: bool,
+                   counter_names: tuple[str, str] = SPEC_COUNTER_NAMES[1]) -> dict:
     tokens = sample.token_ids
     if sample.finish_reason == "stop":
         finish = {"type": "stop", "matched": tokens[-1]}
@@ -130,8 +139,8 @@ def sample_to_json(sample: Sample, prompt_len: int, rid: str, weight_version: st
             "output_token_logprobs": [[lp, tok, None] for lp, tok in zip(sample.logprobs, tokens)]}
     if speculative:
         s = sample.stats
-        meta.update(spec_verify_ct=s.verify_passes, spec_accept_token_num=s.accepted, spec_draft_token_num=s.drafted,
-                    spec_accept_rate=s.accepted / s.drafted if s.drafted else 0.0,
+        meta.update({"spec_verify_ct": s.verify_passes, counter_names[0]: s.accepted, counter_names[1]: s.drafted})
+        meta.update(spec_accept_rate=s.accepted / s.drafted if s.drafted else 0.0,
                     spec_accept_length=len(tokens) / s.verify_passes if s.verify_passes else 0.0,
                     spec_passes_per_depth=list(s.passes_per_depth),
                     spec_accepted_per_depth=list(s.accepted_per_depth))
@@ -139,13 +148,21 @@ def sample_to_json(sample: Sample, prompt_len: int, rid: str, weight_version: st
 
 
 def spec_stats_from_meta(meta: dict) -> SpecStats | None:
-    """Rebuild our counters from SGLang's; None when the server did not speculate (no spec_* fields)."""
+    """Rebuild our counters from SGLang's (either version's names); None when the server did not speculate
+    (no spec_* fields). A speculating answer without either pair of counters is an error, not zero accepts:
+    reading it as 1.0 accept length would also disarm the stale-draft guard."""
     if "spec_verify_ct" not in meta:
         return None
-    verify, accepted = int(meta["spec_verify_ct"]), int(meta.get("spec_accept_token_num", 0))
+    verify = int(meta["spec_verify_ct"])
+    names = next((pair for pair in SPEC_COUNTER_NAMES if pair[0] in meta), None)
+    if names is None:
+        if verify == 0:  # SGLang reports no counters for a request that never reached a verify pass
+            return SpecStats()
+        raise ProtocolError(f"response {meta.get('id')}: spec_verify_ct without accepted/proposed draft counters "
+                            f"(expected one of {SPEC_COUNTER_NAMES})")
+    accepted, drafted = int(meta[names[0]]), int(meta.get(names[1], 0))
     # every verify pass yields its accepted drafts plus one token of its own (SpecStats.record)
-    return SpecStats(verify_passes=verify, generated=accepted + verify,
-                     drafted=int(meta.get("spec_draft_token_num", 0)), accepted=accepted,
+    return SpecStats(verify_passes=verify, generated=accepted + verify, drafted=drafted, accepted=accepted,
                      passes_per_depth=list(meta.get("spec_passes_per_depth", [])),
                      accepted_per_depth=list(meta.get("spec_accepted_per_depth", [])))
 

@@ -12,7 +12,6 @@ another node can reach it. Imported only when rollout.server.launcher resolves t
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from verl_mtp.rollout.client import ReplicaError, launch_replicas, native_server_args, native_server_command
+from verl_mtp.rollout.replica import ReplicaError, free_port, launch_replicas, native_server_args, native_server_command
+from verl_mtp.rollout.sglang import launch_command, sglang_server_args
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -38,7 +38,7 @@ class ReplicaHost:
         """Run `command` (its interpreter replaced by this node's; `env` added to this process's), wait for
         /health; -> the replica URL. Also used in-process by an actor worker hosting a colocated replica."""
         if not port and "--port-file" not in command:  # SGLang takes no port file: pick a free port here
-            port = _free_port()
+            port = free_port()
             command = [*command, "--port", str(port)]
         (self.process,) = launch_replicas([[sys.executable, *command[1:]]], host, [port], log_dir, startup_timeout,
                                           env)
@@ -55,12 +55,6 @@ class ReplicaHost:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -89,8 +83,6 @@ def replica_commands(cfg, model_path: str, log_dir: str) -> tuple[list[list[str]
         commands = [native_server_command(model_path, host, port, os.path.join(log_dir, f"replica{i}", "port"),
                                           native_server_args(cfg)) for i, port in enumerate(ports)]
         return commands, ports, 0
-    from verl_mtp.rollout.sglang import launch_command, sglang_server_args
-
     args = [sglang_server_args(cfg, model_path=model_path, host=host, port=port, base_gpu_id=0) for port in ports]
     # port 0: the replica host picks a free port on its node and appends --port
     commands = [launch_command({k: v for k, v in a.items() if not (k == "port" and v == 0)}) for a in args]

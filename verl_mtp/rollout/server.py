@@ -6,7 +6,15 @@
 Endpoints (SGLang's names and shapes, see protocol.py): POST /generate, POST /update_weights_from_tensor,
 POST /init_weights_update_group, POST /update_weights_from_distributed, GET|POST /flush_cache,
 POST /pause_generation, POST /continue_generation, POST /release_memory_occupation,
-POST /resume_memory_occupation, GET /get_model_info, GET /get_server_info, GET /health.
+POST /resume_memory_occupation, POST /update_weight_version, GET /model_info, GET /weight_version,
+GET /server_info, GET /health, the deprecated GET /get_model_info and /get_server_info, and, when the
+emulated version has them, POST /begin_weight_update and /end_weight_update.
+It emulates the protocol of one supported SGLang version (--sglang-version, reported in /server_info) at
+least as strictly as that version: a POST whose SGLang route declares a body is refused without one
+(422, as FastAPI does), body fields that version's request class lacks are refused (SGLang ignores
+them silently, which is how an invented field once went unnoticed), an update outside a weight-update
+session is refused where the version requires one (0.5.23), and on 0.5.6 an update's weight_version is
+dropped while generation is paused, as SGLang 0.5.6 does.
 Binds 127.0.0.1 unless --host says otherwise: the weight endpoints rewrite the model, so exposing them is
 an explicit choice. Requests run one engine call at a time (the engine batches within a call); /health
 answers even while a batch runs. The distributed weight path joins the trainer's group with gloo (this
@@ -36,7 +44,7 @@ from verl_mtp.models import MTPCausalLM, read_config
 from verl_mtp.rollout.engine import NativeEngine
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
                                        prompts_from_request, sample_to_json)
-from verl_mtp.rollout.sglang import MEMORY_TAGS, MTP_MARK, WEIGHT_GROUP_NAME
+from verl_mtp.rollout.sglang import DEFAULT_SGLANG_VERSION, MEMORY_TAGS, MTP_MARK, WEIGHT_GROUP_NAME, sglang_version
 from verl_mtp.rollout.weight_group import join_weight_group, leave_weight_group, receive_tensors
 
 
@@ -44,13 +52,39 @@ class Unavailable(RuntimeError):
     """The server cannot take the request now (generation paused too long); HTTP 503."""
 
 
+class MissingBody(ProtocolError):
+    """A POST without the body its SGLang route declares; HTTP 422, FastAPI's 'Field required'."""
+
+
+_BASE = {"rid", "http_worker_ipc"}  # every SGLang request class has them
+_UPDATE = _BASE | {"flush_cache", "abort_all_requests", "weight_version", "load_format"}
+# fields of SGLang's request class per endpoint (io_struct.py); 0.5.23 adds the ones in _NEW_FIELDS
+_FIELDS = {
+    "/update_weights_from_tensor": _UPDATE | {"serialized_named_tensors"},
+    "/update_weights_from_distributed": _UPDATE | {"names", "dtypes", "shapes", "group_name"},
+    "/init_weights_update_group": _BASE | {"master_address", "master_port", "rank_offset", "world_size", "group_name",
+                                           "backend"},
+    "/pause_generation": _BASE | {"mode"}, "/continue_generation": _BASE,
+    "/release_memory_occupation": _BASE | {"tags"}, "/resume_memory_occupation": _BASE | {"tags"},
+    "/update_weight_version": _BASE | {"new_version", "abort_all_requests"},
+    "/begin_weight_update": _BASE | {"selector"}, "/end_weight_update": _BASE,
+}
+_NEW_FIELDS = {"/update_weights_from_tensor": {"selector", "torch_empty_cache"},
+               "/update_weights_from_distributed": {"selector", "torch_empty_cache"},
+               "/continue_generation": {"torch_empty_cache"}}
+SELECTORS = ("target", "draft", "all")
+
+
 class RolloutServer:
     """Routes SGLang-shaped requests to one NativeEngine. `speculative` says whether the engine drafts,
     which decides (as in SGLang) whether responses carry spec_* counters."""
 
     def __init__(self, engine: NativeEngine, model_path: str, host: str = "127.0.0.1", port: int = 0,
-                 weight_version: str = "default", speculative: bool = False, pause_timeout: float = 600.0):
+                 weight_version: str = "default", speculative: bool = False, pause_timeout: float = 600.0,
+                 sglang: str = DEFAULT_SGLANG_VERSION):
         self.engine = engine
+        self.protocol = sglang_version(sglang)
+        self.session: str | None = None  # selector of the open weight-update session (update_session versions)
         self.model_path = model_path
         self.weight_version = weight_version
         self.speculative = speculative
@@ -69,6 +103,9 @@ class RolloutServer:
         self._routes = {
             ("GET", "/health"): self.health, ("GET", "/health_generate"): self.health,
             ("GET", "/get_model_info"): self.model_info, ("GET", "/get_server_info"): self.server_info,
+            ("GET", "/model_info"): self.model_info, ("GET", "/server_info"): self.server_info,
+            ("GET", "/weight_version"): self.get_weight_version,
+            ("POST", "/update_weight_version"): self.update_weight_version,
             ("POST", "/generate"): self.generate,
             ("POST", "/update_weights_from_tensor"): self.update_weights_from_tensor,
             ("GET", "/flush_cache"): self.flush_cache, ("POST", "/flush_cache"): self.flush_cache,
@@ -81,6 +118,9 @@ class RolloutServer:
             ("GET", "/resume_memory_occupation"): self.resume_memory_occupation,
             ("POST", "/resume_memory_occupation"): self.resume_memory_occupation,
         }
+        if self.protocol.update_session:
+            self._routes[("POST", "/begin_weight_update")] = self.begin_weight_update
+            self._routes[("POST", "/end_weight_update")] = self.end_weight_update
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.app = self
@@ -105,6 +145,21 @@ class RolloutServer:
     def route(self, method: str, path: str):
         return self._routes.get((method, path.split("?", 1)[0]))
 
+    def check_fields(self, method: str, path: str, body: dict | None) -> None:
+        """As strict as the emulated SGLang version's route: a declared body must be there, and hold only
+        fields of that version's request class."""
+        path = path.split("?", 1)[0]
+        fields = _FIELDS.get(path)
+        if fields is None or method != "POST":
+            return
+        if body is None:
+            raise MissingBody(f"{path[1:]}: request body: Field required (SGLang {self.protocol.version} declares one)")
+        allowed = fields | (_NEW_FIELDS.get(path, set()) if self.protocol.selector else set())
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ProtocolError(f"{path[1:]}: field '{unknown[0]}' is not part of SGLang "
+                                f"{self.protocol.version}'s request (it would be ignored there)")
+
     # ---- endpoints: each takes the JSON body and returns (status, JSON-able or text) ------------------
 
     def health(self, body):
@@ -117,7 +172,7 @@ class RolloutServer:
 
     def server_info(self, body):
         groups = {name: {k: v for k, v in g.items() if k != "group"} for name, g in self.weight_groups.items()}
-        return 200, {**self.counters, "paused": self._paused, "speculative_num_steps": self.engine.speculative
+        return 200, {**self.counters, "version": self.protocol.version, "engine": "verl_mtp", "paused": self._paused, "speculative_num_steps": self.engine.speculative
                      if self.speculative else 0, "max_running_requests": self.engine.max_batch_size,
                      "weight_update_groups": groups, "memory_released": sorted(self.released),
                      "recent_events": list(self.recent_events)}
@@ -134,7 +189,7 @@ class RolloutServer:
             out = self.engine.generate(prompts, params)
         rid = body.get("rid") or uuid.uuid4().hex
         items = [sample_to_json(s, len(prompts[s.prompt_index]), f"{rid}-{i}", self.weight_version, params,
-                                self.speculative) for i, s in enumerate(out.samples)]
+                                self.speculative, self.protocol.spec_counters) for i, s in enumerate(out.samples)]
         return 200, items if batched or params.n > 1 else items[0]
 
     def update_weights_from_tensor(self, body):
@@ -144,13 +199,47 @@ class RolloutServer:
         payloads = body.get("serialized_named_tensors")
         if not isinstance(payloads, list) or len(payloads) != 1:
             raise ProtocolError("serialized_named_tensors: expected a list with one entry (one tensor-parallel rank)")
-        named = decode_tensors(payloads[0])
-        skipped = 0
-        if body.get("disable_draft_model"):  # SGLang: update the target only, leave the draft as it is
-            kept = [(n, t) for n, t in named if MTP_MARK not in n]
-            skipped, named = len(named) - len(kept), kept
-        note = f", left {skipped} draft tensors as they were" if skipped else ""
-        return self._apply(named, body, note)
+        self._check_session("update_weights_from_tensor")
+        return self._apply(*self._select(decode_tensors(payloads[0]), body))
+
+    def begin_weight_update(self, body):
+        """SGLang 0.5.23's weight-update session: updates are accepted only between begin and end."""
+        selector = body.get("selector", "all")
+        if selector not in SELECTORS:
+            raise ProtocolError(f"begin_weight_update: field 'selector' must be one of {'|'.join(SELECTORS)}, "
+                                f"got {selector!r}")
+        if self.session is not None:
+            raise ProtocolError("a weight-update session is already open; call end_weight_update() first")
+        self.session = selector
+        return 200, {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body):
+        if self.session is None:
+            raise ProtocolError("no weight-update session is open; call begin_weight_update() first")
+        self.session = None
+        return 200, {"success": True, "message": "Success"}
+
+    def update_weight_version(self, body):
+        self.weight_version = str(_field(body, "new_version", str, "update_weight_version"))
+        return 200, {"success": True, "message": f"Weight version updated to {self.weight_version}",
+                     "new_version": self.weight_version}
+
+    def get_weight_version(self, body):
+        return 200, {"weight_version": self.weight_version}
+
+    def _check_session(self, where: str) -> None:
+        if self.protocol.update_session and self.session is None:
+            raise ProtocolError(f"{where} must run between begin_weight_update() and end_weight_update()")
+
+    def _select(self, named, body) -> tuple[list, dict, str]:
+        """SGLang 0.5.23's selector: which runners load the tensors (target: the trunk; draft: the MTP layers)."""
+        selector = body.get("selector", "all")
+        if selector not in SELECTORS:
+            raise ProtocolError(f"field 'selector' must be one of {'|'.join(SELECTORS)}, got {selector!r}")
+        if selector == "all":
+            return named, body, ""
+        kept = [(n, t) for n, t in named if (MTP_MARK in n) == (selector == "draft")]
+        return kept, body, f", selector {selector}: left {len(named) - len(kept)} tensors as they were"
 
     def init_weights_update_group(self, body):
         """Join the trainer's weight group as rank `rank_offset` (SGLang's body); blocks until every rank
@@ -190,6 +279,7 @@ class RolloutServer:
         if not all(isinstance(n, str) for n in names):
             raise ProtocolError(f"{where}: field 'names' must list tensor names (strings)")
         specs = [(_dtype(d, where), _shape(s, where)) for d, s in zip(dtypes, shapes)]
+        self._check_session(where)
         name = _field(body, "group_name", str, where, WEIGHT_GROUP_NAME)
         if name not in self.weight_groups:
             raise ProtocolError(f"{where}: field 'group_name': no weight group {name!r}; "
@@ -198,7 +288,8 @@ class RolloutServer:
         with self._receive_lock:
             tensors = receive_tensors(g["group"], specs, g["backend"], self._device())
             self.counters["tensors_received_by_broadcast"] += len(tensors)
-        return self._apply(list(zip(names, tensors)), body, f" received over {g['backend']} group {name!r}")
+        named, body, note = self._select(list(zip(names, tensors)), body)
+        return self._apply(named, body, f" received over {g['backend']} group {name!r}{note}")
 
     def flush_cache(self, body):
         # the engine keeps no prefix cache across requests, so there is never anything stale to drop
@@ -270,7 +361,9 @@ class RolloutServer:
         with self._engine_lock:
             checksum = self.engine.update_weights(named)
             self.counters["weight_updates"] += 1
-            if body.get("weight_version") is not None:
+            # SGLang 0.5.6 returns early while paused, before it records the version
+            recorded = self.protocol.records_version_when_paused or not self._paused
+            if body.get("weight_version") is not None and recorded:
                 self.weight_version = str(body["weight_version"])
             self.recent_events.append(f"update_weights:{self.weight_version}")
             if body.get("flush_cache", True):
@@ -350,12 +443,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw.strip() else {}
-            if not isinstance(body, dict):
+            body = json.loads(raw) if raw.strip() else None
+            if body is not None and not isinstance(body, dict):
                 raise ProtocolError("request body must be a JSON object")
-            status, payload = handler(body)
+            app.check_fields(method, self.path, body)
+            status, payload = handler(body or {})
         except json.JSONDecodeError as e:
             status, payload = 400, {"error": {"message": f"request body is not JSON: {e}"}}
+        except MissingBody as e:
+            status, payload = 422, {"detail": [{"type": "missing", "loc": ["body"], "msg": str(e)}]}
         except (ProtocolError, ValueError, KeyError) as e:
             message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes its str
             status, payload = 400, {"error": {"message": message}}
@@ -406,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--speculative-eagle-topk", type=int, default=1, help="must be 1: the native engine drafts a chain")
     ap.add_argument("--speculative-num-draft-tokens", type=int, help="must be num-steps + 1 when given")
     ap.add_argument("--weight-version", default="default")
+    ap.add_argument("--sglang-version", default=DEFAULT_SGLANG_VERSION,
+                    help="the SGLang version whose protocol this server speaks (and reports in /server_info)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads")
     return ap.parse_args(argv)
@@ -440,8 +538,12 @@ def build_server(args: argparse.Namespace) -> RolloutServer:
     depth = speculative_depth(args, model.num_mtp_layers)
     context = args.context_length or model.config.max_position_embeddings
     engine = NativeEngine(model, max_batch_size=args.max_running_requests, max_seq_len=context, speculative=depth)
+    try:
+        sglang_version(args.sglang_version)
+    except ValueError as e:
+        raise SystemExit(f"--sglang-version: {e}") from None
     return RolloutServer(engine, args.model_path, args.host, args.port, weight_version=args.weight_version,
-                         speculative=depth != 0)
+                         speculative=depth != 0, sglang=args.sglang_version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,30 @@
-"""SGLang rollout: server arguments from our config, the weight-sync call sequence, the stale-draft guard.
+"""SGLang rollout: supported versions, server arguments from our config, the weight-sync call sequence per
+version, the stale-draft guard.
 
 Pure functions and small classes; `sglang` itself is imported only inside `sglang_tensor_payload`, which
-runs on the GPU image. The same sequence drives our own CPU server (rollout.mode=server), so everything
-except the CUDA transport is exercised by the CPU tests.
+runs on the GPU image. The same sequence drives our own CPU server (rollout.mode=server), which emulates
+the protocol of one of these versions (as strictly), so everything except the CUDA transport is exercised
+by the CPU tests; tests/rollout/sglang_contract checks every request against the real SGLang packages.
 
-Weight sync, per replica, always in this order (`weight_sync_plan`):
-  1. POST /pause_generation {"mode": "abort"}      no sample may span two weight versions
-  2. POST /update_weights_from_*  trunk tensors    flush_cache=false, no weight_version yet
-  3. POST /update_weights_from_*  MTP tensors      the draft; carries weight_version, so the version only
-                                                   advances once trunk *and* draft are in
-  4. POST /flush_cache                             cached prefixes were computed by the old weights
-  5. POST /continue_generation
-  6. GET  /get_model_info                          weight_version (and, on our server, weights_checksum)
+Supported SGLang versions (SGLANG_VERSIONS; docs/cluster.md has the table): 0.5.6, 0.5.6.post2, 0.5.23.
+The client reads the version from GET /server_info and speaks that version's protocol; any other version
+is refused with one line. Weight sync, per replica, in this order (`weight_sync_plan`):
+  1. POST /pause_generation {"mode": "abort"}        no sample may span two weight versions
+  2. POST /begin_weight_update {"selector": "all"}   0.5.23 only: updates outside a session answer 400
+  3. POST /update_weights_from_*  trunk tensors      flush_cache=false, no weight_version yet
+  4. POST /update_weights_from_*  MTP tensors        the draft; carries weight_version, so the version only
+                                                     advances once trunk *and* draft are in
+  5. POST /end_weight_update {}                      0.5.23 only
+  6. POST /update_weight_version {"new_version"}     0.5.6 only: it drops weight_version while paused
+  7. POST /flush_cache {}                            cached prefixes were computed by the old weights
+  8. POST /continue_generation {}                    SGLang declares a body here (422 without one)
+  9. GET  /model_info                                weight_version (and, on our server, weights_checksum)
 "_tensor" when colocated (CUDA IPC handles, or base64 safetensors on our CPU server); "_distributed"
 when split (the trainer broadcasts each listed tensor over the weight group while the call is in flight;
 NCCL for SGLang, gloo for our CPU server). A distributed sync first sends POST /init_weights_update_group
-once, while the trainer joins the same group as rank 0.
+once, while the trainer joins the same group as rank 0. On 0.5.23 updates carry `selector: "all"` (target
+and draft runners); 0.5.6's tensor path loads the draft runner and then the target, its distributed path
+the target only, so split-mode speculation needs 0.5.23 (`check_sglang_support` refuses it otherwise).
 
 Colocated server mode (hybrid_engine with rollout.mode=server) shares the devices with training, so around
 the actor's passes (rollout.free_cache_engine) every replica is put to sleep and woken in this order:
@@ -28,11 +37,13 @@ so the KV cache is never allocated while the actor's tensors and the replica's w
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from verl_mtp.rollout.engine import SpecStats
+from verl_mtp.rollout.replica import launch_replicas
 
 MTP_MARK = ".mtp_layers."
 SYNC_MODES = ("tensor", "distributed")
@@ -41,6 +52,70 @@ SYNC_MODES = ("tensor", "distributed")
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 SLEEP_TAGS = ("kv_cache", "weights")
 WEIGHT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
+
+
+# ---- supported versions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SGLangVersion:
+    """What one tested SGLang release needs from a weight sync, read in its source (http_server.py,
+    io_struct.py, tokenizer_communicator_mixin.py, scheduler weight updater, tokenizer_manager.py)."""
+
+    version: str
+    update_session: bool  # update_weights_from_* only between /begin_weight_update and /end_weight_update
+    selector: bool  # update bodies name the runners that load them: target | draft | all
+    records_version_when_paused: bool  # False: an update's weight_version is dropped while generation is paused
+    distributed_refreshes_draft: bool  # update_weights_from_distributed also loads the draft (MTP) model
+    spec_counters: tuple[str, str]  # meta_info names of (accepted drafts, proposed drafts)
+
+
+OLD_COUNTERS = ("spec_accept_token_num", "spec_draft_token_num")
+NEW_COUNTERS = ("spec_num_correct_drafts", "spec_num_proposed_drafts")
+SGLANG_VERSIONS = {v.version: v for v in (
+    SGLangVersion("0.5.6", False, False, False, False, OLD_COUNTERS),
+    SGLangVersion("0.5.6.post2", False, False, True, False, OLD_COUNTERS),
+    SGLangVersion("0.5.23", True, True, True, True, NEW_COUNTERS),
+)}
+DEFAULT_SGLANG_VERSION = "0.5.23"  # pyproject's sglang extra and docker/Dockerfile install this one
+MTP_DRAFT_LAYERS = 1  # SGLang's MTP drafts (models/mimo_mtp.py) load every model.mtp_layers.<i> into one layer
+
+
+def sglang_version(version: str) -> SGLangVersion:
+    """The protocol of a tested version; any other is refused (its protocol is unknown)."""
+    if version not in SGLANG_VERSIONS:
+        raise ValueError(f"SGLang {version} is not a supported version (tested: {', '.join(SGLANG_VERSIONS)}); "
+                         f"install one of them, e.g. pip install 'sglang[all]=={DEFAULT_SGLANG_VERSION}'")
+    return SGLANG_VERSIONS[version]
+
+
+def check_sglang_support(cfg, version: str) -> None:
+    """Refuse, in one line naming the key and the version, a run this SGLang version would silently degrade."""
+    arr = cfg.actor_rollout_ref
+    r, mtp = arr.rollout, arr.model.mtp
+    proto = sglang_version(version)
+    if not (mtp.enable and mtp.enable_rollout):
+        return
+    if mtp.num_layers > MTP_DRAFT_LAYERS:
+        raise ValueError(f"key 'actor_rollout_ref.model.mtp.num_layers': SGLang {version} drafts with "
+                         f"{MTP_DRAFT_LAYERS} MTP layer (every model.mtp_layers.<i> lands on it), got "
+                         f"{mtp.num_layers}; train K=1 for SGLang rollout or use rollout.name=native")
+    distributed = (r.server.sync_mode or "distributed") == "distributed" and not (
+        arr.hybrid_engine and r.mode == "server")
+    if distributed and not proto.distributed_refreshes_draft:
+        raise ValueError(f"key 'actor_rollout_ref.rollout.server.sync_mode': distributed sync on SGLang {version} "
+                         "updates the target only and leaves the draft model with its launch weights; use SGLang "
+                         "0.5.23 (selector=all) or colocated tensor sync (hybrid_engine=True)")
+
+
+def installed_sglang_version() -> str | None:
+    """The SGLang this machine would launch (None when not installed); read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        return None
 
 
 # ---- server arguments ---------------------------------------------------------------------------
@@ -71,6 +146,9 @@ def sglang_server_args(cfg, *, model_path: str | None = None, host: str = "127.0
         "random_seed": cfg.trainer.seed,
         "skip_tokenizer_init": True,  # the trainer sends token ids and reads token ids
         "enable_metrics": r.prometheus.enable,
+        # SGLang samples with a request's sampling_seed only in deterministic mode; without it seeded
+        # (validation) requests are silently unseeded, so a seeded run asks for the mode explicitly via
+        # engine_kwargs.sglang.enable_deterministic_inference (ServerRollout warns when a seed is ignored)
         # colocated: the trainer needs the GPU back between rollouts (release/resume memory occupation)
         "enable_memory_saver": sleeps,
         "enable_weights_cpu_backup": sleeps,
@@ -106,12 +184,17 @@ def speculative_args(mtp) -> dict[str, Any]:
 
 
 def server_cli_args(args: dict[str, Any]) -> list[str]:
-    """ServerArgs kwargs -> `sglang.launch_server` flags: True -> bare flag; False and None -> omitted."""
+    """ServerArgs kwargs -> `sglang.launch_server` flags: True -> bare flag; False and None -> omitted; a
+    list -> one value per item (SGLang's nargs="+" flags); a dict -> JSON (its JSON-valued flags)."""
     out: list[str] = []
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
         elif value is not None and value is not False:
             out += [flag, str(value)]
     return out
@@ -133,11 +216,9 @@ def replica_layout(cfg, num_replicas: int, base_port: int) -> list[tuple[int, in
 def launch_sglang_replicas(cfg, num_replicas: int, *, host: str = "127.0.0.1", base_port: int = 30000,
                            model_path: str | None = None, log_dir: str | None = None,
                            startup_timeout: float = 1800.0):
-    """Start this node's SGLang replicas and wait for /health; -> client.ServerProcess list. On a cluster,
+    """Start this node's SGLang replicas and wait for /health; -> replica.ServerProcess list. On a cluster,
     run it once per node (e.g. from one Ray actor per node, host = that node's IP) and hand all URLs to
     client.ServerRollout."""
-    from verl_mtp.rollout.client import launch_replicas
-
     layout = replica_layout(cfg, num_replicas, base_port)
     commands = [launch_command(sglang_server_args(cfg, model_path=model_path, host=host, port=port, base_gpu_id=gpu))
                 for port, gpu in layout]
@@ -181,8 +262,9 @@ def split_trunk_and_mtp(named_tensors) -> tuple[list, list]:
 
 def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | None = None,
                      load_format: str | None = None, init_group: dict | None = None,
-                     group_name: str = WEIGHT_GROUP_NAME) -> list[SyncCall]:
-    """The ordered calls of one sync (see the module docstring).
+                     group_name: str = WEIGHT_GROUP_NAME,
+                     protocol: SGLangVersion = SGLANG_VERSIONS[DEFAULT_SGLANG_VERSION]) -> list[SyncCall]:
+    """The ordered calls of one sync for `protocol`'s SGLang version (see the module docstring).
 
     mode "tensor": `encode(named) -> serialized_named_tensors` (one entry per tensor-parallel rank).
     mode "distributed": tensors travel over the weight group; `init_group` (weight_update_group: address,
@@ -196,19 +278,27 @@ def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | No
     parts = [p for p in split_trunk_and_mtp(named_tensors) if p]
     plan = [_init_call(init_group, group_name)] if init_group and mode == "distributed" else []
     plan.append(SyncCall("POST", "/pause_generation", {"mode": "abort"}))
+    if protocol.update_session:
+        plan.append(SyncCall("POST", "/begin_weight_update", {"selector": "all"}))
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         common = {"flush_cache": False, "weight_version": str(version) if last else None}
+        if protocol.selector:
+            common["selector"] = "all"  # never target-only: the draft must follow
         if mode == "tensor":
-            body = {"serialized_named_tensors": encode(part), "load_format": load_format,
-                    "disable_draft_model": False, **common}  # never target-only: the draft must follow
+            body = {"serialized_named_tensors": encode(part), "load_format": load_format, **common}
             plan.append(SyncCall("POST", "/update_weights_from_tensor", body))
         else:
             body = {"names": [n for n, _ in part], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in part],
                     "shapes": [list(t.shape) for _, t in part], "group_name": group_name, **common}
             plan.append(SyncCall("POST", "/update_weights_from_distributed", body, tuple(body["names"])))
-    plan += [SyncCall("POST", "/flush_cache"), SyncCall("POST", "/continue_generation"),
-             SyncCall("GET", "/get_model_info")]
+    if protocol.update_session:
+        plan.append(SyncCall("POST", "/end_weight_update", {}))
+    if not protocol.records_version_when_paused:
+        plan.append(SyncCall("POST", "/update_weight_version", {"new_version": str(version),
+                                                                "abort_all_requests": False}))
+    plan += [SyncCall("POST", "/flush_cache", {}), SyncCall("POST", "/continue_generation", {}),
+             SyncCall("GET", "/model_info")]
     return plan
 
 
@@ -219,13 +309,26 @@ def _init_call(init_group: dict, group_name: str) -> SyncCall:
     return SyncCall("POST", "/init_weights_update_group", group, per_replica=per_replica, joins_group=True)
 
 
-def sglang_tensor_payload(named_tensors, tp_size: int) -> list[str]:
+def sglang_tensor_payload(named_tensors, tp_size: int, device=None) -> list[str]:
     """serialized_named_tensors for SGLang on the same GPUs: CUDA IPC handles in SGLang's own serializer,
-    one entry per tensor-parallel rank. GPU image only; call it in the process that owns the tensors."""
-    from sglang.srt.utils import MultiprocessingSerializer
+    one entry per tensor-parallel rank of the replica. GPU image only; call it in the process that owns
+    the tensors.
 
-    data = MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
-    return [data] * tp_size
+    IPC handles exist only for CUDA tensors, so every tensor is first put on `device` (this rank's GPU,
+    default the current one): Megatron's TP/PP gather leaves CPU tensors, which SGLang's scheduler cannot
+    open. SGLang's `monkey_patch_torch_reductions` makes the handles name the device by UUID, so a
+    receiver with another CUDA_VISIBLE_DEVICES order opens the right GPU. Each rank gets its own entry
+    (its own serialization), as SGLang's scheduler rank r deserializes entry r only.
+    """
+    import torch
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    monkey_patch_torch_reductions()
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    on_gpu = [(name, t.detach().to(device, non_blocking=True)) for name, t in named_tensors]
+    torch.cuda.current_stream(device).synchronize()  # the copies must land before a receiver maps them
+    return [MultiprocessingSerializer.serialize(on_gpu, output_str=True) for _ in range(tp_size)]
 
 
 # ---- stale-draft guard -----------------------------------------------------------------------------
@@ -270,7 +373,8 @@ class StaleDraftGuard:
                 f"stale draft after weight sync v{self.armed_version}: accept length (passes that drafted) fell to "
                 f"{length:.2f} from a running {self.baseline:.2f}. Drafts are almost never accepted, the signature "
                 "of MTP/draft weights that were not refreshed: check that the sync carries the model.mtp_layers.* "
-                "tensors, that the server applied them (SGLang: no disable_draft_model; colocated MTP rollout "
-                "needs --enable-draft-weights-cpu-backup), and that the actor trains the MTP layers.")
+                "tensors, that the server applied them (SGLang 0.5.23: selector=all; SGLang 0.5.6: distributed sync does "
+                "not reach the draft; colocated MTP rollout needs --enable-draft-weights-cpu-backup), and that "
+                "the actor trains the MTP layers.")
         self.armed_version = None
         self.baseline = length if self.baseline is None else (1 - self.ema) * self.baseline + self.ema * length
