@@ -33,6 +33,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 
 DATA_SOURCE = "synthetic_math"
+DATA_SOURCES = (DATA_SOURCE, "synthetic_math_chat")  # the reward routing grades each (rewards/scorers)
 ABILITY = "math"
 
 _NAMES = (("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"),
@@ -183,10 +184,10 @@ def chat_prompt(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
 
-def to_rl_row(problem: dict, index: int, split: str) -> dict:
+def to_rl_row(problem: dict, index: int, split: str, data_source: str = DATA_SOURCE) -> dict:
     """One row of verl's RL parquet format."""
     return {
-        "data_source": DATA_SOURCE,
+        "data_source": data_source,
         "prompt": chat_prompt(problem["question"]),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": str(problem["answer"])},
@@ -196,7 +197,8 @@ def to_rl_row(problem: dict, index: int, split: str) -> dict:
 
 
 def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
-                     levels: Sequence[int] = (1, 2, 3), n_sft: int = 0, teacher_slip: float = 0.0) -> dict[str, str]:
+                     levels: Sequence[int] = (1, 2, 3), n_sft: int = 0, teacher_slip: float = 0.0,
+                     data_source: str = DATA_SOURCE) -> dict[str, str]:
     """Write `train.parquet` and `test.parquet` (and `sft.jsonl` if `n_sft > 0`, written by a teacher
     that drops carries with probability `teacher_slip`).
 
@@ -210,7 +212,7 @@ def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
     train, test = split_problems(n_train, n_test, seed, levels)
     paths = {}
     for split, problems in (("train", train), ("test", test)):
-        rows = [to_rl_row(p, i, split) for i, p in enumerate(problems)]
+        rows = [to_rl_row(p, i, split, data_source) for i, p in enumerate(problems)]
         paths[split] = os.path.join(out_dir, f"{split}.parquet")
         pq.write_table(pa.Table.from_pylist(rows), paths[split])
     if n_sft > 0:
@@ -257,11 +259,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--teacher-slip", type=float, default=0.0,
                         help="probability that the SFT corpus's teacher drops a carry or borrow (0: a perfect teacher)")
+    parser.add_argument("--data-source", default=DATA_SOURCE, choices=DATA_SOURCES,
+                        help="graded from an 'Answer: N' line (synthetic_math, what our SFT model is taught) or from "
+                             "the last number of a chat model's own reply (synthetic_math_chat)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.teacher_slip <= 1.0:
         parser.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")
     paths = write_rl_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.levels, args.n_sft,
-                             args.teacher_slip)
+                             args.teacher_slip, args.data_source)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

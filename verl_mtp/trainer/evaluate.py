@@ -33,19 +33,24 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=la
 
     from verl_mtp.data.tokenizer import encode_chat
     from verl_mtp.models import MTPCausalLM
-    from verl_mtp.rewards.scorers.math_dapo import compute_score
+    from verl_mtp.rewards.scorers import default_compute_score
     from verl_mtp.rollout import NativeEngine, SamplingParams
 
     model = MTPCausalLM.from_pretrained(model_dir)
     rows = pq.read_table(test_parquet).to_pylist()[:limit]
     prompts = [encode_chat(tok, r["prompt"]) for r in rows]
     truth = [str(r["reward_model"]["ground_truth"]) for r in rows]
+    sources = [r.get("data_source", "synthetic_math") for r in rows]
     engine = NativeEngine(model, tok, max_batch_size=64, max_seq_len=max(map(len, prompts)) + 64)
     stop = [tok.eos_token_id]
 
+    def correct(i: int, text: str) -> bool:  # graded as the RL reward grades it (routing by data source)
+        result = default_compute_score(sources[i], text, truth[i])
+        return bool(result["acc"]) if isinstance(result, dict) else result > 0
+
     def accuracy(out, n):
         texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in out.samples]
-        return sum(compute_score(t, truth[i // n])["acc"] for i, t in enumerate(texts)) / len(texts)
+        return sum(correct(i // n, t) for i, t in enumerate(texts)) / len(texts)
 
     def generate(params, speculative):
         out = engine.generate(prompts, params, speculative=speculative)
