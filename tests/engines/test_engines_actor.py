@@ -43,7 +43,7 @@ def test_log_probs_match_full_forward():
     model = MTPCausalLM(toy_config())
     actor = _actor(model, _cfg())
     b = _batch()
-    lp, ent = actor.compute_log_probs(b, micro_size=4)
+    lp, ent = actor.compute_log_probs(b, micro_size=4, entropy=True)
     for i in range(len(b)):
         p = b.prompts[i][b.prompt_mask[i].bool()].tolist()
         r = b.responses[i][b.response_mask[i].bool()].tolist()

@@ -77,6 +77,7 @@ def test_policy_loss_from_split_pieces_equals_the_unsplit_loss(size):
 
     b, model, arr = _batch_and_model()
     actor = PolicyActor(build_engine("torch", model=copy.deepcopy(model), num_mtp=2), arr)
+    actor.policy_targets = False  # as on a CP engine: no per-token value reads another position's logits
     b = b.with_(old_log_probs=actor.compute_log_probs(b)[0])
     fn = actor._loss_fn(float(b.response_mask.sum()), float(len(b)))
     out = model(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, num_mtp=2)

@@ -267,3 +267,36 @@ def test_model_without_mtp_layers_decodes_plain(good_draft_model):
     assert out.stats.accept_length == 1.0 and all(len(s.token_ids) == 5 for s in out.samples)
     with pytest.raises(ValueError, match="needs MTP layers"):
         engine.generate(RAGGED[:1], speculative=2)
+
+
+def test_observed_depth1_acceptance_matches_the_expected_sum_min_p_q(bad_draft_model):
+    """A second, independent losslessness check: every depth-1 draft is accepted with probability
+    sum_x min(p, q) (p, q warped as sampled), which a teacher-forced forward over the generated sequences
+    gives per round (algos.mtp_loss, the training metric's function). The count of kept drafts must lie
+    within 4 binomial standard deviations of the sum of those probabilities; the same probabilities read
+    one position off (the target at t+2 instead of t+1) must not."""
+    from verl_mtp.algos.mtp_loss import Warp, mtp_token_losses
+
+    prompts = [[int(a), int(b)] for a, b in torch.randint(1, 24, (32, 2), generator=torch.Generator().manual_seed(0))]
+    params = SamplingParams(temperature=1.0, top_k=8, max_new_tokens=40, seed=0)
+    rounds = collections.defaultdict(list)  # per prompt: tokens kept by prefill, then by each round
+    engine = NativeEngine(bad_draft_model, max_batch_size=32, max_seq_len=64)
+    out = engine.generate(prompts, params, speculative=1, on_tokens=lambda i, toks: rounds[i].append(len(toks)))
+    kept, expected, var, off = 0, 0.0, 0.0, 0.0
+    for sample in out.samples:
+        ids = torch.tensor([prompts[sample.prompt_index] + sample.token_ids])
+        with torch.no_grad():
+            fwd = bad_draft_model(ids)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[:, -2:] = False
+        accept = mtp_token_losses(fwd.mtp_logits[0], ids, mask, fwd.logits, 0, "ce", Warp(1.0, top_k=8))[2][0]
+        shifted = mtp_token_losses(fwd.mtp_logits[0], ids, mask, fwd.logits, 1, "ce", Warp(1.0, top_k=8))[2][0]
+        n = len(prompts[sample.prompt_index]) + rounds[sample.prompt_index][0] - 1  # index of x_n after prefill
+        for emitted in rounds[sample.prompt_index][1:-1]:  # the last round may be cut by max_new_tokens
+            a = float(accept[n - 1])  # the chain drafted from origin n-1: MTP depth 1 predicts x_{n+1}
+            kept, expected, var, off = kept + (emitted == 2), expected + a, var + a * (1 - a), off + float(shifted[n - 1])
+            n += emitted
+    assert 0.2 < kept / out.stats.passes_per_depth[0] < 0.8  # both outcomes are common: the check has power
+    sigma = var ** 0.5
+    assert abs(kept - expected) < 4 * sigma, (kept, expected, sigma)
+    assert abs(kept - off) > 4 * sigma, (kept, off, sigma)

@@ -72,6 +72,10 @@ class MtpConfig:
     enable_train: bool = False  # add the scaled MTP loss to the actor update
     enable_rollout: bool = False  # use the MTP layers as the draft for speculative decoding
     mtp_loss_scaling_factor: float = 0.1  # weight of the MTP loss next to the policy loss
+    # verl_mtp: what the MTP loss compares each depth's draft q with: ce (the token, hard label), soft_ce
+    # (the detached policy distribution p at the target position, warped as the rollout samples) or tv
+    # (1 - sum min(p, q): one minus the draft's expected acceptance)
+    loss_type: str = "ce"
     # Keep the MTP gradient off the trunk. verl defaults to False; every recipe that trains
     # MTP during RL detaches, so we default to True.
     detach_encoder: bool = True

@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "disable", "resume_path")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SPEC_ALGORITHMS = ("EAGLE", "NEXTN")
+MTP_LOSS_TYPES = ("ce", "soft_ce", "tv")  # algos.mtp_loss.MTP_LOSS_TYPES (config sits below algos)
 SYNC_MODES = ("tensor", "distributed")
 LAUNCHERS = ("local", "ray")
 OVERLONG_KEYS = ("enable", "len", "penalty_factor", "log")
@@ -194,6 +195,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.truncation": TRUNCATIONS,
     _ARR + "model.mtp.speculative_algorithm": SPEC_ALGORITHMS,
+    _ARR + "model.mtp.loss_type": MTP_LOSS_TYPES,
     _ARR + "actor.strategy": STRATEGIES,
     _ARR + "actor.loss_agg_mode": LOSS_AGG_MODES,
     _ARR + "actor.kl_loss_type": KL_ESTIMATORS,

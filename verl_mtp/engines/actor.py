@@ -3,8 +3,9 @@
 Backend-agnostic by construction: it only builds micro-batches and `MicroBatchFn`s and hands them to
 the engine, so the torch and megatron backends share every line of the algorithm. Each function is
 two-staged (see `MicroBatchFn`): per sequence position, the log-prob and entropy of the token it
-predicts and each MTP depth's cross-entropy; then the losses from those per-token values. A backend
-that splits sequences over ranks (context parallel) runs the first stage on its own positions."""
+predicts and each MTP depth's loss and expected acceptance; then the losses from those per-token values.
+A backend that splits sequences over ranks (context parallel) runs the first stage on its own positions.
+A log-prob pass runs the trunk only (no MTP layers) and computes entropies only when asked."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from verl_mtp.algos import (LossAggregation, entropy_from_logits, epoch_orders, get_policy_loss, kl_penalty,
                             logprobs_from_logits, masked_mean, partition_by_token_budget, split_into_micro_batches)
-from verl_mtp.algos.mtp_loss import mtp_targets, mtp_token_losses, reduce_mtp_loss
+from verl_mtp.algos.mtp_loss import Warp, mtp_targets, mtp_token_losses, reduce_mtp_loss
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
 from verl_mtp.models import MTPOutput
@@ -46,6 +47,13 @@ def responses_of(values: torch.Tensor, micro: Batch) -> torch.Tensor:
     return values[:, micro.prompts.shape[1] - 1: -1]
 
 
+def rollout_warp(rollout_cfg) -> Warp:
+    """How the rollout warps the logits it samples from (`actor_rollout_ref.rollout`): what the MTP loss
+    and the expected acceptance compare the draft with."""
+    greedy = not rollout_cfg.do_sample or rollout_cfg.temperature == 0
+    return Warp(0.0 if greedy else rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p)
+
+
 class PolicyActor:
     """cfg: the `actor_rollout_ref` config (DictConfig or nested dict)."""
 
@@ -56,6 +64,16 @@ class PolicyActor:
         self.mtp = cfg.model.mtp
         self.temperature = temperature
         self.policy_loss = get_policy_loss(self.actor.policy_loss.loss_mode)
+        self.warp = rollout_warp(cfg.rollout)
+        # the draft chain the rollout runs; "auto" searches every depth the forward has
+        steps = self.mtp.speculative_num_steps
+        self.chain_depth = steps if isinstance(steps, int) else None
+        # soft_ce, tv and the expected acceptance of depth i at t read the policy's logits at t+i+1, which
+        # context parallel may hold on another rank: there only ce runs, without acceptance metrics
+        self.policy_targets = getattr(engine, "cp", 1) == 1
+        if not self.policy_targets and self.mtp.loss_type != "ce":
+            raise ValueError(f"actor_rollout_ref.model.mtp.loss_type={self.mtp.loss_type} needs "
+                             "context_parallel_size=1 (the target distribution may sit on another CP rank)")
         # Dr.GRPO's constant (seq-mean-token-sum-norm): verl's loss_scale_factor, by default the max
         # response length (verl pads every response to it); None: this batch's padded width
         self.horizon = self.actor.get("loss_scale_factor") or max_response_length
@@ -72,17 +90,23 @@ class PolicyActor:
 
     # ---- per-token values ----------------------------------------------------------------
 
-    def _per_token(self, entropy_grad: bool):
+    def _per_token(self, entropy: bool, entropy_grad: bool = False):
         def per_token(out: MTPOutput, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             keep = t["scored"]
             logits = out.logits[keep] / self.temperature  # (N, V): only positions that predict a response token
             zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
-            values = {"log_prob": zeros.masked_scatter(keep, logprobs_from_logits(logits, t["next"][keep])),
-                      "entropy": zeros.masked_scatter(keep, entropy_from_logits(
-                          logits if entropy_grad else logits.detach()))}
+            values = {"log_prob": zeros.masked_scatter(keep, logprobs_from_logits(logits, t["next"][keep]))}
+            if entropy:
+                values["entropy"] = zeros.masked_scatter(keep, entropy_from_logits(
+                    logits if entropy_grad else logits.detach()))
             for i, mtp_logits in enumerate(out.mtp_logits):
-                values[f"mtp_ce_{i}"], values[f"mtp_hit_{i}"] = mtp_token_losses(
-                    mtp_logits, t[f"mtp_target_{i}"], t[f"mtp_mask_{i}"])
+                # the policy's distribution at t+i+1 is the target of depth i at t (see algos.mtp_loss)
+                loss, values[f"mtp_hit_{i}"], accept = mtp_token_losses(
+                    mtp_logits, t[f"mtp_target_{i}"], t[f"mtp_mask_{i}"], out.logits if self.policy_targets else None,
+                    i, self.mtp.loss_type, self.warp)
+                values[f"mtp_loss_{i}"] = loss
+                if accept is not None:
+                    values[f"mtp_accept_{i}"] = accept
             return values
 
         return per_token
@@ -92,16 +116,20 @@ class PolicyActor:
 
     # ---- log-probs -----------------------------------------------------------------------
 
-    def compute_log_probs(self, batch: Batch, micro_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, R) log-probs and entropies of the responses under the current weights."""
+    def compute_log_probs(self, batch: Batch, micro_size: int | None = None, entropy: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, R) log-probs of the responses under the current weights, and with `entropy` their entropies
+        (else None). A trunk-only forward: the MTP layers and their vocabulary-wide heads do not run."""
         def reduce(values, out, micro):
-            return responses_of(values["log_prob"], micro), responses_of(values["entropy"], micro)
+            return responses_of(values["log_prob"], micro), (responses_of(values["entropy"], micro) if entropy
+                                                             else None)
 
         micros = self._micro_batches(batch, micro_size, self.actor.use_dynamic_bsz, self.actor.ppo_max_token_len_per_gpu)
-        results = self.engine.infer(micros, MicroBatchFn(self._per_token(False), reduce, self._targets))
+        results = self.engine.infer(micros, MicroBatchFn(self._per_token(entropy), reduce, self._targets, mtp=False))
         r = batch.responses.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[1]))  # noqa: E731
-        return torch.cat([pad(lp) for lp, _ in results]), torch.cat([pad(e) for _, e in results])
+        log_probs = torch.cat([pad(lp) for lp, _ in results])
+        return log_probs, (torch.cat([pad(e) for _, e in results]) if entropy else None)
 
     # ---- PPO update ----------------------------------------------------------------------
 
@@ -124,12 +152,14 @@ class PolicyActor:
                 kl = aggregate(kl_penalty(log_prob, micro.ref_log_probs, a.kl_loss_type), mask)
                 loss = loss + a.kl_loss_coef * kl
                 metrics["actor/kl_loss"] = float(kl.detach())
-            depths = sum(k.startswith("mtp_ce_") for k in values)
+            depths = sum(k.startswith("mtp_loss_") for k in values)
             if depths:
                 masks = mtp_targets(micro.input_ids, _sequence_mask(micro), depths, micro.attention_mask)[1]
+                per_depth = lambda name: [values[f"{name}_{i}"] for i in range(depths)]  # noqa: E731
                 mtp_loss, mtp_metrics = reduce_mtp_loss(
-                    [values[f"mtp_ce_{i}"] for i in range(depths)], [values[f"mtp_hit_{i}"] for i in range(depths)],
-                    masks, self.mtp.mtp_loss_scaling_factor, token_count=tokens)
+                    per_depth("mtp_loss"), per_depth("mtp_hit"), masks, self.mtp.mtp_loss_scaling_factor,
+                    token_count=tokens, accepts=per_depth("mtp_accept") if self.policy_targets else None,
+                    chain_depth=self.chain_depth)
                 loss = loss + mtp_loss
                 metrics.update(mtp_metrics)
                 metrics["mtp/loss"] = float(mtp_loss.detach())
@@ -138,7 +168,7 @@ class PolicyActor:
                 metrics.update(moe_metrics(out.aux_loss, out.moe_stats))
             return loss, metrics
 
-        return MicroBatchFn(self._per_token(bool(a.entropy_coeff)), reduce, self._targets)
+        return MicroBatchFn(self._per_token(True, bool(a.entropy_coeff)), reduce, self._targets)
 
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         """PPO epochs over mini-batches of `mini_batch_rows` rows; one optimizer step per mini-batch.

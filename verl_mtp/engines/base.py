@@ -39,6 +39,7 @@ class MicroBatchFn:
     per_token: Callable[[MTPOutput, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     reduce: Callable[[dict[str, torch.Tensor], MTPOutput, Batch], Any]
     targets: Callable[[Batch], dict[str, torch.Tensor]] = _no_targets
+    mtp: bool = True  # the forward runs the engine's MTP depths; a log-prob pass needs only the trunk
 
     def __call__(self, out: MTPOutput, micro: Batch) -> Any:
         """Both stages on a forward over the whole sequence."""

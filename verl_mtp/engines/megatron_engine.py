@@ -168,7 +168,7 @@ class MegatronEngine(TrainingEngine):
                               padded=cp.padded_length(mask.shape[1], self.cp, self.tp if sequence_parallel else 1),
                               cp=self.cp, rank=self.cp_rank, group=self.ps.get_context_parallel_group())
 
-    def _model_forward(self, micro: Batch, layout: SequenceLayout) -> MTPOutput | torch.Tensor:
+    def _model_forward(self, micro: Batch, layout: SequenceLayout, mtp: bool = True) -> MTPOutput | torch.Tensor:
         """This stage's part of the forward over this rank's positions of `layout`: an MTPOutput (B, T, ...)
         on the last pipeline stage, hidden states (T, B, H) for the next stage otherwise."""
         gpt = self.gpt
@@ -187,7 +187,7 @@ class MegatronEngine(TrainingEngine):
         head = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
         logits = self._logits(hidden, head)
         mtp_logits = []
-        if self.num_mtp:
+        if self.num_mtp and mtp:  # a log-prob pass (MicroBatchFn.mtp False) runs the trunk only
             detach = self.mtp_detach
             mtp_head = (head if head is not None else gpt.output_layer.weight).detach() if detach else head
 
@@ -229,7 +229,7 @@ class MegatronEngine(TrainingEngine):
         collected = []
         for micro in micro_batches:
             layout = self._layout(micro)
-            result = self._apply(fn, self._model_forward(micro, layout), micro, layout)
+            result = self._apply(fn, self._model_forward(micro, layout, fn.mtp), micro, layout)
             if not forward_only:
                 loss, result = result
                 loss.backward()  # megatron's DDP accumulates into its grad buffers; no reduce yet
@@ -264,7 +264,7 @@ class MegatronEngine(TrainingEngine):
                 # already sums the CP ranks' identical losses): undo both
                 return loss * n / self.cp, metrics
 
-            return self._model_forward(micro, layout), loss_func
+            return self._model_forward(micro, layout, fn.mtp), loss_func
 
         first = self._layout(micro_batches[0])
         collected = get_forward_backward_func()(

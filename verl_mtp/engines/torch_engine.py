@@ -51,9 +51,9 @@ class TorchEngine(TrainingEngine):
         else:
             model.requires_grad_(False)
 
-    def _forward(self, micro: Batch):
+    def _forward(self, micro: Batch, mtp: bool = True):
         return self.model(micro.input_ids, attention_mask=micro.attention_mask, position_ids=micro.position_ids,
-                          num_mtp=self.num_mtp, mtp_detach=self.mtp_detach)
+                          num_mtp=self.num_mtp if mtp else 0, mtp_detach=self.mtp_detach)
 
     def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
         self.reload()
@@ -64,7 +64,7 @@ class TorchEngine(TrainingEngine):
             # DDP all-reduces gradients once, on the last micro-batch
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                loss, m = loss_fn(self._forward(micro), micro)
+                loss, m = loss_fn(self._forward(micro, loss_fn.mtp), micro)
                 loss.backward()
             metrics.append(m)
         return metrics
@@ -99,7 +99,7 @@ class TorchEngine(TrainingEngine):
     def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:
         self.reload()
         self.model.eval()
-        return [fn(self._forward(m), m) for m in micro_batches]
+        return [fn(self._forward(m, fn.mtp), m) for m in micro_batches]
 
     def offload(self) -> None:
         """Parameters (with their grads) and/or the AdamW moments to pinned CPU memory, on CUDA only."""

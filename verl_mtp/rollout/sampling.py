@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from verl_mtp.algos.warping import warp_probs as warp
+
 
 @dataclass
 class SamplingParams:
@@ -34,24 +36,10 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """(..., V) logits -> probabilities after temperature, top-k and top-p. Greedy gives one-hot.
 
     Target p and draft q both go through this function, so the acceptance rule compares
-    distributions warped identically (the condition for the output to equal plain sampling).
+    distributions warped identically (the condition for the output to equal plain sampling). The
+    MTP loss and its expected-acceptance metrics warp with the same `algos.warping.warp_probs`.
     """
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass before it already reaches top_p; the first token always stays
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return warp(logits, params.temperature, params.top_k, params.top_p)
 
 
 def target_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
