@@ -21,6 +21,9 @@ def step_metrics(step: int, *, depths: int = 2, sources: tuple[str, ...] = (), *
         m[f"rollout/accept_rate_{d}"] = 0.8 / d
         m[f"mtp/acc_{d}"] = 0.85 / d
         m[f"mtp/loss_{d}"] = 1.0 * d
+        m[f"mtp/expected_accept_rate_{d}"] = 0.82 / d
+        m[f"mtp/expected_chain_accept_rate_{d}"] = 0.82 / d ** 2
+    m["mtp/expected_accept_length"] = 1.0 + sum(0.82 / d ** 2 for d in range(1, depths + 1))
     if depths:
         m[f"rollout/depth_rounds_{depths}"] = 10.0 + step
     for i, source in enumerate(sources):

@@ -44,7 +44,8 @@ def test_dashboard_queries_served_metrics(served_names):
                    "verl_mtp_rollout_accept_rate", "verl_mtp_rollout_tokens_per_second", "verl_mtp_phase_seconds",
                    "verl_mtp_weight_version", "verl_mtp_reward_failures_total", "verl_mtp_worker_restarts_total",
                    "verl_mtp_nan_skipped_steps_total", "verl_mtp_val_accuracy",
-                   "verl_mtp_step_duration_seconds_bucket"):
+                   "verl_mtp_step_duration_seconds_bucket", "verl_mtp_mtp_expected_accept_length",
+                   "verl_mtp_mtp_expected_chain_accept_rate"):
         assert wanted in used, wanted
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -101,6 +101,9 @@ def test_metrics_never_logged_are_absent_and_nan_is_served(exporter):
     ("mtp/loss", "mtp_loss", None), ("mtp/loss_3", "mtp_head_loss", "3"), ("timing_s/step", "step_seconds", None),
     ("timing_s/update_actor", "phase_seconds", "update_actor"), ("val-core/acc", "val_accuracy_overall", None),
     ("val-core/my/data/acc/mean@4", "val_accuracy", "my/data"), ("val/rollout/accept_length", None, None),
+    ("mtp/expected_accept_rate_2", "mtp_expected_accept_rate", "2"),
+    ("mtp/expected_chain_accept_rate_2", "mtp_expected_chain_accept_rate", "2"),
+    ("mtp/expected_accept_length", "mtp_expected_accept_length", None),
 ])
 def test_rule_matching(key, name, label):
     found = match_rule(key)

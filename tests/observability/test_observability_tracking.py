@@ -85,7 +85,8 @@ def test_console_line_eta_alarms_and_progress_bar(monkeypatch):
     sink.close()
     out = lines.getvalue().splitlines()
     assert out[0] == "step 0/4 val_acc=0.25"
-    assert out[1].startswith("step 1/4 score=-0.95 acc=0.02 pg_loss=0.01 mtp_loss=0.299 accept_len=1.2 tok/s=121 ")
+    assert out[1].startswith("step 1/4 score=-0.95 acc=0.02 pg_loss=0.01 mtp_loss=0.299 accept_len=1.2 "
+                             "exp_accept_len=2.025 accept_1=0.8 exp_accept_1=0.82 tok/s=121 ")
     assert out[1].split()[-1].startswith("eta=") and "nan_skipped" not in out[1]
     assert "nan_skipped=2" in out[2]
     assert "eta=" not in out[3]  # the last step

@@ -36,7 +36,10 @@ class ConsoleSink:
     progress bar over the total steps on a terminal."""
 
     LABELS = {"critic/score/mean": "score", "critic/acc/mean": "acc", "actor/pg_loss": "pg_loss",
-              "mtp/loss": "mtp_loss", "rollout/accept_length": "accept_len", "rollout/tokens_per_s": "tok/s",
+              "mtp/loss": "mtp_loss", "rollout/accept_length": "accept_len",
+              # observed beside predicted: the rollout's acceptance and the training forward's expectation
+              "mtp/expected_accept_length": "exp_accept_len", "rollout/accept_rate_1": "accept_1",
+              "mtp/expected_accept_rate_1": "exp_accept_1", "rollout/tokens_per_s": "tok/s",
               "response_length/mean": "resp_len", "val-core/acc": "val_acc", "timing_s/step": "step_s"}
     # running totals shown only once they are non-zero: they mean something went wrong
     ALARMS = {"trainer/worker_restarts": "restarts", "trainer/nan_skipped_steps": "nan_skipped"}
