@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from verl_mtp.algos.mtp_loss import compute_mtp_loss
+from verl_mtp.algos.mtp_loss import MTP_LOSS_TYPES, compute_mtp_loss
 from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.cli import OneLineParser
 from verl_mtp.models import MTPCausalLM, ModelConfig
@@ -93,6 +93,7 @@ class SFTConfig:
     loss_on: str = "response"  # "response": response tokens (and EOS) only; "all": every token
     mtp_scale: float = 0.3
     mtp_detach: bool = False
+    mtp_loss: str = "ce"  # ce | soft_ce | tv, as actor_rollout_ref.model.mtp.loss_type (sampling at T=1)
     max_len: int = 128  # longer rows are truncated
     # optimisation
     steps: int = 4000  # optimizer steps
@@ -120,6 +121,7 @@ class SFTConfig:
         """Raise SFTError naming the first bad option as its flag."""
         rules = [
             ("loss_on", self.loss_on in ("response", "all"), "must be 'response' or 'all'"),
+            ("mtp_loss", self.mtp_loss in MTP_LOSS_TYPES, f"must be one of {', '.join(MTP_LOSS_TYPES)}"),
             ("schedule", self.schedule in ("cosine", "linear", "constant"), "must be cosine, linear or constant"),
             ("hidden", self.hidden > 0, "must be > 0"), ("layers", self.layers > 0, "must be > 0"),
             ("heads", self.heads > 0, "must be > 0"), ("kv_heads", self.kv_heads > 0, "must be > 0"),
@@ -304,17 +306,20 @@ def build_model(cfg: SFTConfig, tokenizer) -> MTPCausalLM:
 
 
 def sft_loss(model: MTPCausalLM, ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor,
-             mtp_scale: float, mtp_detach: bool, token_count: float, bf16: bool = False
+             mtp_scale: float, mtp_detach: bool, token_count: float, bf16: bool = False, mtp_loss: str = "ce"
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(LM loss, scaled MTP loss + MoE load-balancing loss, MTP and MoE metrics); the losses are sums over
     targets / `token_count`, so the micro-batches of one optimizer step add up to the step's per-token mean
-    (the load-balancing loss is weighted by the micro-batch's share of the targets)."""
+    (the load-balancing loss is weighted by the micro-batch's share of the targets). `mtp_loss`: what each
+    MTP depth is trained against (algos.mtp_loss); the metrics include the draft's expected acceptance
+    against the model's own distribution sampled at T=1."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(ids, attention, mtp_detach=mtp_detach)
     target_mask = loss_mask[:, 1:].float()
     ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     lm = (ce * target_mask.flatten()).sum() / token_count
-    mtp, metrics = compute_mtp_loss(out.mtp_logits, ids, loss_mask, mtp_scale, token_count)
+    mtp, metrics = compute_mtp_loss(out.mtp_logits, ids, loss_mask, mtp_scale, token_count, policy_logits=out.logits,
+                                    loss_type=mtp_loss)
     if out.moe_stats is not None:
         mtp = mtp + out.aux_loss * (float(target_mask.sum()) / token_count)
         metrics.update(moe_metrics(out.aux_loss, out.moe_stats))
@@ -468,7 +473,7 @@ def validation_loss(model: MTPCausalLM, batches: list[tuple[torch.Tensor, ...]],
     total, lm_sum, mtp_sums = 0.0, 0.0, defaultdict(float)
     for ids, attention, loss_mask in batches:
         n = float(loss_mask[:, 1:].sum())
-        lm, _, metrics = sft_loss(model, ids, attention, loss_mask, 1.0, False, n, cfg.bf16)
+        lm, _, metrics = sft_loss(model, ids, attention, loss_mask, 1.0, False, n, cfg.bf16, cfg.mtp_loss)
         total, lm_sum = total + n, lm_sum + float(lm) * n
         for k, v in metrics.items():
             mtp_sums[k] += v * n
@@ -592,7 +597,8 @@ def train_step(model, opt, sched, micro_batches: list[tuple[torch.Tensor, ...]],
     token_count = float(sum(float(m[2][:, 1:].sum()) for m in micro_batches))
     sums = defaultdict(float)
     for ids, attention, loss_mask in micro_batches:
-        lm, mtp, metrics = sft_loss(model, ids, attention, loss_mask, cfg.mtp_scale, cfg.mtp_detach, token_count, cfg.bf16)
+        lm, mtp, metrics = sft_loss(model, ids, attention, loss_mask, cfg.mtp_scale, cfg.mtp_detach, token_count, cfg.bf16,
+                                    cfg.mtp_loss)
         (lm + mtp).backward()
         sums["train/loss"] += float(lm.detach())
         for k, v in metrics.items():
@@ -775,6 +781,8 @@ HELP = {
     "test_data": "parquet for the final greedy accuracy ('auto': test.parquet next to --data; 'none': off)",
     "loss_on": "train on response tokens only, or on every token (pretraining)",
     "mtp_scale": "weight of the MTP loss", "mtp_detach": "keep the MTP gradient off the trunk",
+    "mtp_loss": "MTP objective: ce (the next tokens), soft_ce (the model's own detached distribution there) or "
+                "tv (1 - sum min(p, q), one minus the draft's acceptance at T=1)",
     "max_len": "truncate rows to this many tokens", "steps": "optimizer steps",
     "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "schedule": "LR decay after linear warmup", "warmup": "warmup steps",
@@ -794,7 +802,7 @@ HELP = {
     "weight_decay": "AdamW weight decay of matrices and embeddings", "log_every": "steps between metric lines",
     "seed": "seed of the initial weights, the data order and the validation split",
 }
-CHOICES = {"loss_on": ("response", "all"), "schedule": ("cosine", "linear", "constant")}
+CHOICES = {"loss_on": ("response", "all"), "schedule": ("cosine", "linear", "constant"), "mtp_loss": MTP_LOSS_TYPES}
 
 
 def build_parser() -> argparse.ArgumentParser:
