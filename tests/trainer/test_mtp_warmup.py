@@ -146,6 +146,20 @@ def test_soft_labels_on_the_fly(chain, base_folder):
     assert report["after"]["accept"]["accept_length"] > 1.5
 
 
+def test_tv_objective_on_the_fly(chain, base_folder):
+    """RL's tv loss (1 - sum min(p, q)) against the trunk's top-k distribution; hand-checked on one row."""
+    from verl_mtp.trainer.mtp_warmup_objectives import topk_tv
+
+    # target top-2 of (.5, .3, .2): (.625, .375, 0); draft q = (.2, .3, .5): 1 - (.2 + .3) = .5
+    row = topk_tv(torch.tensor([[0.2, 0.3, 0.5]]).log(), torch.tensor([[0.5, 0.3]]).log(), torch.tensor([[0, 1]]))
+    assert row.item() == pytest.approx(0.5, abs=1e-6)
+    model, report = warm_start(_fresh(base_folder), None, chain[1], WarmupConfig(**FAST), collect=False,
+                               objective="tv", topk=6, steps=40, log=lambda m: None)
+    before, after = report["before"]["positions"], report["after"]["positions"]
+    assert all(a["loss"] < b["loss"] - 0.2 for a, b in zip(after, before)), (before, after)
+    assert report["after"]["accept"]["accept_length"] > 1.5
+
+
 def test_diffusion_blocks_and_masking():
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0]]), "next_tokens": torch.tensor([[16, 17, 18, 19, 20, 21]]),
              "lengths": torch.tensor([5]), "loss_mask": torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.uint8),

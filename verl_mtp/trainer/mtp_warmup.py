@@ -1,6 +1,6 @@
 """MTP warm start: train a base model's MTP layers on its own frozen trunk before RL.
 
-    verl-mtp mtp-warmup --model BASE --data CORPUS --out RUN [--num-mtp-layers K] [--objective ce|soft|diffusion]
+    verl-mtp mtp-warmup --model BASE --data CORPUS --out RUN [--num-mtp-layers K] [--objective ce|soft|tv|diffusion]
 
 RL starts from a model whose MTP heads are missing (most checkpoints) or weak, and a weak draft makes
 speculative rollout slower, not faster. This stage (what MiMo, EAGLE-3 and SpecForge users run first):
@@ -44,6 +44,7 @@ from verl_mtp.trainer.mtp_warmup_objectives import (ALPHA_SCHEDULES, LABELS, LOS
                                                     diffusion_eval, diffusion_loss)
 
 REPORT_NAME = "mtp_warmup_report"
+SOFT_TARGETS = ("soft", "tv")  # objectives trained against the trunk's stored top-k distribution
 
 
 def _opt(default, help: str, choices: Sequence | None = None, kind=None, valid: str | None = None):
@@ -62,7 +63,8 @@ _RANGES = {
 class WarmupConfig:
     """Every setting of the warm start; each one is the CLI flag of the same name."""
 
-    objective: str = _opt("ce", "ce: hard-label CE per depth; soft: KL to the trunk's distribution; "
+    objective: str = _opt("ce", "ce: hard-label CE per depth; soft: KL to the trunk's distribution (RL's "
+                                "soft_ce); tv: 1 - sum min(p, q), one minus the draft's acceptance at T=1; "
                                 "diffusion: masked block denoising", OBJECTIVES)
     labels: str = _opt("trunk", "hard labels: the trunk's greedy tokens (what a greedy verifier accepts) "
                                 "or the corpus tokens", LABELS)
@@ -75,7 +77,7 @@ class WarmupConfig:
     hidden_dtype: str = _opt("bfloat16", "dtype of the stored hidden states", tuple(HIDDEN_DTYPES))
     shard_size: int = _opt(1024, "windows per shard (a shard holds whole batches of documents)", valid=">= 1")
     collect_batch_size: int = _opt(8, "documents per trunk pass during collection", valid=">= 1")
-    topk: int = _opt(32, "stored target probabilities per position for --objective soft", valid=">= 1")
+    topk: int = _opt(32, "stored target probabilities per position for --objective soft / tv", valid=">= 1")
     batch_size: int = _opt(16, "windows per training step", valid=">= 1")
     epochs: int = _opt(1, "passes over the training windows (ignored when --steps is set)", valid=">= 1")
     steps: int = _opt(0, "optimizer steps (0: from --epochs)", valid=">= 0")
@@ -146,7 +148,7 @@ def _source(model, tokenizer, corpus, cfg: WarmupConfig, run_dir, data_dir, scra
         return corpus
     docs = prepare_documents(corpus, tokenizer)
     max_length = cfg.max_length or model.config.max_position_embeddings
-    topk = cfg.topk if cfg.objective == "soft" else 0
+    topk = cfg.topk if cfg.objective in SOFT_TARGETS else 0
     if topk > model.config.vocab_size:
         raise WarmupError(f"topk={topk} (--topk) exceeds the vocabulary ({model.config.vocab_size})")
     if not cfg.collect:
@@ -167,9 +169,9 @@ def _check_trunk(source: ShardSource, model) -> None:
 
 
 def _run(model, tokenizer, source, cfg: WarmupConfig, run_dir, trained_mtp_layers: int, log) -> tuple[object, dict]:
-    if cfg.objective == "soft" and not source.topk:
-        raise WarmupError("--objective soft needs top-k targets; this collection has none (collect again "
-                          "with --objective soft)")
+    if cfg.objective in SOFT_TARGETS and not source.topk:
+        raise WarmupError(f"--objective {cfg.objective} needs top-k targets; this collection has none (collect "
+                          f"again with --objective {cfg.objective})")
     n_train, n_eval = source.num_samples("train"), source.num_samples("eval")
     if not n_train or not n_eval:
         raise WarmupError(f"{n_train} training and {n_eval} held-out windows; need both (more documents, or a "

@@ -7,7 +7,9 @@ stored trunk hidden states, so the trunk never runs. Per depth:
     ce    cross-entropy to a hard label: the trunk's greedy token at t+i+1 (`labels="trunk"`: what a
           greedy verifier accepts) or the corpus token t+i+2 (`labels="data"`)
     soft  KL(p || q) from the trunk's next-token distribution p at t+i+1 (top-k, renormalised) to the
-          draft's q: EAGLE-style distillation of what the sampling verifier accepts
+          draft's q: EAGLE-style distillation of what the sampling verifier accepts (the gradient of RL's
+          model.mtp.loss_type=soft_ce: KL and soft CE differ by p's entropy, a constant)
+    tv    1 - sum_x min(p(x), q(x)) with the same p: one minus the draft's acceptance at T=1 (RL's tv)
 
 Diffusion objective (seed 000): a block of L future tokens t+1..t+L is predicted from h_t in one pass.
 Each block token is replaced by a learned mask embedding with probability 1 - alpha(s), s ~ U[eps, 1),
@@ -22,10 +24,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from verl_mtp.algos.mtp_loss import Warp, draft_losses
 from verl_mtp.models.moe import aux_loss_and_loads, moe_metrics
 from verl_mtp.models.mtp_model import _shift_left, padding_causal_mask, rope_cos_sin
 
-OBJECTIVES = ("ce", "soft", "diffusion")
+OBJECTIVES = ("ce", "soft", "tv", "diffusion")
 LABELS = ("trunk", "data")
 ALPHA_SCHEDULES = ("linear", "kappa")
 LOSS_WEIGHTS = ("scheduler", "ones")
@@ -77,6 +80,14 @@ def soft_kl(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: tor
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def topk_tv(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+    """Per-row 1 - sum min(p, q): p the target's top-k distribution renormalised, q = softmax(logits); the
+    RL loss (algos.mtp_loss.draft_losses) on the top-k logits scattered over the vocabulary."""
+    target = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+    target.scatter_(-1, topk_indices.long(), topk_logprobs.float())
+    return draft_losses(logits, topk_indices[..., 0].long(), target, "tv", Warp())[0]
+
+
 def chain_loss(model, batch: dict[str, torch.Tensor], depths: int, objective: str, labels: str
                ) -> tuple[torch.Tensor, list[dict[str, float]], dict[str, float]]:
     """Mean over depths of each depth's mean loss, plus the MoE load-balancing loss of MoE MTP layers;
@@ -91,7 +102,10 @@ def chain_loss(model, batch: dict[str, torch.Tensor], depths: int, objective: st
             metrics.append({"loss": math.nan, "accuracy": math.nan, "count": 0})
             continue
         logits = F.linear(h[valid], head)
-        if objective == "soft":
+        if objective == "tv":
+            per_token = topk_tv(logits, _shift_left(batch["topk_logprobs"], i + 1)[valid],
+                                _shift_left(batch["topk_indices"], i + 1)[valid])
+        elif objective == "soft":
             per_token = soft_kl(logits, _shift_left(batch["topk_logprobs"], i + 1)[valid],
                                 _shift_left(batch["topk_indices"], i + 1)[valid])
         else:
