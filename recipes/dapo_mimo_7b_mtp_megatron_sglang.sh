@@ -55,6 +55,8 @@ mtp_params=(
     actor_rollout_ref.model.mtp.speculative_num_draft_tokens=${SPEC_DRAFT_TOKENS}
 )
 
+# verl's script also sets actor.megatron.use_mbridge=True, rollout.disable_log_stats=False and
+# trainer.log_val_generations=10: accepted here but not acted on (README, "Coming from verl"), so left out.
 args=(
     data.train_files="${TRAIN_FILE}"
     data.val_files="${TEST_FILE}"
@@ -91,7 +93,6 @@ args=(
     actor_rollout_ref.actor.megatron.tensor_model_parallel_size=${train_tp}
     actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=${train_pp}
     actor_rollout_ref.actor.megatron.context_parallel_size=${train_cp}
-    actor_rollout_ref.actor.megatron.use_mbridge=True
     actor_rollout_ref.ref.megatron.tensor_model_parallel_size=${train_tp}
     actor_rollout_ref.ref.megatron.pipeline_model_parallel_size=${train_pp}
     actor_rollout_ref.ref.megatron.context_parallel_size=${train_cp}
@@ -119,7 +120,6 @@ args=(
     actor_rollout_ref.rollout.val_kwargs.top_k=-1
     actor_rollout_ref.rollout.val_kwargs.do_sample=True
     actor_rollout_ref.rollout.val_kwargs.n=1
-    actor_rollout_ref.rollout.disable_log_stats=False
     actor_rollout_ref.rollout.prometheus.enable=True
     actor_rollout_ref.rollout.prometheus.port=44398
     reward_model.reward_manager=dapo
@@ -140,7 +140,6 @@ args=(
     trainer.total_training_steps=400
     trainer.resume_mode=auto
     trainer.default_local_dir="${CKPTS_DIR}"
-    trainer.log_val_generations=10
     "${mtp_params[@]}"
 )
 

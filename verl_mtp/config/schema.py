@@ -4,8 +4,9 @@ Key names and defaults follow verl (verl/trainer/config/ppo_megatron_trainer.yam
 DAPO recipe) so verl command lines such as
 examples/mtp_trainer/test_dapo_mimo_7b_with_mtp_math_megatron.sh work unchanged. Keys
 that verl does not have are marked "verl_mtp:". Keys that only matter on GPUs (Megatron
-parallelism, offload, SGLang memory knobs) are accepted everywhere and ignored by the
-CPU backends, so one command line serves both places.
+parallelism, offload, SGLang memory knobs) are accepted everywhere, so one command line
+serves both places. Keys accepted but not acted on by any backend are listed, with why, in
+ignored.py: a run warns about them, or refuses them where ignoring would change the result.
 
 Fields typed Dict[str, Any] are open dicts: any key may be added with `+key=value`, as
 in verl. Enumerated strings stay plain `str` (checked by `validate`) so readers compare
@@ -50,7 +51,7 @@ class DataConfig:
     gen_batch_size: int = _follow("data.train_batch_size")  # prompts per generation round (DAPO dynamic sampling)
     val_batch_size: Optional[int] = None  # null = whole validation set in one batch
     truncation: str = "error"  # error | left | right | filter (drop the row)
-    filter_overlong_prompts: bool = False  # drop prompts longer than max_prompt_length up front
+    filter_overlong_prompts: bool = False  # drop prompts longer than max_prompt_length (sets truncation=filter)
     filter_invalid: bool = False  # verl_mtp: drop malformed rows (counted) instead of failing
     shuffle: bool = True
     seed: int = _follow("trainer.seed")  # dataloader shuffle seed
@@ -119,7 +120,7 @@ class ModelConfig:
     tokenizer_path: Optional[str] = None  # null = the tokenizer next to `path` (or the synthetic task's)
     trust_remote_code: bool = False
     override_config: Dict[str, Any] = _dict()  # keys written over the HF model config
-    enable_gradient_checkpointing: bool = True
+    enable_gradient_checkpointing: bool = False  # verl defaults to True; see ignored.py
     mtp: MtpConfig = field(default_factory=MtpConfig)
     scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
 
@@ -442,7 +443,7 @@ class TrainerConfig:
     resume_from_path: Optional[str] = None  # checkpoint folder for resume_mode=resume_path
     default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
     max_actor_ckpt_to_keep: Optional[int] = None  # null = keep all
-    balance_batch: bool = True  # reorder responses so ranks get similar token counts
+    balance_batch: bool = False  # verl's True reorders responses by token count per rank: not done here
     critic_warmup: int = 0  # accepted for verl parity; verl_mtp has no critic
     seed: int = 42  # verl_mtp: global seed
     max_worker_failures: int = 3  # verl_mtp: worker restarts from checkpoint before giving up

@@ -21,8 +21,15 @@ from omegaconf.errors import (
 from verl_mtp.config.schema import RLConfig
 
 STRATEGIES = ("torch", "fsdp", "fsdp2", "megatron")
-ROLLOUT_NAMES = ("native", "sglang", "vllm")
-ROLLOUT_MODES = ("sync", "async", "server")
+ROLLOUT_NAMES = ("native", "sglang")
+ROLLOUT_MODES = ("sync", "server")
+# verl values we know and do not implement: refused with the reason, never mapped to something else
+NOT_IMPLEMENTED = {
+    "actor_rollout_ref.rollout.name": {
+        "vllm": "there is no vLLM adapter; use native, or sglang with rollout.mode=server"},
+    "actor_rollout_ref.rollout.mode": {"async": "verl's async agent loop is not implemented; use sync (native "
+                                                "engine) or server (HTTP replicas, native or sglang)"},
+}
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 TRUNCATIONS = ("error", "left", "right", "filter")
 ADV_ESTIMATORS = ("grpo", "rloo")  # or a user function as "pkg.module:function"
@@ -221,6 +228,9 @@ def _check_rules(cfg: DictConfig) -> None:
             raise ConfigError(f"key '{key}': {must}, got {value!r}")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        why = NOT_IMPLEMENTED.get(key, {}).get(value)
+        if why:
+            raise ConfigError(f"key '{key}': {value!r} is not implemented: {why}")
         if value not in allowed:
             raise ConfigError(f"key '{key}': expected one of {'|'.join(allowed)}, got {value!r}")
 
@@ -525,3 +535,15 @@ def validate(cfg: Union[DictConfig, RLConfig]) -> None:
             check(cfg)
     except OmegaConfBaseException as err:
         raise from_omegaconf(err) from err
+
+
+def check_runnable(cfg: DictConfig) -> None:
+    """At the start of a run (not when a config is read, so verl's scripts still parse): refuse what
+    we would otherwise run as something else."""
+    r, model = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model
+    if r.name != "native" and r.mode != "server":
+        raise ConfigError(f"key '{_ARR}rollout.mode': rollout.name={r.name} runs as HTTP server replicas here; set "
+                          f"rollout.mode=server (mode={r.mode} would silently run the native in-process engine)")
+    if cfg.data.train_files is not None and model.path is None and model.tokenizer_path is None:
+        raise ConfigError(f"key '{_ARR}model.path': own data (data.train_files) needs a model path (a Hugging Face "
+                          "folder with its tokenizer), or model.tokenizer_path for a model built from scratch")

@@ -29,6 +29,10 @@ TRUNCATION_MODES = ("error", "left", "right", "filter")
 _GROUND_TRUTH_TYPES = (str, int, float, list)
 
 
+class DataError(ValueError):
+    """Unusable data: one line naming the file, and the row and field where one is at fault."""
+
+
 class RowError(ValueError):
     """A malformed row; `key` is a stable label for counting (no row-specific values)."""
 
@@ -44,14 +48,14 @@ def _as_file_list(files) -> list[str]:
         return [os.fspath(files)]
     paths = [os.fspath(f) for f in files]
     if not paths:
-        raise ValueError("data files: empty list; give at least one .parquet or .jsonl file")
+        raise DataError("data files: empty list; give at least one .parquet or .jsonl file")
     return paths
 
 
 def _read_rows(path: str) -> Iterator[tuple[int, dict | str]]:
     """(row index, raw row): a dict from parquet, an unparsed line from JSONL."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: cannot read: {'not a file' if os.path.exists(path) else 'no such file'}")
+        raise DataError(f"{path}: cannot read: {'not a file' if os.path.exists(path) else 'no such file'}")
     try:
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -66,7 +70,7 @@ def _read_rows(path: str) -> Iterator[tuple[int, dict | str]]:
             raise ValueError("unsupported file type (expected .parquet or .jsonl)")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot read: {message}") from None
+        raise DataError(f"{path}: cannot read: {message}") from None
 
 
 def _as_record(raw: dict | str) -> dict:
@@ -135,6 +139,21 @@ def validate_row(record: dict, prompt_key: str = "prompt") -> dict:
             "ability": ability, "extra_info": extra_info or {}}
 
 
+def check_files(files, prompt_key: str = "prompt") -> int:
+    """Read every row of `files` and check its fields (no tokenizer needed); the number of rows, or
+    DataError naming file, row and field of the first bad one. Lets a run refuse bad data in a second,
+    before it starts a cluster and loads a model."""
+    rows = 0
+    for path in _as_file_list(files):
+        for row, raw in _read_rows(path):
+            try:
+                validate_row(_as_record(raw), prompt_key)
+            except RowError as e:
+                raise DataError(f"{path}: row {row}: {e}") from None
+            rows += 1
+    return rows
+
+
 class RLDataset:
     """All valid rows of `files`, with prompts tokenized by the chat template.
 
@@ -167,7 +186,7 @@ class RLDataset:
                 fields = validate_row(_as_record(raw), self.prompt_key)
             except RowError as e:
                 if not self.filter_invalid:
-                    raise ValueError(f"{path}: row {row}: {e}") from None
+                    raise DataError(f"{path}: row {row}: {e}") from None
                 self._invalid_reasons[e.key] += 1
                 continue
             input_ids = self._fit_length(encode_chat(self.tokenizer, fields["raw_prompt"]), path, row)
@@ -182,7 +201,7 @@ class RLDataset:
         if limit is None or len(ids) <= limit:
             return ids
         if self.truncation == "error":
-            raise ValueError(f"{path}: row {row}: field '{self.prompt_key}': {len(ids)} tokens exceed "
+            raise DataError(f"{path}: row {row}: field '{self.prompt_key}': {len(ids)} tokens exceed "
                              f"data.max_prompt_length={limit} (data.truncation=left|right|filter to allow)")
         if self.truncation == "filter":
             self.stats["num_filtered_overlong"] += 1
@@ -196,7 +215,7 @@ class RLDataset:
         self.stats["num_loaded"] = len(self.items)
         skipped = self.stats["num_invalid"] + self.stats["num_filtered_overlong"]
         if not self.items:
-            raise ValueError(f"{', '.join(self.files)}: no usable rows ({self.stats})")
+            raise DataError(f"{', '.join(self.files)}: no usable rows ({self.stats})")
         if skipped:
             logger.warning("RL data: skipped %d of %d rows (%s)", skipped, self.stats["num_rows"], self.stats)
 
@@ -222,9 +241,9 @@ class PromptLoader:
                  key: str = "data.train_batch_size"):
         """`key`: the config key `batch_size` came from, named in errors."""
         if batch_size < 1:
-            raise ValueError(f"{key}={batch_size}: must be >= 1")
+            raise DataError(f"{key}={batch_size}: must be >= 1")
         if drop_last and len(dataset) < batch_size:
-            raise ValueError(f"{key}={batch_size}: the training set has only {len(dataset)} prompts, "
+            raise DataError(f"{key}={batch_size}: the training set has only {len(dataset)} prompts, "
                              f"not enough for one batch (drop_last=True)")
         self.dataset = dataset
         self.batch_size = batch_size

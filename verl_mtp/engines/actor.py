@@ -116,15 +116,19 @@ class PolicyActor:
 
     # ---- log-probs -----------------------------------------------------------------------
 
-    def compute_log_probs(self, batch: Batch, micro_size: int | None = None, entropy: bool = False
+    def compute_log_probs(self, batch: Batch, micro_size: int | None = None, entropy: bool = False,
+                          dynamic: bool | None = None, max_tokens: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, R) log-probs of the responses under the current weights, and with `entropy` their entropies
-        (else None). A trunk-only forward: the MTP layers and their vocabulary-wide heads do not run."""
+        (else None). A trunk-only forward: the MTP layers and their vocabulary-wide heads do not run.
+        `dynamic` / `max_tokens`: pack micro-batches by token budget (verl's log_prob_use_dynamic_bsz /
+        log_prob_max_token_len_per_gpu); None = the actor's use_dynamic_bsz / ppo_max_token_len_per_gpu."""
         def reduce(values, out, micro):
             return responses_of(values["log_prob"], micro), (responses_of(values["entropy"], micro) if entropy
                                                              else None)
 
-        micros = self._micro_batches(batch, micro_size, self.actor.use_dynamic_bsz, self.actor.ppo_max_token_len_per_gpu)
+        dynamic = self.actor.use_dynamic_bsz if dynamic is None else dynamic
+        micros = self._micro_batches(batch, micro_size, dynamic, max_tokens or self.actor.ppo_max_token_len_per_gpu)
         results = self.engine.infer(micros, MicroBatchFn(self._per_token(entropy), reduce, self._targets, mtp=False))
         r = batch.responses.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[1]))  # noqa: E731

@@ -107,8 +107,11 @@ class PolicyWorker:
     # ---- actor ---------------------------------------------------------------------------
 
     def compute_log_probs(self, batch: Batch) -> torch.Tensor:
-        micro = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-        return self.actor.compute_log_probs(batch.to(self.device), micro)[0].cpu()
+        # as verl: the reference's pass is sized by the ref section, the actor's (old log-probs) by the rollout's
+        s = self.cfg.actor_rollout_ref["ref" if self.role == "ref" else "rollout"]
+        return self.actor.compute_log_probs(batch.to(self.device), s.log_prob_micro_batch_size_per_gpu,
+                                            dynamic=s.log_prob_use_dynamic_bsz,
+                                            max_tokens=s.log_prob_max_token_len_per_gpu)[0].cpu()
 
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         return self.actor.update_policy(batch.to(self.device), mini_batch_rows, step)
