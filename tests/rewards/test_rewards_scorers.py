@@ -9,6 +9,7 @@ from verl_mtp.rewards.scorers import (
     load_custom_reward_function,
     math_dapo,
     math_dapo_lenient,
+    math_reward,
     resolve_scorer,
 )
 from verl_mtp.rewards.scorers import boxed
@@ -142,6 +143,38 @@ def test_gsm8k_gives_verls_result(response, method, score):
     assert gsm8k.compute_score(response, "18", method=method) == score
 
 
+# (response, ground truth, verl's math_reward score), as verl's own function returns them
+VERL_MATH_REWARD = [
+    ("so \\boxed{\\dfrac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac12", 1.0),
+    ("\\boxed{3/4}", "\\frac{3}{4}", 1.0),
+    ("\\boxed{5 \\text{ cm}}", "5", 1.0),
+    ("\\boxed{k = 7}", "7", 1.0),
+    ("\\boxed{x = 42}", "42", 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{\\sqrt3}", "\\sqrt{3}", 1.0),
+    ("\\boxed{.5}", "0.5", 1.0),
+    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", 1.0),
+    ("\\boxed 42$ done", "42", 1.0),  # "\\boxed x" runs to the next $
+    ("\\boxed{\\sqrt}", "\\sqrt", 1.0),  # cannot be normalised: compared verbatim
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 0.0),  # strings, not algebra
+    ("\\fbox{42}", "42", 0.0),
+    ("\\boxed{41}", "42", 0.0),
+    ("The answer is 42.", "42", 0.0),
+]
+
+
+@pytest.mark.parametrize("response, truth, score", VERL_MATH_REWARD)
+def test_math_reward_gives_verls_result(response, truth, score):
+    assert math_reward.compute_score(response, truth) == score
+
+
+def test_math_reward_list_ground_truth():
+    assert math_reward.compute_score("\\boxed{8}", ["7", "8"]) == 1.0
+    assert math_reward.compute_score("\\boxed{None}", None) == 0.0
+
+
 @pytest.mark.parametrize(
     "response, truth, correct",
     [
@@ -179,8 +212,10 @@ def test_answer_line_sources_use_math_dapo(source):
 
 
 @pytest.mark.parametrize("source", ["lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"])
-def test_math_sources_use_boxed(source):
-    assert default_compute_score(source, "\\boxed{\\frac{1}{2}}", "0.5")["acc"] is True
+def test_math_sources_use_verls_math_grader_or_math_verify_when_lenient(source):
+    assert default_compute_score(source, "\\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert default_compute_score(source, "\\boxed{(x+1)^2}", "x^2+2x+1") == 0.0
+    assert lenient_compute_score(source, "\\boxed{(x+1)^2}", "x^2+2x+1")["score"] == 1.0
 
 
 def test_gsm8k_source_uses_gsm8k():

@@ -13,9 +13,10 @@ A *scorer reference* names one in a form that pickles, so worker processes can l
     ("path/to/file.py", "name")   the same, as verl's custom_reward_function.{path,name}; the path
                                   may also be "pkg://pkg.module" or "file://path", as in verl
 
-``default_compute_score`` routes data sources as verl's does; ``lenient_compute_score`` is the
-same with our more forgiving Answer-line grader (``custom_reward_function.path=
-pkg://verl_mtp.rewards.scorers`` and ``custom_reward_function.name=lenient_compute_score``).
+``default_compute_score`` routes data sources as verl's does, to graders with verl's results;
+``lenient_compute_score`` routes the same way to our more forgiving graders: values, not strings,
+are compared (``custom_reward_function.path=pkg://verl_mtp.rewards.scorers`` and
+``custom_reward_function.name=lenient_compute_score``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import gsm8k, math_dapo, math_dapo_lenient
+from . import gsm8k, math_dapo, math_dapo_lenient, math_reward
 
 ScorerRef = str | tuple[str, str] | None
 
@@ -50,27 +51,33 @@ def default_compute_score(
     data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None
 ) -> dict[str, Any] | float:
     """Scores with the grader verl's ``default_compute_score`` picks for ``data_source``."""
-    return _route(data_source, solution_str, ground_truth, math_dapo.compute_score)
+    return _route(data_source, solution_str, ground_truth, math_dapo.compute_score, math_reward.compute_score)
 
 
 def lenient_compute_score(
     data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None
 ) -> dict[str, Any] | float:
-    """``default_compute_score`` with ``math_dapo_lenient`` for the Answer-line sources: numbers
-    compared by value (``42.0`` is ``42``), ``\\dfrac``, ``\\%`` and trailing periods ignored."""
-    return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score)
+    """``default_compute_score`` with ``math_dapo_lenient`` for the Answer-line sources (numbers
+    compared by value: ``42.0`` is ``42``; ``\\dfrac``, ``\\%`` and trailing periods ignored) and
+    math_verify's equivalence (``boxed``, scores +1 / -1) for the MATH sources."""
+    return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score, _math_verify)
 
 
-def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: Callable) -> dict[str, Any] | float:
+def _math_verify(solution_str: str, ground_truth: Any) -> dict[str, Any]:
+    from . import boxed  # imports sympy; workers that never grade MATH-style data skip that
+
+    return boxed.compute_score(solution_str, ground_truth)
+
+
+def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: Callable, math: Callable
+           ) -> dict[str, Any] | float:
     source = str(data_source)
     if source in ANSWER_LINE_SOURCES or source.startswith("aime"):
         return answer_line(solution_str, ground_truth)
     if source in GSM8K_SOURCES:
         return gsm8k.compute_score(solution_str, ground_truth)
     if source in BOXED_SOURCES:
-        from . import boxed  # imports sympy; workers that never grade MATH-style data skip that
-
-        return boxed.compute_score(solution_str, ground_truth)
+        return math(solution_str, ground_truth)
     if source in _VERL_ONLY_SOURCES:
         raise ValueError(f"data_source={source!r} needs a grader verl has and verl_mtp does not; "
                          f"set custom_reward_function.path to grade it")

@@ -1,5 +1,6 @@
-"""Grader for MATH-style responses: the last ``\\boxed{}`` is compared to the ground truth with
-math_verify, which parses both into sympy and checks equivalence (``\\frac{1}{2}`` equals ``0.5``).
+"""Lenient grader for MATH-style responses (``lenient_compute_score``; verl's own is ``math_reward``):
+the last ``\\boxed{}`` is compared to the ground truth with math_verify, which parses both into
+sympy and checks equivalence (``\\frac{1}{2}`` equals ``0.5``, ``(x+1)^2`` equals ``x^2+2x+1``).
 
 Scores are +1 / -1 like math_dapo (verl's MATH grader gives 1 / 0) so that data sources can be
 mixed in one batch without one of them carrying a different reward scale.
