@@ -128,3 +128,10 @@ def test_a_bad_data_row_is_one_line_after_the_ignored_key_warnings(tmp_path):
         "count; same result, ranks may wait on each other",
         "verl-mtp dapo: train.jsonl: row 1: field 'prompt': must be a list of chat messages, got str",
     ]
+
+
+def test_the_quickstarts_rl_overrides_get_the_same_start_checks(tmp_path):
+    result = dapo("quickstart", "--out", "qs", "data.train_max_samples=4", cwd=tmp_path, module="verl_mtp.cli")
+    assert result.returncode == 1 and not (tmp_path / "qs").exists()  # its argument errors exit 1
+    assert result.stderr.strip() == ("verl-mtp quickstart: error: key 'data.train_max_samples': 4 is not implemented "
+                                     "(every training row is used; cap the file instead); remove it or set -1")

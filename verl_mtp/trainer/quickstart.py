@@ -205,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"RL override {bad[0]!r} is not KEY=VALUE")
     if args.overrides:  # a bad key fails here, in one line, not after the SFT stage
         from verl_mtp.config import ConfigError, load_config
+        from verl_mtp.config.ignored import check_ignored
+        from verl_mtp.config.validate import check_runnable
 
         try:
-            load_config(args.overrides, config_name=RL_CONFIG)
+            cfg = load_config(args.overrides, config_name=RL_CONFIG)
+            check_runnable(cfg)
+            check_ignored(cfg)  # as `verl-mtp dapo` does: a warning line per ignored key, or an error
         except ConfigError as e:
             ap.error(str(e))
     import torch
