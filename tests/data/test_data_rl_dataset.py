@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from verl_mtp.data.rl_dataset import RLDataset
+from verl_mtp.data.rl_dataset import DataError, RLDataset, check_files
 from verl_mtp.data.synthetic_math import iter_corpus_text, write_rl_dataset
 from verl_mtp.data.tokenizer import encode_chat, train_tokenizer
 
@@ -95,10 +95,14 @@ BAD_ROWS = {
 def test_bad_row_fails_with_one_line_naming_file_row_and_field(tokenizer, tmp_path, kind):
     bad, expected = BAD_ROWS[kind]
     path = write_jsonl(tmp_path / "bad.jsonl", [good_row(0), bad, good_row(2)])
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(DataError) as info:
         RLDataset(path, tokenizer)
     message = str(info.value)
     assert message.startswith(f"{path}: row 1: {expected}") and "\n" not in message
+    with pytest.raises(DataError) as before_any_tokenizer:  # the check a run makes before Ray starts
+        check_files([path])
+    assert str(before_any_tokenizer.value) == message
+    assert check_files(write_jsonl(tmp_path / "good.jsonl", [good_row(0), good_row(1)])) == 2
 
 
 @pytest.mark.parametrize("kind", BAD_ROWS)

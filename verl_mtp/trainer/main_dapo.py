@@ -39,6 +39,7 @@ from verl_mtp.data.rl_dataset import DataError, check_files
 PROG = "verl-mtp dapo"
 USER_ERRORS = (ConfigError, DataError)  # printed as one line, exit status 2
 MULTIRUN = "--multirun is not supported: one process trains one run (start one command per run)"
+_started = False  # the task function ran: a Hydra/OmegaConf error after this is the run's, not the composition's
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base=HYDRA_VERSION_BASE)
@@ -59,9 +60,6 @@ def app(cfg: DictConfig) -> None:
         # SystemExit, not an Exception: Hydra's job runner would add a line of its own to an Exception
         print(f"{PROG}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-_started = False  # the task function ran: errors after this are the run's, not the composition's
 
 
 def _check_data(cfg: DictConfig) -> None:
