@@ -300,3 +300,51 @@ def test_observed_depth1_acceptance_matches_the_expected_sum_min_p_q(bad_draft_m
     sigma = var ** 0.5
     assert abs(kept - expected) < 4 * sigma, (kept, expected, sigma)
     assert abs(kept - off) > 4 * sigma, (kept, off, sigma)
+
+
+def _drive(ctl, cost, accepted, rounds=60, batch=4):
+    for _ in range(rounds):
+        d = ctl.choose(batch_size=batch)
+        ctl.observe(d, batch, cost(d), accepted(d))
+    return ctl.choose(batch)
+
+
+def test_depth_controller_searches_past_the_mtp_layers():
+    """K=2 layers, depths up to 6 (the last layer reused): a cheap, mostly kept draft is worth depth 6,
+    which the search of 0..K (before) could not reach."""
+    from verl_mtp.rollout.depth import DepthController
+
+    ctl = DepthController(num_mtp_layers=2, max_depth=6, warmup_rounds=1, revisit_every=1000)
+    assert _drive(ctl, lambda d: 1.0 + 0.1 * d, lambda d: [d, d, d, max(d - 1, 0)]) == 6
+
+
+def test_depth_controller_never_costs_a_deeper_round_below_a_shallower_one():
+    """Load noise made depth 1 measure 10 % faster than plain; with a useless draft plain must still win."""
+    from verl_mtp.rollout.depth import DepthController
+
+    ctl = DepthController(num_mtp_layers=2, max_depth=2, warmup_rounds=1, revisit_every=1000)
+    assert _drive(ctl, {0: 1.0, 1: 0.9, 2: 1.2}.get, lambda d: [0, 0, 0, 0]) == 0
+
+
+def test_depth_controller_prior_from_training():
+    from verl_mtp.rollout.depth import PRIOR_ROUNDS, DepthController, extend_prior
+
+    assert extend_prior([0.8, 0.6], 4) == pytest.approx([0.8, 0.6, 0.45, 0.3375])  # past K: x a_2/a_1 = 0.75
+    ctl = DepthController(num_mtp_layers=2, max_depth=4)
+    ctl.set_prior([0.8, 0.6])
+    assert ctl.expected_tokens(2) == pytest.approx(2.4)
+    ctl.observe(1, 4, 1.0, [0, 0, 0, 0])  # one measured round moves the estimate by 1 / (PRIOR_ROUNDS + 1)
+    assert ctl.accept[0] == pytest.approx(0.8 * PRIOR_ROUNDS / (PRIOR_ROUNDS + 1))
+    ctl.reset_acceptance()  # a weight sync: back to the prior, not to 0.5
+    assert ctl.accept[:2] == pytest.approx([0.8, 0.6])
+
+
+def test_engine_auto_depth_uses_depths_past_k_and_the_training_prior(good_draft_model):
+    engine = NativeEngine(good_draft_model, max_batch_size=4, max_seq_len=128)
+    assert engine.depth_controller.max_depth == engine.max_draft_depth == good_draft_model.num_mtp_layers + 4
+    engine.set_acceptance_prior([0.9, 0.8])
+    assert engine.depth_controller.accept[:2] == pytest.approx([0.9, 0.8])
+    params = SamplingParams(temperature=0, max_new_tokens=40)
+    out = engine.generate(RAGGED, params, speculative="auto")
+    assert max(out.depth_histogram) > good_draft_model.num_mtp_layers  # the search tried the reused layer
+    assert _tokens(out) == _tokens(engine.generate(RAGGED, params, speculative=0))

@@ -150,7 +150,7 @@ class NativeEngine:
         self.max_seq_len = max_seq_len
         self.speculative = speculative
         k = model.num_mtp_layers
-        # fixed depths may reuse the last MTP layer past K; "auto" searches 0..K, where reuse rarely pays
+        # depths past K reuse the last MTP layer, for fixed depths and in the "auto" search alike
         self.max_draft_depth = max_draft_depth if max_draft_depth is not None else (k + 4 if k else 0)
         self.version: int | None = None
         p = model.lm_head.weight
@@ -163,7 +163,7 @@ class NativeEngine:
         self._tokens = torch.zeros(max_batch_size, self._scratch + 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # n per slot
         self._mtp_len = torch.zeros(max(k, 1), max_batch_size, dtype=torch.long, device=self.device)  # c_i
-        self.depth_controller = DepthController(k, min(k, self.max_draft_depth))
+        self.depth_controller = DepthController(k, self.max_draft_depth)
         self._on_tokens: Callable[[int, list[int]], None] | None = None
 
     # ---- public API ----------------------------------------------------------------------
@@ -225,6 +225,11 @@ class NativeEngine:
         # the acceptance estimate belongs to the old draft: a fresh (or stale) draft must be re-measured
         self.depth_controller.reset_acceptance()
         return self.weights_checksum()
+
+    def set_acceptance_prior(self, chain_rates: list[float]) -> None:
+        """Training's expected P(drafts 1..k kept) per depth for the weights just synced
+        (`mtp/expected_chain_accept_rate_{k}`): adaptive depth starts from it instead of 0.5."""
+        self.depth_controller.set_prior(chain_rates)
 
     def weights_checksum(self) -> str:
         return state_checksum(self.model.state_dict().items())
