@@ -64,6 +64,10 @@ class PolicyActor:
         self.mtp = cfg.model.mtp
         self.temperature = temperature
         self.policy_loss = get_policy_loss(self.actor.policy_loss.loss_mode)
+        # Dr.GRPO's constant (seq-mean-token-sum-norm): verl's loss_scale_factor, by default the max
+        # response length (verl pads every response to it); None: this batch's padded width
+        self.horizon = self.actor.get("loss_scale_factor") or max_response_length
+        self.seed = seed  # with the step, draws the mini-batch order when actor.shuffle
         self.warp = rollout_warp(cfg.rollout)
         # the draft chain the rollout runs; "auto" searches every depth the forward has
         steps = self.mtp.speculative_num_steps
@@ -74,19 +78,17 @@ class PolicyActor:
         if not self.policy_targets and self.mtp.loss_type != "ce":
             raise ValueError(f"actor_rollout_ref.model.mtp.loss_type={self.mtp.loss_type} needs "
                              "context_parallel_size=1 (the target distribution may sit on another CP rank)")
-        # Dr.GRPO's constant (seq-mean-token-sum-norm): verl's loss_scale_factor, by default the max
-        # response length (verl pads every response to it); None: this batch's padded width
-        self.horizon = self.actor.get("loss_scale_factor") or max_response_length
-        self.seed = seed  # with the step, draws the mini-batch order when actor.shuffle
 
     # ---- micro-batching ------------------------------------------------------------------
 
-    def _micro_batches(self, batch: Batch, micro_size: int | None, dynamic: bool, max_tokens: int) -> list[Batch]:
+    def _row_groups(self, batch: Batch, micro_size: int | None, dynamic: bool, max_tokens: int) -> list[list[int]]:
+        """The rows of each micro-batch; packed by token budget, they are not in the batch's order."""
         if dynamic:
-            groups = partition_by_token_budget(batch.seq_lengths(), max_tokens)
-        else:
-            groups = split_into_micro_batches(len(batch), micro_size or len(batch))
-        return [batch.select(g) for g in groups]
+            return partition_by_token_budget(batch.seq_lengths(), max_tokens)
+        return split_into_micro_batches(len(batch), micro_size or len(batch))
+
+    def _micro_batches(self, batch: Batch, micro_size: int | None, dynamic: bool, max_tokens: int) -> list[Batch]:
+        return [batch.select(g) for g in self._row_groups(batch, micro_size, dynamic, max_tokens)]
 
     # ---- per-token values ----------------------------------------------------------------
 
@@ -128,12 +130,14 @@ class PolicyActor:
                                                              else None)
 
         dynamic = self.actor.use_dynamic_bsz if dynamic is None else dynamic
-        micros = self._micro_batches(batch, micro_size, dynamic, max_tokens or self.actor.ppo_max_token_len_per_gpu)
-        results = self.engine.infer(micros, MicroBatchFn(self._per_token(entropy), reduce, self._targets, mtp=False))
+        groups = self._row_groups(batch, micro_size, dynamic, max_tokens or self.actor.ppo_max_token_len_per_gpu)
+        results = self.engine.infer([batch.select(g) for g in groups],
+                                    MicroBatchFn(self._per_token(entropy), reduce, self._targets, mtp=False))
         r = batch.responses.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, r - t.shape[1]))  # noqa: E731
-        log_probs = torch.cat([pad(lp) for lp, _ in results])
-        return log_probs, (torch.cat([pad(e) for _, e in results]) if entropy else None)
+        rows = torch.argsort(torch.tensor([i for g in groups for i in g]))  # micro-batch order -> batch order
+        log_probs = torch.cat([pad(lp) for lp, _ in results])[rows]
+        return log_probs, (torch.cat([pad(e) for _, e in results])[rows] if entropy else None)
 
     # ---- PPO update ----------------------------------------------------------------------
 
@@ -174,6 +178,17 @@ class PolicyActor:
 
         return MicroBatchFn(self._per_token(True, bool(a.entropy_coeff)), reduce, self._targets)
 
+    def _loss_normalisers(self, mini: Batch) -> tuple[float, float]:
+        """The response tokens and sequences of the mini-batch on all data-parallel ranks, divided by their
+        number. The engines average gradients over those ranks, so each rank's loss sum / (global count /
+        ranks) averages to the global token (or sequence) mean: the loss of one process over the whole
+        mini-batch, however unevenly the long responses fell on the ranks (verl >= 0.5 does the same)."""
+        # a row without response tokens is no sequence of the seq-mean-* modes (as in verl)
+        counts = torch.tensor([float(mini.response_mask.sum()), float((mini.response_mask.sum(-1) > 0).sum())],
+                              dtype=torch.float64)
+        tokens, seqs = (self.engine.data_parallel_sum(counts) / self.engine.data_parallel_size).tolist()
+        return tokens, seqs
+
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         """PPO epochs over mini-batches of `mini_batch_rows` rows; one optimizer step per mini-batch.
         `step` (the trainer's global step) and the seed draw the row order when actor.shuffle."""
@@ -183,12 +198,12 @@ class PolicyActor:
         for order in epoch_orders(len(batch), a.ppo_epochs, a.shuffle, self.seed, step):
             for start in range(0, len(batch), mini_batch_rows):
                 mini = batch.select(order[start: start + mini_batch_rows])
-                tokens = float(mini.response_mask.sum())
+                tokens, seqs = self._loss_normalisers(mini)
                 micros = self._micro_batches(mini, a.ppo_micro_batch_size_per_gpu, a.use_dynamic_bsz,
                                              a.ppo_max_token_len_per_gpu)
-                # each micro-batch divides by the mini-batch's token count, so their losses add up to it
+                # each micro-batch divides by the mini-batch's (global) count, so their losses add up to it
                 sums = defaultdict(float)
-                for m in self.engine.forward_backward(micros, self._loss_fn(tokens, float((mini.response_mask.sum(-1) > 0).sum()))):
+                for m in self.engine.forward_backward(micros, self._loss_fn(tokens, seqs)):
                     for k, v in m.items():
                         if k in _ADDITIVE:
                             sums[k] += v

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from verl_mtp.batch import Batch
-from verl_mtp.models import MTPOutput
+from verl_mtp.models import MTPCausalLM, MTPOutput
 
 
 def _no_targets(micro: Batch) -> dict[str, torch.Tensor]:
@@ -77,7 +77,8 @@ class TrainingEngine(ABC):
 
     @abstractmethod
     def save_hf(self, path: str) -> None:
-        """An HF/MiMo folder (config.json + safetensors) of the current weights."""
+        """An HF/MiMo folder (config.json + safetensors) of the current weights. Every rank calls it (a
+        sharded engine gathers collectively); rank 0 of the default process group writes."""
 
     @abstractmethod
     def offload(self) -> None:
@@ -114,14 +115,41 @@ class TrainingEngine(ABC):
     def data_parallel_size(self) -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    @property
+    def data_parallel_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding different data (None: the whole world)."""
+        return None
+
+    def data_parallel_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (on the CPU) summed over the data-parallel ranks; every one of them must call it."""
+        if self.data_parallel_size == 1:
+            return x
+        group = self.data_parallel_group
+        y = x.to("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        dist.all_reduce(y, group=group)
+        return y.cpu()
+
 
 # actor.strategy -> "module:Class"; imported lazily so that megatron loads only when chosen
 ENGINES = {
     "torch": "verl_mtp.engines.torch_engine:TorchEngine",
-    "fsdp": "verl_mtp.engines.torch_engine:TorchEngine",
-    "fsdp2": "verl_mtp.engines.torch_engine:TorchEngine",
+    "fsdp": "verl_mtp.engines.fsdp_engine:FSDPEngine",  # as verl today: FSDP means FSDP2 here
+    "fsdp2": "verl_mtp.engines.fsdp_engine:FSDPEngine",
     "megatron": "verl_mtp.engines.megatron_engine:MegatronEngine",
 }
+
+
+def write_hf(config, named_tensors, path: str) -> None:
+    """Rank 0 writes an HF/MiMo folder of full tensors that every rank iterates (gathering them is a
+    collective for sharded engines); the others only take part in the gathers."""
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    tensors = {n: t.cpu() for n, t in named_tensors if writer}
+    if not writer:
+        return
+    with torch.device("meta"):
+        shell = MTPCausalLM(config)
+    shell.load_state_dict(tensors, assign=True)
+    shell.save_pretrained(path)
 
 
 def build_engine(strategy: str, **kwargs) -> TrainingEngine:

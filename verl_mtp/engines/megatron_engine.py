@@ -34,7 +34,7 @@ from verl_mtp.batch import Batch
 from verl_mtp.engines import context_parallel as cp
 from verl_mtp.engines import megatron_convert as convert
 from verl_mtp.engines import megatron_runtime as rt
-from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
+from verl_mtp.engines.base import MicroBatchFn, TrainingEngine, write_hf
 from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM, MTPOutput, ModelConfig
 
@@ -435,13 +435,7 @@ class MegatronEngine(TrainingEngine):
             self._set_lr()
 
     def save_hf(self, path: str) -> None:
-        hf = dict(self.named_tensors())
-        if dist.get_rank() != 0:
-            return
-        with torch.device("meta"):
-            shell = MTPCausalLM(self.hf_config)
-        shell.load_state_dict(hf, assign=True)
-        shell.save_pretrained(path)
+        write_hf(self.hf_config, self.named_tensors(), path)
 
     @property
     def lr(self) -> float:
@@ -459,6 +453,11 @@ class MegatronEngine(TrainingEngine):
     @property
     def data_parallel_size(self) -> int:
         return self.ps.get_data_parallel_world_size()
+
+    @property
+    def data_parallel_group(self):
+        """Without the CP ranks: each of them sees the whole sequences of its data shard."""
+        return self.ps.get_data_parallel_group()
 
 
 def _megatron_optimizer(optim: dict, model_config, sizes: rt.ParallelSizes, model):

@@ -31,11 +31,7 @@ class TorchEngine(TrainingEngine):
         self.moved = StorageOffload()
         self.num_mtp = num_mtp
         self.mtp_detach = mtp_detach
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        # MTP layers sit idle when MTP training is off: then DDP must tolerate unused parameters
-        idle = num_mtp < model.num_mtp_layers
-        self.model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=idle)
-                      if distributed and optim else model)
+        self.model = self._wrap(model, training=optim is not None)
         self.optimizer = self.scheduler = None
         self.clip_grad = None
         if optim is not None:
@@ -50,6 +46,16 @@ class TorchEngine(TrainingEngine):
             self.clip_grad = optim["clip_grad"]
         else:
             model.requires_grad_(False)
+
+    def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
+        """What runs the forward: DDP when training over several ranks, else the model itself."""
+        if not (training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return model
+        # MTP layers sit idle when MTP training is off: then DDP must tolerate unused parameters
+        idle = self.num_mtp < model.num_mtp_layers
+        # no buffer broadcast: RoPE's inv_freq is a constant, and a collective in every forward would
+        # make ranks with fewer micro-batches than the others wait for ever
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=idle, broadcast_buffers=False)
 
     def _forward(self, micro: Batch, mtp: bool = True):
         return self.model(micro.input_ids, attention_mask=micro.attention_mask, position_ids=micro.position_ids,
@@ -136,6 +142,8 @@ class TorchEngine(TrainingEngine):
             self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: str) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # every rank calls it (the engine contract); the replicas hold the same weights: rank 0 writes
         self.reload()
         self.module.save_pretrained(path)
 

@@ -1,0 +1,226 @@
+"""FSDP2 training engine (`torch.distributed.fsdp.fully_shard`): parameters, gradients and AdamW
+moments sharded over the data-parallel ranks; selected by `actor.strategy=fsdp2` (and `fsdp`).
+
+One FSDP unit per trunk decoder layer and per MTP layer, plus the root (embeddings, final norm, LM
+head: tied weights stay in one unit). Everything else is the torch engine's: the forward, the
+micro-batch loop, the separate trunk / detached-MTP clipping (`clip_grad_norm_` on DTensors), the LR
+schedule. What this engine adds:
+
+- `fsdp_config.fsdp_size`: -1 (or the world size) shards over every rank; a divisor d of the world
+  builds a 2-D mesh (world/d replicas x d shards, HSDP); anything else is refused.
+- Mixed precision on CUDA: `fsdp_config.dtype` for the all-gathered parameters and the compute,
+  `model_dtype` for the sharded master weights and AdamW, gradients reduced in fp32. On CPU the
+  compute runs in the master dtype (fp32 by default) unless `mixed_precision=True`.
+- `model.enable_gradient_checkpointing`: each decoder / MTP layer recomputes its activations in
+  backward (torch.utils.checkpoint, non-reentrant; MTPCausalLM has no switch of its own).
+- `param_offload` on CUDA: `CPUOffloadPolicy` (sharded parameters, gradients and the optimizer step
+  live on the CPU); `optimizer_offload`: the AdamW moments leave the GPU between phases.
+- Weights out: `named_tensors` gathers one full tensor at a time (`full_tensor()`), a collective every
+  rank enters in the same order; checkpoints are `torch.distributed.checkpoint` folders in which each
+  rank writes and reads its own shards (`save_checkpoint` / `load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import socket
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from verl_mtp.batch import Batch
+from verl_mtp.engines.base import MicroBatchFn, write_hf
+from verl_mtp.engines.torch_engine import TorchEngine
+from verl_mtp.models import MTPCausalLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+KEY = "actor_rollout_ref.actor.fsdp_config."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A world of one when no group is set up (one process, e.g. the tests or a single-rank run)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def data_parallel_mesh(fsdp_size: int, device_type: str) -> DeviceMesh:
+    """1-D over all ranks, or 2-D (replicate x shard) when fsdp_size is a proper divisor of the world."""
+    world = dist.get_world_size()
+    if fsdp_size in (-1, world):
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    if fsdp_size < 1 or world % fsdp_size:
+        raise ValueError(f"{KEY}fsdp_size={fsdp_size}: must be -1 (all ranks) or divide the {world} ranks")
+    return init_device_mesh(device_type, (world // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
+
+
+def checkpoint_layers(model: MTPCausalLM) -> None:
+    """Every decoder and MTP layer keeps only its input for backward and recomputes the rest there.
+    The forward is replaced on the instance, so module and parameter names stay unchanged."""
+    for layer in (*model.model.layers, *model.model.mtp_layers):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the parameters this rank holds, bytes of the whole model), each parameter once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    local = sum(_local(p).numel() * p.element_size() for p in params)
+    return local, sum(p.numel() * p.element_size() for p in params)
+
+
+class FSDPEngine(TorchEngine):
+    """Arguments as the torch engine's, plus: fsdp: the `actor.fsdp_config` dict (see the module
+    docstring); gradient_checkpointing: `model.enable_gradient_checkpointing`; mixed_precision: compute
+    in `fsdp_config.dtype` (None: on CUDA only)."""
+
+    def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
+                 mtp_detach: bool = True, fsdp: dict | None = None, gradient_checkpointing: bool = False,
+                 mixed_precision: bool | None = None):
+        self.fsdp = {"fsdp_size": -1, "reshard_after_forward": True, "dtype": "bfloat16", "model_dtype": "fp32",
+                     **(fsdp or {})}
+        for key in ("dtype", "model_dtype"):
+            if self.fsdp[key] not in DTYPES:
+                raise ValueError(f"{KEY}{key}={self.fsdp[key]!r}: choose one of {'|'.join(DTYPES)}")
+        self.device = next(model.parameters()).device
+        self.gradient_checkpointing = gradient_checkpointing
+        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.bytes_logged = False
+        super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp)
+
+    def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
+        ensure_process_group(self.device)
+        mesh = data_parallel_mesh(self.fsdp["fsdp_size"], self.device.type)
+        model.to(DTYPES[self.fsdp["model_dtype"]])
+        compute = DTYPES[self.fsdp["dtype"]] if self.mixed_precision else None  # None: the master dtype
+        offload = self.offload_params and self.device.type == "cuda"
+        shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=self.fsdp["reshard_after_forward"],
+                                  mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
+                                  offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+        if self.gradient_checkpointing:
+            checkpoint_layers(model)
+        for layer in (*model.model.layers, *model.model.mtp_layers):
+            shard(layer)
+        return shard(model)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
+        """Every rank runs as many forwards and backwards as the busiest one (each all-gathers and
+        reduce-scatters): a rank with fewer micro-batches repeats its first one with its loss times zero."""
+        missing = self._missing(len(micro_batches))  # before any forward: a collective of its own
+        metrics = super().forward_backward(micro_batches, loss_fn)
+        if missing:
+            idle = dataclasses.replace(loss_fn, reduce=lambda values, out, micro: (
+                loss_fn.reduce(values, out, micro)[0] * 0.0, {}))
+            super().forward_backward([micro_batches[0]] * missing, idle)
+        return metrics
+
+    def _missing(self, count: int) -> int:
+        """How many fewer micro-batches this rank has than the rank with the most."""
+        most = torch.tensor([count], device=self._comm_device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most) - count
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda") if self.device.type == "cuda" else torch.device("cpu")
+
+    def optimizer_step(self) -> dict[str, float]:
+        """The torch engine's step; the first one also reports the parameter bytes this rank holds
+        (`actor/param_bytes_local`) against the whole model's (`actor/param_bytes_total`)."""
+        metrics = super().optimizer_step()
+        if not self.bytes_logged:
+            metrics["actor/param_bytes_local"], metrics["actor/param_bytes_total"] = map(float,
+                                                                                         param_bytes(self.module))
+            self.bytes_logged = True
+        return metrics
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        if not params:
+            return 0.0
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=self.device.type == "cuda")
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad or float("inf"), norm)
+        return float(norm)
+
+    @torch.no_grad()
+    def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:
+        padded = micro_batches + [micro_batches[0]] * self._missing(len(micro_batches))
+        return super().infer(padded, fn)[: len(micro_batches)]
+
+    # ---- offload ---------------------------------------------------------------------------
+
+    def offload(self) -> None:
+        """On CUDA: the unsharded parameters are freed (`reshard`); with `optimizer_offload` the AdamW
+        moments go to pinned CPU memory. (`param_offload` keeps the shards on the CPU all along.)"""
+        if self.moved.active or self.device.type != "cuda":
+            return
+        self.model.reshard()
+        if self.offload_optimizer and self.optimizer is not None:
+            self.moved.offload(_local(t) for state in self.optimizer.state.values() for t in state.values()
+                               if torch.is_tensor(t) and _local(t).is_cuda)
+        torch.cuda.empty_cache()
+
+    # ---- weights and checkpoints -----------------------------------------------------------
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full tensors, gathered one at a time as the caller iterates: every rank must iterate all."""
+        self.reload()
+        for name, t in self.module.state_dict().items():
+            if isinstance(t, DTensor):
+                t = t.to(self._comm_device()).full_tensor()  # CPU-offloaded shards gather on the device
+            yield name, t.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and AdamW state as this rank's DTensor shards (what `torch.distributed.checkpoint`
+        saves, each rank its own), plus the LR schedule."""
+        self.reload()
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.module)}
+        model, optimizer = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Sharded state (as `state_dict` returns) or, for the model, full tensors (an HF folder's):
+        every rank keeps its own shard of them."""
+        self.reload()
+        full = not any(isinstance(t, DTensor) for t in state["model"].values())
+        # a tied LM head is absent from an HF folder: it is the embedding
+        strict = not self.module.config.tie_word_embeddings
+        set_model_state_dict(self.module, state["model"], options=StateDictOptions(full_state_dict=full, strict=strict))
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Every rank: a `torch.distributed.checkpoint` folder, each rank writing its own shards."""
+        dcp.save(self.state_dict(), checkpoint_id=folder)
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Every rank: read its shards of `save_checkpoint`'s folder (same world size and fsdp_size)."""
+        state = self.state_dict()
+        dcp.load(state, checkpoint_id=folder)
+        self.load_state_dict(state)
+
+    def save_hf(self, path: str) -> None:
+        write_hf(self.module.config, self.named_tensors(), path)
