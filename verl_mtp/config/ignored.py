@@ -26,6 +26,7 @@ class Ignored:
     default: Any  # "${key}": the value of that key (the schema's interpolation)
     why: str
     fail: bool = False  # ignoring another value would change the result or the memory used
+    strategies: tuple[str, ...] = ()  # ignored only with these actor strategies; () = with every one
 
 
 def _megatron(role: str) -> dict[str, Ignored]:
@@ -57,9 +58,11 @@ IGNORED: dict[str, Ignored] = {
     "data.train_max_samples": Ignored(-1, "every training row is used; cap the file instead", True),
     "data.val_max_samples": Ignored(-1, "every validation row is used; cap the file instead", True),
     _ARR + "model.override_config": Ignored({}, "the model config is read from model.path unchanged", True),
+    # a warning, not a failure: it changes memory, never the result, and verl's own megatron workers
+    # ignore it too, so failing would stop verl's megatron scripts that set it
     _ARR + "model.enable_gradient_checkpointing": Ignored(
         False, "activations are kept, not recomputed: more memory than asked (megatron: set "
-               "megatron.override_transformer_config.recompute_*, as in verl)", True),
+               "megatron.override_transformer_config.recompute_*, as in verl)"),
     **_megatron("actor"),
     **_megatron("ref"),
     _ARR + "actor.checkpoint.save_contents": Ignored(["model", "optimizer", "extra"],
@@ -96,10 +99,10 @@ def _plain(value: Any) -> Any:
 
 def ignored_settings(cfg: DictConfig) -> list[tuple[str, Any, Ignored]]:
     """(key, value, entry) of every ignored key `cfg` sets to something other than its default."""
-    found = []
+    found, strategy = [], OmegaConf.select(cfg, _ARR + "actor.strategy")
     for key, entry in IGNORED.items():
         value = _plain(OmegaConf.select(cfg, key))
-        if value != _default(cfg, entry):
+        if value != _default(cfg, entry) and (not entry.strategies or strategy in entry.strategies):
             found.append((key, value, entry))
     return found
 
@@ -136,7 +139,8 @@ def render_markdown() -> str:
     ]
     for key, entry in IGNORED.items():
         default = entry.default if isinstance(entry.default, str) else _show(entry.default)
-        lines.append(f"| `{key}` | `{default}` | {'fail' if entry.fail else 'warn'} | {entry.why} |")
+        only = f" (actor.strategy={'/'.join(entry.strategies)})" if entry.strategies else ""
+        lines.append(f"| `{key}` | `{default}` | {'fail' if entry.fail else 'warn'}{only} | {entry.why} |")
     return "\n".join([*lines, README_END])
 
 
