@@ -122,3 +122,13 @@ def test_readme_coming_from_verl_is_the_tables_rendering():
 def test_filter_overlong_prompts_drops_them_as_truncation_filter_does():
     assert load_config(["data.filter_overlong_prompts=true", "data.truncation=left"]).data.truncation == "filter"
     assert load_config(["data.truncation=left"]).data.truncation == "left"
+
+
+def test_a_key_ignored_by_some_strategies_only_counts_with_those(monkeypatch):
+    from verl_mtp.config import ignored
+
+    monkeypatch.setitem(ignored.IGNORED, "trainer.balance_batch", ignored.Ignored(False, "why", strategies=("torch",)))
+    torch = load_config(["trainer.balance_batch=true"])
+    assert [key for key, *_ in ignored_settings(torch)] == ["trainer.balance_batch"]
+    fsdp = load_config(["trainer.balance_batch=true", "actor_rollout_ref.actor.strategy=fsdp2"])
+    assert ignored_settings(fsdp) == []
