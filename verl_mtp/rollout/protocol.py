@@ -78,6 +78,11 @@ def sampling_params_to_json(params: SamplingParams) -> dict:
     return out
 
 
+def generate_body(prompts: list[list[int]], params: SamplingParams) -> dict:
+    """The /generate request the trainer sends: token ids in, token ids and their logprobs out."""
+    return {"input_ids": prompts, "sampling_params": sampling_params_to_json(params), "return_logprob": True}
+
+
 def sampling_params_from_json(d: dict | None) -> SamplingParams:
     d = dict(d or {})
     if d.get("stop"):

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from verl_mtp.rollout.protocol import sampling_params_to_json
+from verl_mtp.rollout.protocol import generate_body
 from verl_mtp.rollout.sampling import SamplingParams
 
 # a replica that cannot answer within this long is treated as gone; generation of long responses on
@@ -68,8 +68,7 @@ class ReplicaClient:
             return False
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
-        body = {"input_ids": prompts, "sampling_params": sampling_params_to_json(params), "return_logprob": True}
-        items = self.request("POST", "/generate", body)
+        items = self.request("POST", "/generate", generate_body(prompts, params))
         expected = len(prompts) * params.n
         if not isinstance(items, list) or len(items) != expected:
             got = len(items) if isinstance(items, list) else type(items).__name__

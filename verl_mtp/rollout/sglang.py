@@ -42,6 +42,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from omegaconf import DictConfig, OmegaConf
+
 from verl_mtp.rollout.engine import SpecStats
 from verl_mtp.rollout.replica import launch_replicas
 
@@ -155,7 +157,9 @@ def sglang_server_args(cfg, *, model_path: str | None = None, host: str = "127.0
     }
     if mtp.enable and mtp.enable_rollout:
         args.update(speculative_args(mtp))
-    args.update(dict(r.engine_kwargs.get("sglang") or {}))
+    extra = r.engine_kwargs.get("sglang") or {}
+    # plain lists and dicts, so server_cli_args renders them as SGLang values, not ListConfig reprs
+    args.update(OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra))
     return args
 
 
