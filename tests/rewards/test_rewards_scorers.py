@@ -2,7 +2,9 @@
 
 import pytest
 
+from verl_mtp.data.rl_dataset import DataError
 from verl_mtp.rewards.scorers import (
+    check_data_sources,
     default_compute_score,
     gsm8k,
     lenient_compute_score,
@@ -228,6 +230,13 @@ def test_unknown_data_source_is_a_one_line_error(source, message):
     with pytest.raises(ValueError, match=message) as info:
         default_compute_score(source, "Answer: 1", "1")
     assert "\n" not in str(info.value)
+
+
+def test_data_sources_without_a_grader_fail_at_start_in_one_line():
+    check_data_sources(["math", "aime2024", "openai/gsm8k", "math", "HuggingFaceH4/MATH-500"], "data.train_files")
+    with pytest.raises(DataError, match="data.val_files: no built-in reward function for data_source='my_set'") as err:
+        check_data_sources(["math", "my_set"], "data.val_files")
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture

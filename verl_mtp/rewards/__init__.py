@@ -20,7 +20,14 @@ from .managers import (
     register_reward_manager,
 )
 from .pool import DEFAULT_NUM_WORKERS, FAILURE_KINDS, ScoreOutcome, ScoringPool, failure_metric
-from .scorers import ScorerRef, default_compute_score, load_custom_reward_function, resolve_scorer
+from .scorers import (
+    ScorerRef,
+    check_data_sources,
+    default_compute_score,
+    lenient_compute_score,
+    load_custom_reward_function,
+    resolve_scorer,
+)
 
 __all__ = [
     "DEFAULT_NUM_WORKERS",
@@ -35,8 +42,10 @@ __all__ = [
     "ScorerRef",
     "ScoringPool",
     "build_reward_manager",
+    "check_data_sources",
     "default_compute_score",
     "failure_metric",
+    "lenient_compute_score",
     "load_custom_reward_function",
     "register_reward_manager",
     "resolve_scorer",

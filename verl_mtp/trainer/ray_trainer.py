@@ -22,7 +22,7 @@ from verl_mtp.algos.kl import apply_kl_in_reward
 from verl_mtp.batch import Batch, from_samples
 from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
-from verl_mtp.rewards import RewardSample
+from verl_mtp.rewards import RewardSample, check_data_sources
 from verl_mtp.trainer import checkpoint
 from verl_mtp.rollout.client import (ReplicaError, ReplicaUnreachable, ServerRollout, colocated_replica_groups,
                                      colocated_servers, server_launcher, server_sync_mode, weight_update_group_for)
@@ -80,6 +80,10 @@ class DAPOTrainer:
                                           filter_invalid=data.filter_invalid)
         self.train_set = dataset(train_files)
         self.val_set = dataset(val_files) if val_files else None
+        if not cfg.custom_reward_function.path:  # fail now, not as a failed reward for every sample of the run
+            check_data_sources((item["data_source"] for item in self.train_set.items), "data.train_files")
+            check_data_sources((item["data_source"] for item in (self.val_set.items if self.val_set else ())),
+                               "data.val_files")
         self.loader = PromptLoader(self.train_set, data.gen_batch_size or data.train_batch_size,
                                    shuffle=data.shuffle, seed=data.seed,
                                    key="data.gen_batch_size" if data.gen_batch_size else "data.train_batch_size")

@@ -27,8 +27,10 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from verl_mtp.data.rl_dataset import DataError
 
 from . import gsm8k, math_dapo, math_dapo_lenient, math_reward
 
@@ -86,6 +88,16 @@ def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: 
         f"no built-in reward function for data_source={source!r} (known: {known}); "
         f"set custom_reward_function.path to grade it"
     )
+
+
+def check_data_sources(sources: Iterable[str], where: str) -> None:
+    """A DataError (one line, naming ``where``) for the first data source the built-in graders do
+    not take, so that a run fails at start instead of scoring every sample as a failure."""
+    for source in sorted(set(sources)):
+        try:
+            default_compute_score(source, "", "")  # only a source without a grader fails on an empty response
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
 
 
 def load_custom_reward_function(path: str, name: str = "compute_score") -> Callable:
