@@ -118,3 +118,15 @@ def test_rows_are_plain_json(tmp_path):
     """The report reads what any tool can read: one JSON object per line."""
     log = _write_run(tmp_path / "run", steps=2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_acceptance_plot_draws_the_expected_beside_the_observed(tmp_path, monkeypatch):
+    from verl_mtp.observability import report
+
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append(
+        sorted(ax.get_legend_handles_labels()[1] for ax in fig.axes)) or path)
+    rows = [{"step": s, "rollout/accept_length": 2.0, "mtp/expected_accept_length": 2.1, "rollout/accept_rate_1": 0.6,
+             "mtp/expected_chain_accept_rate_1": 0.62, "mtp/acc_1": 0.7} for s in range(1, 4)]
+    assert report.plot_acceptance(rows, str(tmp_path / "a.png"))
+    assert drawn == [[["accept length", "expected"], ["accept rate d1", "expected d1", "mtp acc d1"]]]

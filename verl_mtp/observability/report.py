@@ -158,22 +158,30 @@ def plot_accuracy(rows: Sequence[Row], path: str) -> str | None:
 
 
 def plot_acceptance(rows: Sequence[Row], path: str) -> str | None:
-    """Left: accept length. Right: rollout acceptance per depth (solid) against the MTP heads'
-    training accuracy per depth (dashed): the two drifting apart is a stale or undertrained draft."""
+    """Left: accept length, observed (solid) and expected from the training forward (dashed). Right:
+    rollout acceptance per depth (solid) against its expectation from training, P(drafts 1..k kept)
+    (dashed), and the MTP heads' top-1 accuracy (dotted): observed falling below expected is a draft
+    the rollout did not get; both falling is an undertrained draft."""
     rates = depth_keys(rows, "rollout/accept_rate_")
     if not series(rows, "rollout/accept_length")[0] and not rates:
         return None
     fig, (left, right) = _figure(ncols=2)
     _line(left, *series(rows, "rollout/accept_length"), "accept length")
+    steps, values = series(rows, "mtp/expected_accept_length")
+    if steps:
+        color = left.get_lines()[-1].get_color() if left.get_lines() else None
+        left.plot(steps, values, linestyle="--", color=color, alpha=0.8, label="expected")
     left.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     left.set_title("Accept length (tokens / verify pass)")
     for key in rates:
         depth = key.rsplit("_", 1)[1]
         _line(right, *series(rows, key), f"accept rate d{depth}")
         color = right.get_lines()[-1].get_color()
-        steps, values = series(rows, f"mtp/acc_{depth}")
-        if steps:
-            right.plot(steps, values, linestyle="--", color=color, alpha=0.8, label=f"mtp acc d{depth}")
+        for key, style, label in ((f"mtp/expected_chain_accept_rate_{depth}", "--", "expected"),
+                                  (f"mtp/acc_{depth}", ":", "mtp acc")):
+            steps, values = series(rows, key)
+            if steps:
+                right.plot(steps, values, linestyle=style, color=color, alpha=0.8, label=f"{label} d{depth}")
     right.set_ylim(-0.02, 1.02)
     right.set_title("Acceptance per depth")
     for ax in (left, right):
