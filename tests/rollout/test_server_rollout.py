@@ -46,8 +46,10 @@ def test_shards_equal_the_in_process_engine(rollout, models):
     for shard, (samples, metrics) in zip(shards, outs):
         ref = engine_for(models[0]).generate(shard, GREEDY)
         assert samples == [(s.prompt_index, s.token_ids, s.logprobs, s.finish_reason) for s in ref.samples]
-        assert {k: v for k, v in metrics.items() if k != "rollout/tokens_per_s"} == ref.stats.metrics()
+        own = ("rollout/tokens_per_s", "rollout/sync_checksum_verified")
+        assert {k: v for k, v in metrics.items() if k not in own} == ref.stats.metrics()
         assert metrics["rollout/accept_length"] > 2.0 and metrics["rollout/tokens_per_s"] > 0
+        assert metrics["rollout/sync_checksum_verified"] == 1.0  # our server reports checksums of what it holds
     assert [len(s) for s, _ in outs] == [len(shard) * GREEDY.n for shard in shards]
 
 

@@ -276,7 +276,8 @@ class ServerRollout:
             for _, stats, _ in outs:
                 total.merge(stats)
             self.guard.observe(total)
-        return [(samples, metrics) for samples, _, metrics in outs]
+        verified = float(self.protocol_info().get("engine") == "verl_mtp")  # only our server hashes its weights
+        return [(samples, {**metrics, "rollout/sync_checksum_verified": verified}) for samples, _, metrics in outs]
 
     def _generate_shard(self, prompts: list[list[int]], params: SamplingParams):
         stats, samples = SpecStats(), []
