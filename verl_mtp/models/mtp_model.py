@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verl_mtp.algos.mtp_loss import shift_left
 from verl_mtp.models.config import ModelConfig
 from verl_mtp.models.moe import MoE, Routing, SwiGLU, aux_loss_and_loads, mtp_routing_mask
 
@@ -219,11 +220,6 @@ class MTPOutput:
     moe_stats: torch.Tensor | None = None  # (L, E) each layer's expert load fractions (see models.moe)
 
 
-def _shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x[:, t] <- x[:, t+n]; the last n positions are zero (their MTP targets do not exist)."""
-    return torch.cat([x[:, n:], torch.zeros_like(x[:, :n])], dim=1)
-
-
 def padding_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 1/0 mask -> (B, 1, T, T) bool: causal and not padding. Every query may see itself, so
     padded rows stay finite (a fully masked row would make SDPA return NaN and poison masked sums)."""
@@ -298,7 +294,7 @@ class MTPCausalLM(nn.Module):
         outs = []
         for i, layer in enumerate(self.model.mtp_layers[:depths]):
             routing = Routing(mtp_routing_mask(valid, i), records) if records is not None else None
-            hidden = layer(hidden, _shift_left(tok_emb, i + 1), cos, sin, mask, routing=routing)
+            hidden = layer(hidden, shift_left(tok_emb, i + 1), cos, sin, mask, routing=routing)
             outs.append(hidden)
         return outs
 

@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from verl_mtp.algos.mtp_loss import Warp, draft_losses
 from verl_mtp.models.moe import aux_loss_and_loads, moe_metrics
-from verl_mtp.models.mtp_model import _shift_left, padding_causal_mask, rope_cos_sin
+from verl_mtp.algos.mtp_loss import Warp, draft_losses, shift_left
+from verl_mtp.models.mtp_model import padding_causal_mask, rope_cos_sin
 
 OBJECTIVES = ("ce", "soft", "tv", "diffusion")
 LABELS = ("trunk", "data")
@@ -68,8 +68,8 @@ def mtp_hidden(model, batch: dict[str, torch.Tensor], depths: int,
 
 def depth_targets(batch: dict[str, torch.Tensor], i: int, labels: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid (B, S) bool, hard label (B, S)) of MTP depth i (0-based): it predicts token t+i+2."""
-    valid = _shift_left(_valid_tokens(batch), i + 2)
-    label = _shift_left(batch["next_tokens"], i + 1) if labels == "trunk" else _shift_left(batch["input_ids"], i + 2)
+    valid = shift_left(_valid_tokens(batch), i + 2)
+    label = shift_left(batch["next_tokens"], i + 1) if labels == "trunk" else shift_left(batch["input_ids"], i + 2)
     return valid, label
 
 
@@ -103,11 +103,11 @@ def chain_loss(model, batch: dict[str, torch.Tensor], depths: int, objective: st
             continue
         logits = F.linear(h[valid], head)
         if objective == "tv":
-            per_token = topk_tv(logits, _shift_left(batch["topk_logprobs"], i + 1)[valid],
-                                _shift_left(batch["topk_indices"], i + 1)[valid])
+            per_token = topk_tv(logits, shift_left(batch["topk_logprobs"], i + 1)[valid],
+                                shift_left(batch["topk_indices"], i + 1)[valid])
         elif objective == "soft":
-            per_token = soft_kl(logits, _shift_left(batch["topk_logprobs"], i + 1)[valid],
-                                _shift_left(batch["topk_indices"], i + 1)[valid])
+            per_token = soft_kl(logits, shift_left(batch["topk_logprobs"], i + 1)[valid],
+                                shift_left(batch["topk_indices"], i + 1)[valid])
         else:
             per_token = F.cross_entropy(logits.float(), label[valid], reduction="none")
         loss = per_token.mean()
@@ -155,11 +155,11 @@ def diffusion_blocks(batch: dict[str, torch.Tensor], block_length: int, labels: 
     trainable = _valid_tokens(batch)
     cols = range(block_length)
     if labels == "trunk":
-        tokens = torch.stack([_shift_left(batch["next_tokens"], j) for j in cols], -1)
+        tokens = torch.stack([shift_left(batch["next_tokens"], j) for j in cols], -1)
     else:
-        tokens = torch.stack([_shift_left(ids, j + 1) for j in cols], -1)
-    inside = torch.stack([_shift_left(inside_doc, j + 1) for j in cols], -1)
-    target = torch.stack([_shift_left(trainable, j + 1) for j in cols], -1)
+        tokens = torch.stack([shift_left(ids, j + 1) for j in cols], -1)
+    inside = torch.stack([shift_left(inside_doc, j + 1) for j in cols], -1)
+    target = torch.stack([shift_left(trainable, j + 1) for j in cols], -1)
     positions = (batch["offsets"][:, None] + torch.arange(s, device=ids.device))[..., None] + 1 + torch.arange(
         block_length, device=ids.device)
     anchors = target.any(-1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 
 import torch
 from omegaconf import OmegaConf
@@ -21,15 +20,10 @@ from verl_mtp.batch import Batch
 from verl_mtp.engines.actor import PolicyActor
 from verl_mtp.engines.base import build_engine
 from verl_mtp.models import MTPCausalLM, state_checksum
+from verl_mtp.models.factory import build_policy_model, load_tokenizer, num_mtp_layers, resolve_device
 from verl_mtp.rollout import NativeEngine, SamplingParams
+from verl_mtp.rollout.replica import free_port
 from verl_mtp.rollout.sampling import rollout_sampling_params
-from verl_mtp.trainer.setup import build_policy_model, load_tokenizer, num_mtp_layers, resolve_device
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def address() -> tuple[str, int]:
