@@ -104,13 +104,13 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(ray_local,
         class Boom(Exception):
             pass
 
-        real = trainer.actor.call_rank0
+        real = trainer.actor.call
 
         def dying(method, *args):
             real(method, *args)
             raise Boom()
 
-        trainer.actor.call_rank0 = dying
+        trainer.actor.call = dying
         trainer.step = 3
         with pytest.raises(Boom):
             trainer.save_checkpoint()

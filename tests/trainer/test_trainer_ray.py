@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from verl_mtp.config import load_config
 from verl_mtp.trainer.ray_trainer import DAPOTrainer, WeightSyncError
+from verl_mtp.workers.rollout_backends import ColocatedInProcess, RolloutContext
 from tests.trainer.conftest import overrides
 
 SEVENS = "tests/trainer/sevens_reward.py"
@@ -89,13 +90,15 @@ class _FakeGroup:
         self.pairs = pairs
 
     def call(self, method, *args):
+        assert method == "sync_colocated"
         return self.pairs
 
 
 def test_stale_rollout_weights_stop_the_run():
     trainer = object.__new__(DAPOTrainer)
-    trainer.version, trainer.colocated = 0, True
+    trainer.version = 0
     trainer.actor = _FakeGroup([("abc", "abc"), ("abc", "stale")])
+    trainer.rollout = ColocatedInProcess(RolloutContext(None, trainer.actor, None, "", None, 0))
     with pytest.raises(WeightSyncError, match="rollout rank 1 holds checksum stale"):
         trainer._sync_weights()
 

@@ -1,5 +1,6 @@
-"""Run checkpoints: `{default_local_dir}/global_step_{N}/` with the actor's HF folder and optimizer,
-and the driver's state (step, dataloader position, RNG, KL coefficient, metrics history, config).
+"""Run checkpoints: `{default_local_dir}/global_step_{N}/` with the actor's HF folder (written by rank 0)
+and each actor rank's own optimizer and schedule state (`actor/optimizer_rank{r}.pt`), and the driver's
+state (step, dataloader position, RNG, KL coefficient, metrics history, config).
 
 A checkpoint is written into a temporary folder and renamed into place (a re-saved step's old folder
 is first renamed aside and deleted last), and `latest_checkpointed_iteration.txt` is replaced after
@@ -57,7 +58,7 @@ def save(root: str, step: int, trainer_state: dict, actor_group, cfg, keep: int 
     tmp = root_path / f".global_step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    actor_group.call_rank0("save_checkpoint", str(tmp / "actor"))
+    actor_group.call("save_checkpoint", str(tmp / "actor"))  # every rank: collective gather, own optimizer shard
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": _rng_state()}))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     swap_in(tmp, final)

@@ -3,6 +3,10 @@
     prompts -> rollout (speculative, n per prompt) -> reward -> group filter (DAPO dynamic sampling)
             -> old (and ref) log-probs -> advantages -> PPO + MTP update -> weight sync (verified)
             -> metrics, checkpoint
+
+The rollout, whatever its topology (colocated or split, in-process engine or HTTP servers), is one
+`RolloutBackend` (workers/rollout_backends.py) chosen from the config; the driver never branches on it.
+See docs/architecture.md for the layers and the types that travel.
 """
 
 from __future__ import annotations
@@ -23,15 +27,13 @@ from verl_mtp.batch import Batch, from_samples
 from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
 from verl_mtp.rewards import RewardSample, check_data_sources
+from verl_mtp.rollout.replica import ReplicaUnreachable
 from verl_mtp.trainer import checkpoint
-from verl_mtp.rollout.client import (ReplicaError, ReplicaUnreachable, ServerRollout, colocated_replica_groups,
-                                     colocated_servers, server_launcher, server_sync_mode, weight_update_group_for)
-from verl_mtp.rollout.sglang import SLEEP_TAGS, WEIGHT_GROUP_NAME
-from verl_mtp.trainer.setup import (build_policy_model, ensure_synthetic_task, load_tokenizer, resolve_device,
-                                    tokenizer_path)
-from verl_mtp.workers.group import WorkerGroup
+from verl_mtp.trainer.setup import ensure_synthetic_task, load_tokenizer, resolve_device, tokenizer_path
+from verl_mtp.workers.group import WorkerGroup, mean_metrics
 from verl_mtp.workers.policy_worker import PolicyWorker
 from verl_mtp.workers.reward_worker import RewardWorker
+from verl_mtp.workers.rollout_backends import RolloutContext, rollout_backend
 
 
 class WeightSyncError(RuntimeError):
@@ -57,11 +59,6 @@ def timer(name: str, timing: dict[str, float]):
 def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
     x = x.float()
     return {f"{prefix}/mean": float(x.mean()), f"{prefix}/max": float(x.max()), f"{prefix}/min": float(x.min())}
-
-
-def _mean_metrics(dicts: list[dict[str, float]]) -> dict[str, float]:
-    keys = set().union(*dicts)
-    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
 
 class DAPOTrainer:
@@ -114,85 +111,16 @@ class DAPOTrainer:
             ranks = [dict(common, role=role, rank=r, world_size=size, master=master) for r in range(size)]
             return WorkerGroup(PolicyWorker, ranks, use_gpu, name=role)
 
-        server_mode = cfg.actor_rollout_ref.rollout.mode == "server"
-        self.colocated = cfg.actor_rollout_ref.hybrid_engine and not server_mode  # one in-process engine per rank
-        self.colocated_servers = colocated_servers(cfg)  # replicas started by the actor ranks, on their devices
-        self.released: set[str] = set()  # memory the colocated replicas gave the actor (SGLang tags)
-        if self.colocated:
-            self.actor = self.rollout = policy_group("actor_rollout", world)
-        else:
-            self.actor = policy_group("actor", world)
-            tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
-            if self.colocated_servers:
-                self.rollout = self._colocated_server_rollout()
-            elif server_mode:
-                self.rollout = self._server_rollout()
-            else:
-                self.rollout = policy_group("rollout", max(1, world // tp))
+        backend = rollout_backend(cfg)  # the rollout topology, chosen once from the config
+        self.actor = policy_group(backend.actor_role, world)
+        self.rollout = backend(RolloutContext(cfg, self.actor, policy_group, self.run_dir,
+                                              self.tokenizer.eos_token_id, len(self.tokenizer)))
         self.ref = policy_group("ref", world) if self.use_ref else None
         self.reward = WorkerGroup(RewardWorker, [dict(cfg=cfg_dict)], use_gpu=False, name="reward")
         # data-parallel rank of each worker: ranks of one tensor/pipeline-parallel group share a shard
         self.dp_ranks = {id(g): g.call("data_parallel_rank") for g in (self.actor, self.ref) if g is not None}
-        if server_mode:  # the servers start from dummy weights: hand them the actor's before any generate
+        if self.rollout.starts_empty:  # the servers start from dummy weights: hand them the actor's first
             self._sync_weights(bump=False)
-
-    def _server_rollout(self) -> ServerRollout:
-        """HTTP rollout servers speaking SGLang's protocol: ours (rollout.name=native) or SGLang's. With
-        rollout.server.sync_mode=distributed the actor's rank 0 joins the replicas' weight group as rank 0
-        (with the first sync) and broadcasts the tensors to them itself."""
-        cfg = self.cfg
-        model_path = self._rollout_model_path()
-        hooks = {}
-        if server_sync_mode(cfg.actor_rollout_ref.rollout) == "distributed":
-            host, port = self.actor.call_rank0("weight_broadcast_address")
-            group = weight_update_group_for(cfg, host, port)
-            hooks = dict(init_group=group, broadcast=lambda names: self.actor.call_rank0("broadcast_weights", names),
-                         join_group=lambda: self.actor.call_rank0(
-                             "init_weight_broadcast", host, port, group["world_size"], WEIGHT_GROUP_NAME,
-                             group["backend"], float(cfg.actor_rollout_ref.nccl_timeout)))
-        return ServerRollout.from_config(cfg, model_path, self.tokenizer.eos_token_id,
-                                         log_dir=os.path.join(self.run_dir, "rollout_servers"), **hooks)
-
-    def _colocated_server_rollout(self) -> ServerRollout:
-        """Colocated server mode (hybrid_engine, rollout.mode=server): the first of every
-        rollout.tensor_model_parallel_size consecutive actor ranks (on one node) starts a replica on the
-        group's devices, as its own child process; no Ray resources beyond the actor's. The driver reaches
-        the replicas over HTTP for generate and sleep/wake; the weights go from those ranks (push_rollout_weights)."""
-        from verl_mtp.rollout.ray_launch import replica_commands
-
-        r = self.cfg.actor_rollout_ref.rollout
-        log_dir = os.path.join(self.run_dir, "rollout_servers")
-        commands, ports, _ = replica_commands(self.cfg, self._rollout_model_path(), log_dir)
-        groups = colocated_replica_groups(self.actor.call("placement"), r.tensor_model_parallel_size)
-        pending = [self.actor.workers[rank].start_rollout_server.remote(
-                       command, r.server.host, port, os.path.join(log_dir, f"replica{i}"), devices)
-                   for i, ((rank, devices), command, port) in enumerate(zip(groups, commands, ports, strict=True))]
-        try:
-            urls = ray.get(pending)
-        except BaseException as error:
-            self._stop_colocated_servers()
-            if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ReplicaError):
-                raise error.cause from None  # the replica's own message (with its log), not a Ray traceback
-            raise
-        return ServerRollout.connect(self.cfg, urls, self.tokenizer.eos_token_id)
-
-    def _stop_colocated_servers(self) -> None:
-        """Ask every actor rank to stop the replica it hosts (killing the rank would orphan the server)."""
-        for ref in [w.stop_rollout_server.remote() for w in self.actor.workers]:
-            try:
-                ray.get(ref, timeout=60)
-            except ray.exceptions.RayError:
-                pass  # that rank is already gone
-
-    def _rollout_model_path(self) -> str:
-        """What replicas load: model.path, or for our server the actor's architecture (MTP layer count
-        included) written once, its weights arriving with the first sync."""
-        cfg = self.cfg
-        if cfg.actor_rollout_ref.rollout.name != "native":
-            return cfg.actor_rollout_ref.model.path
-        model_path = os.path.join(self.run_dir, "rollout_model")
-        build_policy_model(cfg, len(self.tokenizer), "cpu", cfg.trainer.seed).save_pretrained(model_path)
-        return model_path
 
     def _dp_call(self, group: WorkerGroup, method: str, batch: Batch, *args) -> list:
         """Shard `batch` over the group's data-parallel ranks; one result per shard, in order."""
@@ -204,23 +132,16 @@ class DAPOTrainer:
         return [results[r] for r in sorted(results)]
 
     def shutdown(self) -> None:
-        if self.colocated_servers:
-            self._stop_colocated_servers()
-        for group in {id(g): g for g in (self.actor, self.rollout, self.ref, self.reward) if g}.values():
-            group.shutdown()
+        self.rollout.shutdown()
+        for group in (self.actor, self.ref, self.reward):
+            if group is not None:
+                group.shutdown()
 
     # ---- rollout and reward --------------------------------------------------------------
 
     def _generate(self, items: list[dict], validate: bool, seed: int) -> tuple[Batch, dict[str, float]]:
-        """Prompts round-robin over rollout workers; rows come back prompt-major with meta filled."""
-        workers = len(self.rollout)
-        shards = [list(range(w, len(items), workers)) for w in range(workers)]
-        outs = self.rollout.call_shards("generate", [[items[i]["input_ids"] for i in s] for s in shards],
-                                        validate=validate, seed=seed)
-        rows = []
-        for shard, (samples, _) in zip(shards, outs):
-            rows += [(shard[pi], toks, lps, fin) for pi, toks, lps, fin in samples]
-        rows.sort(key=lambda r: r[0])
+        """Rows come back prompt-major with meta filled."""
+        rows, metrics = self.rollout.generate([item["input_ids"] for item in items], validate, seed)
         prompts = [items[i]["input_ids"] for i, *_ in rows]
         meta = {
             "uid": [f"{seed}-{i}" for i, *_ in rows],
@@ -230,8 +151,6 @@ class DAPOTrainer:
             "finish_reason": [fin for *_, fin in rows],
         }
         batch = from_samples(prompts, [r[1] for r in rows], [r[2] for r in rows], self.tokenizer.pad_token_id, meta)
-        metrics = _mean_metrics([m for _, m in outs])
-        metrics["rollout/tokens_per_s"] = sum(m["rollout/tokens_per_s"] for _, m in outs)
         return batch, metrics
 
     def _score(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
@@ -276,7 +195,7 @@ class DAPOTrainer:
             state = result.state
             if not result.need_more:
                 break
-        merged = _mean_metrics(metrics)
+        merged = mean_metrics(metrics)
         for key in [k for k in merged if k == "rollout/generated_tokens" or k.startswith("reward/failures_")]:
             merged[key] = sum(m.get(key, 0.0) for m in metrics)  # totals over generation batches
         merged["train/num_gen_batches"] = float(len(metrics))
@@ -303,48 +222,11 @@ class DAPOTrainer:
         or the draft (or target) is stale and speculation would silently degrade."""
         if bump:
             self.version += 1
-        if self.colocated:
-            pairs = self.actor.call("sync_colocated", self.version)
-        elif self.colocated_servers:
-            pairs = self._push_from_actor_ranks()
-        elif isinstance(self.rollout, ServerRollout) and self.rollout.sync_mode == "distributed":
-            # the actor's rank 0 broadcasts the tensors; the driver plans the sync from dtypes and shapes only
-            meta, sent = self.actor.call_rank0("weights_meta")
-            shapes = {n: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for n, dtype, shape in meta}
-            held = self.rollout.call("update_rollout_weights", shapes, self.version, sent_checksum=sent)
-            pairs = [(sent, h) for h in held]
-        else:
-            weights, sent = self.actor.call_rank0("get_weights")
-            ref = ray.put(weights)
-            pairs = [(sent, held) for held in self.rollout.call("update_rollout_weights", ref, self.version)]
+        pairs = self.rollout.sync_from(self.actor, self.version)
         for rank, (sent, held) in enumerate(pairs):
             if sent != held:
                 raise WeightSyncError(f"weight sync v{self.version}: rollout rank {rank} holds checksum {held[:12]}, "
                                       f"actor sent {sent[:12]}; refusing to generate with stale weights")
-
-    def _push_from_actor_ranks(self) -> list[tuple[str, str]]:
-        """Colocated server mode: the replicas take their weights memory back, the ranks hosting them send the
-        tensors from their own process (the driver never holds them), then the KV cache comes back."""
-        self._wake_rollout(("weights",))
-        pairs = [p for p in self.actor.call("push_rollout_weights", self.version) if p is not None]
-        self.rollout.weights_synced(self.version)
-        self._wake_rollout(("kv_cache",))
-        return pairs
-
-    def _sleep_rollout(self, timing: dict[str, float]) -> None:
-        """Colocated server mode with rollout.free_cache_engine: after generation the replicas free their
-        weights and KV cache so the actor's passes have the devices; _push_from_actor_ranks wakes them."""
-        if not (self.colocated_servers and self.cfg.actor_rollout_ref.rollout.free_cache_engine):
-            return
-        with timer("rollout_sleep", timing):
-            self.rollout.release_memory(SLEEP_TAGS)
-        self.released = set(SLEEP_TAGS)
-
-    def _wake_rollout(self, tags: tuple[str, ...]) -> None:
-        tags = [t for t in tags if t in self.released]
-        if tags:
-            self.rollout.resume_memory(tags)
-            self.released -= set(tags)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -353,7 +235,9 @@ class DAPOTrainer:
         dp = max(self.dp_ranks[id(self.actor)]) + 1
         with timer("step", timing):
             batch, metrics = self._collect(timing)
-            self._sleep_rollout(timing)
+            if self.rollout.sleeps:  # colocated replicas free the devices for the actor's passes
+                with timer("rollout_sleep", timing):
+                    self.rollout.sleep()
             rows = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
             batch = self._with_old_log_probs(batch, rows, timing)
             if self.ref is not None:
@@ -362,8 +246,8 @@ class DAPOTrainer:
             with timer("adv", timing):
                 batch, adv_metrics = self._advantages(batch)
             with timer("update_actor", timing):
-                actor_metrics = _mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1),
-                                                               self.step + 1))
+                actor_metrics = mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1),
+                                                           self.step + 1))
             with timer("update_weights", timing):
                 self._sync_weights()
         metrics.update(adv_metrics)
@@ -530,9 +414,6 @@ def run(cfg) -> list[dict[str, float]]:
 def _cpus_needed(cfg) -> int:
     """Logical CPUs for a local Ray: one per worker bundle (policy ranks, rollout, ref, reward)."""
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    hybrid, r = cfg.actor_rollout_ref.hybrid_engine, cfg.actor_rollout_ref.rollout
-    rollout = 0 if hybrid or r.mode == "server" else world  # colocated replicas live in the actor ranks
-    if r.mode == "server" and not hybrid and server_launcher(cfg) == "ray":  # one Ray actor (a CPU bundle) per replica
-        rollout += r.server.num_replicas
+    rollout = rollout_backend(cfg).ray_cpus(cfg)
     ref = world if (cfg.algorithm.use_kl_in_reward or cfg.actor_rollout_ref.actor.use_kl_loss) else 0
     return world + rollout + ref + 1

@@ -42,3 +42,9 @@ class WorkerGroup:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         remove_placement_group(self.pg)
+
+
+def mean_metrics(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Per-worker metric dicts -> each key's mean over the workers that report it."""
+    keys = set().union(*dicts)
+    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}

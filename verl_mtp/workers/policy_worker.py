@@ -4,6 +4,9 @@ role: "actor_rollout" (colocated: trains, and generates with its own rollout cop
 "actor" (trains only; split mode), "rollout" (generates only; split mode) or "ref" (frozen reference).
 In colocated server mode an "actor" rank may also host a rollout server on its node's devices
 (start_rollout_server) and push the weights to it itself (push_rollout_weights).
+The driver calls the weight exports (get_weights, weights_meta, broadcast_weights, push_rollout_weights,
+save_checkpoint) on EVERY actor rank: a sharded engine gathers its tensors with collectives that each
+rank of its groups must join. Rank 0's result is the one used; the others return what is cheap.
 The class is plain Python; worker groups wrap it with `ray.remote`.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -24,6 +28,10 @@ from verl_mtp.models.factory import build_policy_model, load_tokenizer, num_mtp_
 from verl_mtp.rollout import NativeEngine, SamplingParams
 from verl_mtp.rollout.replica import free_port
 from verl_mtp.rollout.sampling import rollout_sampling_params
+
+
+def optimizer_file(rank: int) -> str:
+    return f"optimizer_rank{rank}.pt"
 
 
 def address() -> tuple[str, int]:
@@ -49,6 +57,8 @@ class PolicyWorker:
         self.actor = self.rollout = None
         self.weight_group = self.weight_group_backend = None  # rank 0 of the replicas' weight group (split sync)
         self.server_host = self.server_client = None  # the colocated replica this rank started, if any
+        # colocated: the rollout holds its own copy, taken before an engine shards `model` in place (fsdp2)
+        rollout_model = copy.deepcopy(model) if role == "actor_rollout" else model
         if role in ("actor", "actor_rollout", "ref"):
             mtp = arr.model.mtp
             train_mtp = role != "ref" and mtp.enable and mtp.enable_train
@@ -57,12 +67,12 @@ class PolicyWorker:
             engine = build_engine(arr.actor.strategy, model=model, optim=optim, total_steps=total_steps,
                                   num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
                                   mtp_detach=mtp.detach_encoder, megatron=parallel,
+                                  gradient_checkpointing=arr.model.enable_gradient_checkpointing,
                                   fsdp=OmegaConf.to_container((arr.ref if role == "ref" else arr.actor).fsdp_config))
             self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature,
                                      max_response_length=self.cfg.data.max_response_length, seed=self.cfg.trainer.seed)
         if role in ("rollout", "actor_rollout"):
-            # colocated: the rollout holds its own copy, refreshed (and verified) after every update
-            rollout_model = copy.deepcopy(model) if self.actor else model
+            # colocated: refreshed (and verified) from the actor after every update
             mtp = arr.model.mtp
             self.speculative = mtp.speculative_num_steps if (mtp.enable and mtp.enable_rollout) else 0
             self.rollout = NativeEngine(rollout_model, self.tokenizer, max_batch_size=arr.rollout.max_batch_size,
@@ -110,9 +120,11 @@ class PolicyWorker:
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         return self.actor.update_policy(batch.to(self.device), mini_batch_rows, step)
 
-    def get_weights(self) -> tuple[dict[str, torch.Tensor], str]:
+    def get_weights(self) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """Every rank gathers; rank 0 returns the full tensors and their checksum, the others (None, None),
+        so the driver receives one copy whatever the world size."""
         named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
-        return named, state_checksum(named.items())
+        return (named, state_checksum(named.items())) if self.rank == 0 else (None, None)
 
     # ---- split weight sync over a process group (rollout.server.sync_mode=distributed) --------------
 
@@ -141,12 +153,15 @@ class PolicyWorker:
         self.weight_group_backend = backend
 
     def broadcast_weights(self, names: list[str]) -> int:
-        """Send the named tensors, in this order, to every replica of the weight group; -> how many."""
+        """Every rank gathers the tensors; rank 0 (the weight group's sender) sends the named ones, in this
+        order, to every replica of the weight group; -> how many it sent."""
         from verl_mtp.rollout.weight_group import broadcast_tensors
 
+        named = dict(self.actor.engine.named_tensors())
+        if self.rank != 0:
+            return 0
         if self.weight_group is None:
             raise RuntimeError("broadcast_weights before init_weight_broadcast: no weight group to send over")
-        named = dict(self.actor.engine.named_tensors())
         broadcast_tensors(self.weight_group, [named[n] for n in names], self.weight_group_backend)
         return len(names)
 
@@ -179,23 +194,17 @@ class PolicyWorker:
             self.server_host.stop()
         self.server_host = self.server_client = None
 
-    def push_rollout_weights(self, version: int) -> tuple[str, str] | None:
+    def push_rollout_weights(self, version: int, encode: Callable, load_format: str | None) -> tuple[str, str] | None:
         """Every rank: gather the full tensors (a collective for sharded engines); a rank hosting a replica
         sends them to it in the sync's order (weight_sync_plan) from this process, the owner of the tensors
         (SGLang: CUDA IPC handles; our CPU server: base64 safetensors). Then the trainer's offload keys free
-        the device for generation again. -> (sent, held) checksums on hosting ranks, else None."""
-        from verl_mtp.rollout.client import encode_native, push_weights
-        from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT
-        from verl_mtp.rollout.sglang import sglang_tensor_payload
+        the device for generation again. `encode` and `load_format`: the replica's tensor serialization
+        (rollout_backends.push_encoding). -> (sent, held) checksums on hosting ranks, else None."""
+        from verl_mtp.rollout.client import push_weights
 
         named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
         result = None
         if self.server_client is not None:
-            r = self.cfg.actor_rollout_ref.rollout
-            if r.name == "sglang":  # every tensor-parallel rank of the replica opens the same handles
-                encode, load_format = (lambda part: sglang_tensor_payload(part, r.tensor_model_parallel_size)), None
-            else:
-                encode, load_format = encode_native, TENSOR_LOAD_FORMAT
             sent = state_checksum(named)
             (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format,
                                    sent_checksum=sent)
@@ -205,16 +214,24 @@ class PolicyWorker:
         return result
 
     def save_checkpoint(self, folder: str) -> None:
-        """An HF/MiMo folder (weights, config, tokenizer) plus optimizer and LR-schedule state."""
+        """Every rank: an HF/MiMo folder (weights, config, tokenizer) gathered collectively and written by
+        rank 0, and this rank's own optimizer and LR-schedule state (its shard, under model parallelism)."""
+        os.makedirs(folder, exist_ok=True)
         self.actor.engine.save_hf(folder)
-        self.tokenizer.save_pretrained(folder)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(folder)
         state = {k: v for k, v in self.actor.engine.state_dict().items() if k != "model"}
-        torch.save(state, os.path.join(folder, "optimizer.pt"))
+        torch.save(state, os.path.join(folder, optimizer_file(self.rank)))
 
     def load_checkpoint(self, folder: str) -> None:
+        """Every rank: the HF weights and its own optimizer shard."""
+        path = os.path.join(folder, optimizer_file(self.rank))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no optimizer state for actor rank {self.rank} of {self.world_size} "
+                                    f"(was the checkpoint saved with fewer actor ranks?)")
         named = MTPCausalLM.from_pretrained(folder).state_dict()
         # weights_only: a checkpoint is data, never code
-        state = torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device, weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.actor.engine.load_state_dict({"model": named, **state})
 
     def data_parallel_rank(self) -> int:
