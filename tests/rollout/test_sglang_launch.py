@@ -218,3 +218,31 @@ def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
         assert held == [VERSION_CHECKED] and client.request("GET", "/model_info")["weight_version"] == "1"
     finally:
         replica.stop()
+
+
+def _open_like_the_scheduler(entry: str):
+    """What SGLang's scheduler rank does with its entry of serialized_named_tensors (its own process)."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    monkey_patch_torch_reductions()
+    return [(name, t.device.type, t.float().cpu().tolist()) for name, t in MultiprocessingSerializer.deserialize(entry)]
+
+
+@pytest.mark.gpu
+@needs_sglang
+def test_gpu_tensor_payload_moves_cpu_tensors_to_the_gpu_and_opens_in_another_process():
+    """Megatron's TP/PP gather leaves CPU tensors, which no CUDA IPC handle can name: the payload puts them
+    on this rank's GPU first, one entry per tensor-parallel rank, each opened as SGLang's scheduler does."""
+    import multiprocessing
+
+    from verl_mtp.rollout.sglang import sglang_tensor_payload
+
+    named = [("model.norm.weight", torch.arange(6.0).reshape(2, 3)),
+             ("model.mtp_layers.0.input_proj.weight", torch.ones(4, dtype=torch.bfloat16))]
+    payload = sglang_tensor_payload(named, tp_size=2)
+    assert len(payload) == 2
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        opened = [pool.apply(_open_like_the_scheduler, (entry,)) for entry in payload]
+    expected = [(name, "cuda", t.float().tolist()) for name, t in named]
+    assert opened == [expected, expected]
