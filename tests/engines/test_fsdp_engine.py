@@ -108,7 +108,13 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     engine.save_hf(os.path.join(out, "hf"))
     resumed = _engine("fsdp2", arr)
     resumed.load_checkpoint(os.path.join(out, "dcp"))
-    results["resume"] = {"lr": (engine.lr, resumed.lr), "after": (_next_step(engine, mine), _next_step(resumed, mine))}
+    # the trainer's way: the HF folder's full weights and this rank's state_dict() through a weights-only file
+    torch.save({k: v for k, v in engine.state_dict().items() if k != "model"}, os.path.join(out, f"opt{rank}.pt"))
+    from_files = _engine("fsdp2", arr)
+    from_files.load_state_dict({"model": MTPCausalLM.from_pretrained(os.path.join(out, "hf")).state_dict(),
+                                **torch.load(os.path.join(out, f"opt{rank}.pt"), weights_only=True)})
+    results["resume"] = {"lr": (engine.lr, resumed.lr, from_files.lr),
+                         "after": [_next_step(e, mine) for e in (engine, resumed, from_files)]}
     # bf16 compute on CPU: parameters gathered in bf16, master weights and gradients stay fp32
     mixed = _engine("fsdp2", arr, mixed_precision=True, fsdp={"dtype": "bf16"})
     logits_dtype = mixed.infer([mine], MicroBatchFn(lambda out, _: {}, lambda v, out, _: out.logits.dtype))[0]
@@ -177,10 +183,10 @@ def test_each_rank_holds_half_of_the_parameters(two_ranks):
 
 def test_checkpoint_resumes_the_exact_next_step_and_exports_the_full_model(two_ranks):
     out, ranks = two_ranks
-    for r in ranks:
-        live, resumed = r["resume"]["after"]
-        assert r["resume"]["lr"][0] == r["resume"]["lr"][1]
-        assert all(torch.equal(live[k], resumed[k]) for k in live)
+    for r in ranks:  # DCP folder, and HF folder + per-rank state_dict() file
+        live, *resumed = r["resume"]["after"]
+        assert len(set(r["resume"]["lr"])) == 1
+        assert all(torch.equal(live[k], other[k]) for other in resumed for k in live)
     assert sorted(os.listdir(os.path.join(out, "dcp"))) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # the HF export holds the state after the first update (rank 0 wrote it, all ranks gathered)
     exported = MTPCausalLM.from_pretrained(os.path.join(out, "hf")).state_dict()
@@ -209,3 +215,22 @@ def test_fsdp_strategies_select_the_fsdp2_engine():
     from verl_mtp.engines.base import ENGINES
 
     assert ENGINES["fsdp"] == ENGINES["fsdp2"] == "verl_mtp.engines.fsdp_engine:FSDPEngine"
+
+
+def test_gradient_checkpointing_recomputes_each_layer_in_backward_with_the_same_gradients():
+    """model.enable_gradient_checkpointing (torch engine; fsdp2 runs it in the 2-rank scenarios): every
+    decoder and MTP layer runs twice per micro-batch, and the gradients do not change."""
+    arr, b = _arr(), _batch()
+    grads, calls = [], []
+    for on in (False, True):
+        engine = _engine("torch", arr, gradient_checkpointing=on)
+        count = [0]
+        for layer in (*engine.module.model.layers, *engine.module.model.mtp_layers):
+            layer.self_attn.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        actor = PolicyActor(engine, arr)
+        step = engine.optimizer_step
+        engine.optimizer_step = lambda: (grads.append(_full_grads(engine)), step())[1]
+        actor.update_policy(b, mini_batch_rows=len(b))
+        calls.append(count[0])
+    assert calls == [3 * 4, 2 * 3 * 4]  # 3 micro-batches x (2 trunk + 2 MTP layers), recomputed once more
+    assert all(torch.allclose(grads[1][n], g, atol=1e-7) for n, g in grads[0].items())

@@ -62,7 +62,7 @@ IGNORED: dict[str, Ignored] = {
     # ignore it too, so failing would stop verl's megatron scripts that set it
     _ARR + "model.enable_gradient_checkpointing": Ignored(
         False, "activations are kept, not recomputed: more memory than asked (megatron: set "
-               "megatron.override_transformer_config.recompute_*, as in verl)"),
+               "megatron.override_transformer_config.recompute_*, as in verl)", strategies=("megatron",)),
     **_megatron("actor"),
     **_megatron("ref"),
     _ARR + "actor.checkpoint.save_contents": Ignored(["model", "optimizer", "extra"],

@@ -11,8 +11,8 @@ schedule. What this engine adds:
 - Mixed precision on CUDA: `fsdp_config.dtype` for the all-gathered parameters and the compute,
   `model_dtype` for the sharded master weights and AdamW, gradients reduced in fp32. On CPU the
   compute runs in the master dtype (fp32 by default) unless `mixed_precision=True`.
-- `model.enable_gradient_checkpointing`: each decoder / MTP layer recomputes its activations in
-  backward (torch.utils.checkpoint, non-reentrant; MTPCausalLM has no switch of its own).
+- `model.enable_gradient_checkpointing` as in the torch engine (`checkpoint_layers`), applied before
+  sharding so that each layer's FSDP hooks wrap its recomputed forward.
 - `param_offload` on CUDA: `CPUOffloadPolicy` (sharded parameters, gradients and the optimizer step
   live on the CPU); `optimizer_offload`: the AdamW moments leave the GPU between phases.
 - Weights out: `named_tensors` gathers one full tensor at a time (`full_tensor()`), a collective every
@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_map_only
 
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, write_hf
@@ -70,13 +70,6 @@ def data_parallel_mesh(fsdp_size: int, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (world // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
 
 
-def checkpoint_layers(model: MTPCausalLM) -> None:
-    """Every decoder and MTP layer keeps only its input for backward and recomputes the rest there.
-    The forward is replaced on the instance, so module and parameter names stay unchanged."""
-    for layer in (*model.model.layers, *model.model.mtp_layers):
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -90,8 +83,7 @@ def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 class FSDPEngine(TorchEngine):
     """Arguments as the torch engine's, plus: fsdp: the `actor.fsdp_config` dict (see the module
-    docstring); gradient_checkpointing: `model.enable_gradient_checkpointing`; mixed_precision: compute
-    in `fsdp_config.dtype` (None: on CUDA only)."""
+    docstring); mixed_precision: compute in `fsdp_config.dtype` (None: on CUDA only)."""
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
                  mtp_detach: bool = True, fsdp: dict | None = None, gradient_checkpointing: bool = False,
@@ -102,10 +94,9 @@ class FSDPEngine(TorchEngine):
             if self.fsdp[key] not in DTYPES:
                 raise ValueError(f"{KEY}{key}={self.fsdp[key]!r}: choose one of {'|'.join(DTYPES)}")
         self.device = next(model.parameters()).device
-        self.gradient_checkpointing = gradient_checkpointing
         self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
         self.bytes_logged = False
-        super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp)
+        super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp, gradient_checkpointing)
 
     def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
         ensure_process_group(self.device)
@@ -116,8 +107,6 @@ class FSDPEngine(TorchEngine):
         shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=self.fsdp["reshard_after_forward"],
                                   mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
                                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-        if self.gradient_checkpointing:
-            checkpoint_layers(model)
         for layer in (*model.model.layers, *model.model.mtp_layers):
             shard(layer)
         return shard(model)
@@ -191,36 +180,60 @@ class FSDPEngine(TorchEngine):
                 t = t.to(self._comm_device()).full_tensor()  # CPU-offloaded shards gather on the device
             yield name, t.detach()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model and AdamW state as this rank's DTensor shards (what `torch.distributed.checkpoint`
-        saves, each rank its own), plus the LR schedule."""
-        self.reload()
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model and AdamW state as this rank's DTensor shards (AdamW's initialised if it has not stepped)."""
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.module)}
         model, optimizer = get_state_dict(self.module, self.optimizer)
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Sharded state (as `state_dict` returns) or, for the model, full tensors (an HF folder's):
-        every rank keeps its own shard of them."""
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shards as plain tensors (what a per-rank `torch.save` file holds and a
+        weights-only load reads back), plus the LR schedule; `load_state_dict` re-wraps them."""
         self.reload()
-        full = not any(isinstance(t, DTensor) for t in state["model"].values())
+        return tree_map_only(DTensor, lambda t: t.to_local().detach().clone(), self._sharded_state())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`state_dict`'s shards (same world size and fsdp_size), or, for the model, full tensors (an HF
+        folder's): every rank keeps its own shard of those."""
+        self.reload()
+        like = self._sharded_state()
+        full = all(t.shape == like["model"][k].shape for k, t in state["model"].items() if k in like["model"])
+        model = state["model"] if full else _as_shards(state["model"], like["model"])
         # a tied LM head is absent from an HF folder: it is the embedding
         strict = not self.module.config.tie_word_embeddings
-        set_model_state_dict(self.module, state["model"], options=StateDictOptions(full_state_dict=full, strict=strict))
+        set_model_state_dict(self.module, model, options=StateDictOptions(full_state_dict=full, strict=strict))
         if self.optimizer is not None:
-            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
+            set_optimizer_state_dict(self.module, self.optimizer, _as_shards(state["optimizer"], like["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
 
     def save_checkpoint(self, folder: str) -> None:
         """Every rank: a `torch.distributed.checkpoint` folder, each rank writing its own shards."""
-        dcp.save(self.state_dict(), checkpoint_id=folder)
+        self.reload()
+        dcp.save(self._sharded_state(), checkpoint_id=folder)
 
     def load_checkpoint(self, folder: str) -> None:
-        """Every rank: read its shards of `save_checkpoint`'s folder (same world size and fsdp_size)."""
-        state = self.state_dict()
+        """Every rank: read its shards of `save_checkpoint`'s folder (DCP reshards to this mesh)."""
+        self.reload()
+        state = self._sharded_state()
         dcp.load(state, checkpoint_id=folder)
-        self.load_state_dict(state)
+        set_model_state_dict(self.module, state["model"])
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, path: str) -> None:
         write_hf(self.module.config, self.named_tensors(), path)
+
+
+def _as_shards(state: Any, like: Any) -> Any:
+    """Plain local tensors of `state` as DTensors laid out like the matching entries of `like`."""
+    if isinstance(like, DTensor):
+        local = state.to_local() if isinstance(state, DTensor) else state
+        return DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, shape=like.shape,
+                                  stride=like.stride())
+    if isinstance(state, dict):
+        return {k: _as_shards(v, like[k]) if k in like else v for k, v in state.items()}
+    if isinstance(state, list):
+        return [_as_shards(v, w) for v, w in zip(state, like)] if len(state) == len(like) else state
+    return state

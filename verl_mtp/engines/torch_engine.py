@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from verl_mtp.algos import lr_lambda
 from verl_mtp.batch import Batch
@@ -17,15 +18,27 @@ from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM
 
 
+def checkpoint_layers(model: MTPCausalLM) -> None:
+    """Every decoder and MTP layer keeps only its inputs for backward and recomputes its activations
+    there (torch.utils.checkpoint, non-reentrant; MTPCausalLM has no switch of its own). The forward is
+    replaced on the instance, so module and parameter names stay unchanged."""
+    for layer in (*model.model.layers, *model.model.mtp_layers):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
 class TorchEngine(TrainingEngine):
     """model: an MTPCausalLM already on its device. optim: the `actor.optim` config as a dict, or None
     for a frozen role (reference policy). num_mtp / mtp_detach decide what the forward computes.
     fsdp: the `actor.fsdp_config` dict; its `param_offload` (parameters and their grads) and
-    `optimizer_offload` (AdamW moments) say what `offload` moves to CPU."""
+    `optimizer_offload` (AdamW moments) say what `offload` moves to CPU. gradient_checkpointing:
+    `model.enable_gradient_checkpointing` (see `checkpoint_layers`)."""
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1,
-                 num_mtp: int = 0, mtp_detach: bool = True, fsdp: dict | None = None):
+                 num_mtp: int = 0, mtp_detach: bool = True, fsdp: dict | None = None,
+                 gradient_checkpointing: bool = False):
         self.module = model
+        if gradient_checkpointing and optim is not None:
+            checkpoint_layers(model)
         self.offload_params = bool((fsdp or {}).get("param_offload"))
         self.offload_optimizer = bool((fsdp or {}).get("optimizer_offload"))
         self.moved = StorageOffload()
