@@ -29,14 +29,19 @@ class Ignored:
     strategies: tuple[str, ...] = ()  # ignored only with these actor strategies; () = with every one
 
 
+_NOT_MEGATRON = ("torch", "fsdp", "fsdp2")  # megatron's engine checks these sizes itself
+
+
 def _megatron(role: str) -> dict[str, Ignored]:
     m = f"{_ARR}{role}.megatron."
     return {
         m + "virtual_pipeline_model_parallel_size": Ignored(
-            None, "interleaved pipeline stages are not implemented; the memory and schedule would differ", True),
+            None, "only the megatron strategy has pipeline stages", True, _NOT_MEGATRON),
         m + "expert_model_parallel_size": Ignored(
-            1, "experts are not sharded over ranks; every rank would hold all experts", True),
-        m + "expert_tensor_parallel_size": Ignored(None, "experts are not sharded over ranks", True),
+            1, "only the megatron strategy shards experts over ranks; every rank would hold all experts", True,
+            _NOT_MEGATRON),
+        m + "expert_tensor_parallel_size": Ignored(None, "only the megatron strategy shards experts", True,
+                                                   _NOT_MEGATRON),
         m + "use_dist_checkpointing": Ignored(
             False, "weights load from model.path (Hugging Face folder), not a Megatron dist checkpoint", True),
         m + "dist_checkpointing_path": Ignored(None, "weights load from model.path", True),
@@ -58,11 +63,11 @@ IGNORED: dict[str, Ignored] = {
     "data.train_max_samples": Ignored(-1, "every training row is used; cap the file instead", True),
     "data.val_max_samples": Ignored(-1, "every validation row is used; cap the file instead", True),
     _ARR + "model.override_config": Ignored({}, "the model config is read from model.path unchanged", True),
-    # a warning, not a failure: it changes memory, never the result, and verl's own megatron workers
-    # ignore it too, so failing would stop verl's megatron scripts that set it
+    # the torch and fsdp2 engines recompute; megatron's does not, as verl's megatron workers do not either: a
+    # warning, not a failure (memory only, never the result; failing would stop verl's megatron scripts)
     _ARR + "model.enable_gradient_checkpointing": Ignored(
-        False, "activations are kept, not recomputed: more memory than asked (megatron: set "
-               "megatron.override_transformer_config.recompute_*, as in verl)", strategies=("megatron",)),
+        False, "the megatron engine keeps activations: set megatron.override_transformer_config.recompute_*, as "
+               "in verl", strategies=("megatron",)),
     **_megatron("actor"),
     **_megatron("ref"),
     _ARR + "actor.checkpoint.save_contents": Ignored(["model", "optimizer", "extra"],
