@@ -3,14 +3,17 @@ SGLang backend on 127.0.0.1, and the stale-draft guard. The real group transport
 test_distributed_sync.py."""
 
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from verl_mtp.rollout.client import VERSION_CHECKED, ReplicaClient, ReplicaError, push_weights, run_plan
+from verl_mtp.rollout.client import (VERSION_CHECKED, ReplicaClient, ReplicaError, ServerRollout, push_weights,
+                                    run_plan)
 from verl_mtp.rollout.engine import SpecStats
+from verl_mtp.rollout.sampling import SamplingParams
 from verl_mtp.rollout.sglang import (SGLANG_VERSIONS, StaleDraftError, StaleDraftGuard, weight_sync_plan,
                                      weight_update_group)
 
@@ -144,8 +147,8 @@ class FakeSGLang:
             self.version = body["weight_version"]
         if path == "/model_info":
             return 200, {"model_path": "fake", "weight_version": self.version}
-        if path == "/server_info":
-            return 200, {"version": self.reported}
+        if path == "/server_info":  # SGLang's: its ServerArgs fields and its version
+            return 200, {"version": self.reported, "enable_deterministic_inference": False}
         return 200, {"success": True, "message": "ok"}
 
     def close(self):
@@ -300,3 +303,45 @@ def test_guard_needs_a_baseline_worth_protecting():
     guard.observe(stats(1.1))
     guard.after_sync(2)
     guard.observe(stats(1.0))  # baseline ~1.05 < min_baseline: speculation never paid, nothing to lose
+
+
+def test_connect_refuses_what_the_replicas_version_cannot_do(fakes):
+    """Split-mode MTP rollout on SGLang 0.5.6 would leave the draft stale: refused before any sync."""
+    from tests.rollout.test_sglang_launch import CLUSTER_RECIPE, recipe_overrides
+    from verl_mtp.config import load_config
+
+    replicas, _, _ = fakes(1)
+    replicas[0].reported = "0.5.6"
+    split = ["actor_rollout_ref.hybrid_engine=False", "actor_rollout_ref.rollout.server.sync_mode=distributed"]
+    cfg = load_config(recipe_overrides(CLUSTER_RECIPE) + split, config_name="ppo_megatron_trainer")
+    with pytest.raises(ValueError, match="key 'actor_rollout_ref.rollout.server.sync_mode': distributed sync on "
+                                         "SGLang 0.5.6 updates the target only"):
+        ServerRollout.connect(cfg, [replicas[0].url], eos_token_id=2)
+    assert [p for p, _ in replicas[0].calls] == ["/server_info"]
+
+
+def test_a_seed_sglang_would_ignore_is_warned_about_once(fakes, caplog):
+    """SGLang reads sampling_seed only with --enable-deterministic-inference."""
+    replicas, _, _ = fakes(1)
+    rollout = ServerRollout([replicas[0].url], lambda validate, seed: SamplingParams(seed=seed))
+    try:
+        with caplog.at_level(logging.WARNING, logger="verl_mtp.rollout.client"):
+            rollout.generate([], seed=3)
+            rollout.generate([], seed=4)
+            rollout.generate([])
+    finally:
+        rollout.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if "sampling_seed" in r.getMessage()]
+    assert len(warnings) == 1 and "enable_deterministic_inference=true" in warnings[0]
+
+
+def test_both_versions_counter_names_are_read():
+    """0.5.23 renamed the counters; reading only the old names made accept length 1.0 and disarmed the guard."""
+    from verl_mtp.rollout.protocol import ProtocolError, spec_stats_from_meta
+
+    old = spec_stats_from_meta({"spec_verify_ct": 10, "spec_accept_token_num": 12, "spec_draft_token_num": 30})
+    new = spec_stats_from_meta({"spec_verify_ct": 10, "spec_num_correct_drafts": 12, "spec_num_proposed_drafts": 30})
+    assert old == new and new.accept_length == pytest.approx(2.2) and new.drafted == 30
+    with pytest.raises(ProtocolError, match="spec_verify_ct without accepted/proposed draft counters"):
+        spec_stats_from_meta({"id": "r1", "spec_verify_ct": 10, "spec_accept_rate": 0.4})
+    assert spec_stats_from_meta({"id": "r1"}) is None  # no speculation
