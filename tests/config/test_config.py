@@ -471,3 +471,11 @@ def test_config_import_stays_light(tmp_path):
     result = _run(["-c", code], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_config_from_a_users_folder_extends_ours(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - ppo_megatron_trainer\n  - _self_\n"
+                                        "data:\n  train_batch_size: 512\n")
+    cfg = load_config(["actor_rollout_ref.model.path=/m"], config_name="mine", config_path=str(tmp_path))
+    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.actor.strategy) == (512, "megatron")
+    assert load_config().data.train_batch_size == 8  # ours again afterwards: no folder lingers

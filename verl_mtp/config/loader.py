@@ -24,7 +24,6 @@ CONFIG_NAME = "dapo_trainer"  # CPU quickstart; "ppo_megatron_trainer" is the cl
 HYDRA_VERSION_BASE = "1.3"
 
 
-
 class BundledConfigs(SearchPathPlugin):
     """Our YAMLs stay findable behind a user's `--config-path`, so their own file may list
     `ppo_megatron_trainer` (or any bundled name) in its `defaults`. Appended after the user's folder:
