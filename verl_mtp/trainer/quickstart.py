@@ -1,7 +1,7 @@
 """The CPU quickstart: the whole product on a laptop, nothing downloaded but packages.
 
     verl-mtp quickstart [--out runs/quickstart] [--rl-steps 40] [--teacher-slip 0.5] [--no-control] [--fresh]
-                        [RL overrides ...]
+                        [--scenario default|shift] [--arms frozen,ce,soft_ce,tv] [RL overrides ...]
 
 Trailing `key=value` arguments are Hydra overrides for both RL runs, applied after the quickstart's
 own (e.g. `actor_rollout_ref.actor.optim.lr=1e-4` to try another learning rate). Every stage is also a
@@ -19,6 +19,14 @@ Stages (each resumable: re-running the command skips finished stages and resumes
   6. eval       held-out accuracy (greedy, sampled), accept length per depth, rollout tokens/s with
                 and without speculation; summary printed and written with plots to OUT/report/
                 (`verl-mtp eval`)
+
+`--scenario shift` replaces stages 4-5 by one RL run per MTP arm (`--arms`, default all four) from the
+same SFT model, under a reward that moves the policy's outputs: a length budget (responses past 16
+tokens lose reward, DAPO's overlong shaping over the last 48 of 64 tokens), so RL rewrites the
+reasoning shorter. Arms: `frozen` (MTP not trained, the control) and one per
+`actor_rollout_ref.model.mtp.loss_type` (ce, soft_ce, tv). The eval then also writes
+OUT/report/shift.md: per arm the accept length kept from the post-SFT model, the expected acceptance
+per depth over the RL steps, held-out accuracy and tokens/s. Each arm is its own resumable stage.
 """
 
 from __future__ import annotations
@@ -32,6 +40,14 @@ from pathlib import Path
 
 DATA_SIZES = {"n_train": 8192, "n_test": 512, "n_sft": 20000}  # RL prompts, held-out problems, SFT traces
 RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer plus the quickstart's settings
+# RL overrides per scenario. "default": the task's reward alone, which moves this policy too little for a
+# frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md).
+SCENARIOS = {
+    "default": [],
+    "shift": ["reward_model.overlong_buffer.enable=true", "reward_model.overlong_buffer.len=48",
+              "reward_model.overlong_buffer.penalty_factor=1.0", "data.max_response_length=64"],
+}
+ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
 
 
 def _say(msg: str) -> None:
@@ -142,8 +158,15 @@ def rl_overrides(folder: Path, sft: Path, data: Path, steps: int, train_mtp: boo
     ]
 
 
+def arm_overrides(arm: str) -> list[str]:
+    """What one arm of the shift scenario changes: MTP frozen, or trained with this loss type."""
+    if arm == "frozen":
+        return []
+    return [f"actor_rollout_ref.model.mtp.loss_type={arm}"]
+
+
 def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp: bool, seed: int,
-             extra: list[str] = ()) -> Path:
+             extra: list[str] = (), label: str | None = None) -> Path:
     import ray
 
     from verl_mtp.config import load_config
@@ -153,8 +176,8 @@ def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp:
     final = folder / "ckpt" / f"global_step_{steps}" / "actor"
     if (final / "model.safetensors").exists():
         return final
-    _say(f"stage {'4' if train_mtp else '5'}/6 {name}: DAPO with MTP heads "
-         f"{'trained jointly' if train_mtp else 'frozen (control)'} for {steps} steps")
+    _say(label or f"stage {'4' if train_mtp else '5'}/6 {name}: DAPO with MTP heads "
+                  f"{'trained jointly' if train_mtp else 'frozen (control)'} for {steps} steps")
     cfg = load_config(rl_overrides(folder, sft, data, steps, train_mtp, seed, extra), config_name=RL_CONFIG)
     if not ray.is_initialized():  # one Ray for both RL runs, quiet: the trainer prints its own progress
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -175,8 +198,61 @@ def stage_eval(run: Path, tok_dir: Path, data: Path, models: dict[str, Path], st
     from verl_mtp.trainer.evaluate import write_eval_report
 
     _say("stage 6/6 eval: held-out accuracy, acceptance, speed")
-    runs = {name: run / name for name in ("rl", "rl_control") if (run / name / "metrics.jsonl").exists()}
+    runs = {name: run / name for name in models if (run / name / "metrics.jsonl").exists()}
     return write_eval_report(models, tok_dir, data / "test.parquet", run / "report", runs, limit, started)
+
+
+def stage_shift(run: Path, sft: Path, data: Path, steps: int, seed: int, arms: list[str], extra: list[str]
+                ) -> dict[str, Path]:
+    """One RL run per arm under the shift scenario's reward, all from the same SFT model."""
+    models = {}
+    for i, arm in enumerate(arms):
+        models[f"shift_{arm}"] = stage_rl(
+            run, f"shift_{arm}", sft, data, steps, arm != "frozen", seed,
+            [*SCENARIOS["shift"], *arm_overrides(arm), *extra],
+            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO under a length budget, MTP "
+                  f"{'frozen' if arm == 'frozen' else f'trained with loss_type={arm}'}, {steps} steps")
+    return models
+
+
+def shift_lines(summary: dict, run: Path) -> list[str]:
+    """The shift experiment per arm: accept length after RL as a fraction of the post-SFT model's (the
+    eval's sampled pass, the same prompts and settings for every model), the expected acceptance per
+    depth from training (first and last 10 steps' mean), held-out accuracy and speed."""
+    from verl_mtp.observability.report import read_metrics
+
+    results = summary["models"]
+    base = results["sft"]["accept_length/sampled"]
+    lines = ["| arm | accept length | kept vs post-SFT | expected accept rate d1, d2 (first -> last 10 steps) | "
+             "rollout accept length (first -> last 10 steps) | acc greedy | tok/s depth 2 | tok/s plain |",
+             "|---" * 8 + "|", f"| post-SFT | {base:.3f} | 1.000 | | | {results['sft']['acc/greedy']:.3f} | "
+             f"{results['sft']['tokens_per_s/speculative_2']:.0f} | {results['sft']['tokens_per_s/plain']:.0f} |"]
+    for name, r in results.items():
+        if not name.startswith("shift_"):
+            continue
+        rows = read_metrics(str(run / name))[0]
+        rates = ", ".join(_first_last(rows, f"mtp/expected_accept_rate_{k}") for k in (1, 2))
+        lines.append(f"| {name[len('shift_'):]} | {r['accept_length/sampled']:.3f} | "
+                     f"{r['accept_length/sampled'] / base:.3f} | {rates} | {_first_last(rows, 'rollout/accept_length')} | "
+                     f"{r['acc/greedy']:.3f} | {r['tokens_per_s/speculative_2']:.0f} | {r['tokens_per_s/plain']:.0f} |")
+    kept = {name[len("shift_"):]: r["accept_length/sampled"] / base for name, r in results.items()
+            if name.startswith("shift_")}
+    trained = {arm: v for arm, v in kept.items() if arm != "frozen"}
+    if "frozen" in kept:  # the issue's targets: the scenario is a test only if the frozen draft falls behind
+        lines.append(f"- frozen draft keeps {kept['frozen']:.3f} of its post-SFT accept length (target <= 0.85: "
+                     f"{'met' if kept['frozen'] <= 0.85 else 'NOT met, the scenario does not move the policy enough'})")
+    if trained:
+        best = max(trained, key=trained.get)
+        lines.append(f"- trained drafts keep {', '.join(f'{a} {v:.3f}' for a, v in trained.items())} (target >= "
+                     f"0.95); best: {best}" + (f", ce {trained['ce']:.3f}" if "ce" in trained else ""))
+    return lines
+
+
+def _first_last(rows: list[dict], key: str, n: int = 10) -> str:
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return "-"
+    return f"{sum(values[:n]) / len(values[:n]):.3f} -> {sum(values[-n:]) / len(values[-n:]):.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the run folder first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=512, help="held-out prompts evaluated per model")
+    ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="default",
+                    help="shift: one RL run per --arms under a reward that moves the policy (a length budget)")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help=f"--scenario shift's arms, comma-separated from {','.join(ARMS)}")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for both RL runs")
     args = ap.parse_args(argv)
     if args.rl_steps < 1:
@@ -200,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--eval-limit must be >= 1")
     if not 0.0 <= args.teacher_slip <= 1.0:
         ap.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or len(set(arms)) != len(arms):
+        ap.error(f"--arms {args.arms!r}: expected distinct arms from {','.join(ARMS)}")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         ap.error(f"RL override {bad[0]!r} is not KEY=VALUE")
@@ -227,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         data = stage_data(run, args.seed, args.teacher_slip)
         tok = stage_tokenizer(run, data)
         sft = stage_warmup(run, stage_sft(run, data, tok, args.seed, args.sft_steps), data, tok)
+        if args.scenario == "shift":
+            models = {"sft": sft, **stage_shift(run, sft, data, args.rl_steps, args.seed, arms, args.overrides)}
+            summary = stage_eval(run, tok, data, models, started, args.eval_limit)
+            lines = shift_lines(summary, run)
+            (run / "report" / "shift.md").write_text("\n".join(["# Shift scenario", "", *lines, ""]))
+            print("\n".join(lines), flush=True)
+            return 0
         models = {"sft": sft, "rl": stage_rl(run, "rl", sft, data, args.rl_steps, True, args.seed, args.overrides)}
         if not args.no_control:
             models["rl_control"] = stage_rl(run, "rl_control", sft, data, args.rl_steps, False, args.seed,
