@@ -205,7 +205,8 @@ def test_boxed_treats_math_verify_errors_as_wrong(monkeypatch):
     assert boxed.compute_score("\\boxed{42}", "42")["score"] == -1.0
 
 
-@pytest.mark.parametrize("source", ["synthetic_math", "math_dapo", "math", "math_dapo_reasoning", "aime2024", "aime_2025"])
+@pytest.mark.parametrize("source",
+                         ["synthetic_math", "math_dapo", "math", "math_dapo_reasoning", "aime2024", "aime_2025"])
 def test_answer_line_sources_use_math_dapo(source):
     assert default_compute_score(source, "7 + 1 = 8\nAnswer: 8", "8")["acc"] is True
     assert default_compute_score(source, "\\boxed{8}", "8")["acc"] is False  # no Answer: line
@@ -224,8 +225,10 @@ def test_gsm8k_source_uses_gsm8k():
     assert default_compute_score("openai/gsm8k", "#### 18", "18") == 1.0
 
 
-@pytest.mark.parametrize("source, message", [("my_set", "no built-in reward function for data_source='my_set'"),
-                                             ("numina_olympiads", "data_source='numina_olympiads' needs a grader verl has")])
+@pytest.mark.parametrize("source, message", [
+    ("my_set", "no built-in reward function for data_source='my_set'"),
+    ("numina_olympiads", "data_source='numina_olympiads' needs a grader verl has"),
+])
 def test_unknown_data_source_is_a_one_line_error(source, message):
     with pytest.raises(ValueError, match=message) as info:
         default_compute_score(source, "Answer: 1", "1")
