@@ -183,3 +183,26 @@ def test_pinned_sglang_versions_agree():
     docker = re.search(r"^ARG SGLANG_VERSION=(\S+)", (REPO / "docker" / "Dockerfile").read_text(), re.M)
     assert extra and docker and extra.group(1) == docker.group(1) == DEFAULT_SGLANG_VERSION
     assert DEFAULT_SGLANG_VERSION in SGLANG_VERSIONS
+
+
+def test_our_server_is_at_least_as_strict_as_that_version(report, models):
+    """Every POST our server serves takes at most the fields of that version's request class (it refuses
+    the rest, SGLang ignores them), requires a body where SGLang declares one, and has the session
+    endpoints exactly where that version has them."""
+    from tests.rollout.conftest import engine_for
+    from verl_mtp.rollout.server import RolloutServer
+
+    version, routes = report["version"], report["routes"]
+    server = RolloutServer(engine_for(models[0]), "toy", port=0, sglang=version)
+    try:
+        ours = {path for method, path in server._routes if method == "POST"}
+        for path in sorted(ours - {"/generate", "/flush_cache"}):
+            real = routes[path]
+            assert real["fields"] is not None, f"{path}: SGLang {version} declares no body, ours requires one"
+            extra = server.allowed_fields(path) - set(real["fields"])
+            assert not extra, f"{path}: ours accepts {sorted(extra)}, which SGLang {version}'s class lacks"
+            with pytest.raises(ValueError, match="Field required"):
+                server.check_fields("POST", path, None)
+        assert ({"/begin_weight_update", "/end_weight_update"} <= ours) == ("/begin_weight_update" in routes)
+    finally:
+        server.httpd.server_close()

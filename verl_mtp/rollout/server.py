@@ -145,16 +145,21 @@ class RolloutServer:
     def route(self, method: str, path: str):
         return self._routes.get((method, path.split("?", 1)[0]))
 
+    def allowed_fields(self, path: str) -> set[str] | None:
+        """Body fields of the emulated version's request class for a POST endpoint (None: no body declared)."""
+        if path not in _FIELDS:
+            return None
+        return _FIELDS[path] | (_NEW_FIELDS.get(path, set()) if self.protocol.selector else set())
+
     def check_fields(self, method: str, path: str, body: dict | None) -> None:
         """As strict as the emulated SGLang version's route: a declared body must be there, and hold only
         fields of that version's request class."""
         path = path.split("?", 1)[0]
-        fields = _FIELDS.get(path)
-        if fields is None or method != "POST":
+        allowed = self.allowed_fields(path)
+        if allowed is None or method != "POST":
             return
         if body is None:
             raise MissingBody(f"{path[1:]}: request body: Field required (SGLang {self.protocol.version} declares one)")
-        allowed = fields | (_NEW_FIELDS.get(path, set()) if self.protocol.selector else set())
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ProtocolError(f"{path[1:]}: field '{unknown[0]}' is not part of SGLang "

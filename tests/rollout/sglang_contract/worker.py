@@ -208,6 +208,11 @@ def main() -> None:
     from sglang.version import __version__
 
     table = routes(root / "sglang" / "srt" / "entrypoints" / "http_server.py")
+    from sglang.srt.managers import io_struct
+
+    for route in table.values():  # the body fields each route's request class declares
+        cls = getattr(io_struct, route["body_class"] or "", None)
+        route["fields"] = sorted(class_fields(cls)) if cls is not None else None
     report = {"version": __version__, "routes": table,
               "argv": [check_argv(a["argv"], a["expected"]) for a in spec["argv"]],
               "requests": check_requests(table, spec["requests"]),
