@@ -114,3 +114,13 @@ def test_dapo_end_to_end_in_a_worker_process():
         result = manager([answer(7, 10), answer(9, 16)])
     assert result.scores == [1.0, -1.5]
     assert result.extra["pred"] == ["7", "9"]
+
+
+def test_dapo_takes_a_plain_number_score_as_acc_like_verl():
+    # the MATH grader returns 1.0 / 0.0, math_dapo a dict with "acc"; a batch may mix them
+    math = [RewardSample(f"\\boxed{{{v}}}", 20, "HuggingFaceH4/MATH-500", "7") for v in (7, 8)]
+    result = overlong_manager()([answer(7), *math])
+    assert result.extra["acc"] == [True, 1.0, 0.0]  # before: [True, False, False] (the dict samples' default)
+    assert result.scores == [1.0, 0.0, -1.0]  # the right MATH answer at max_resp_len: reward 0, still acc 1
+    naive = build_reward_manager("naive", num_workers=0)(math)
+    assert "acc" not in naive.extra  # verl's naive manager logs no acc for a plain number

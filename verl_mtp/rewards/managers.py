@@ -85,6 +85,9 @@ class NaiveRewardManager:
     """Reward = the reward function's score. Extra: every key of the dicts it returns, plus
     "reward_failure" ("" or the failure kind) per sample."""
 
+    # verl's DAPO manager also logs a plain-number score as the sample's "acc"; its naive one does not
+    score_is_acc = False
+
     def __init__(self, pool: ScoringPool) -> None:
         self.pool = pool
         # Every extra key seen so far and the value a sample lacking it gets; kept across batches
@@ -109,6 +112,8 @@ class NaiveRewardManager:
         self.close()
 
     def _extra(self, outcomes: list[ScoreOutcome]) -> dict[str, list]:
+        if self.score_is_acc:
+            outcomes = [_score_as_acc(outcome) for outcome in outcomes]
         for outcome in outcomes:
             for key, value in outcome.result.items():
                 self._extra_defaults.setdefault(key, _empty_like(value))
@@ -122,7 +127,10 @@ class NaiveRewardManager:
 
 @register_reward_manager("dapo")
 class DAPORewardManager(NaiveRewardManager):
-    """The naive reward plus the overlong penalty when ``overlong_buffer_cfg.enable`` is set."""
+    """The naive reward plus the overlong penalty when ``overlong_buffer_cfg.enable`` is set. A reward
+    function's plain-number score (MATH, gsm8k graders) is also its "acc", as in verl."""
+
+    score_is_acc = True
 
     def __init__(
         self, pool: ScoringPool, max_resp_len: int | None = None, overlong_buffer_cfg: Any = None
@@ -179,6 +187,13 @@ def _call_kwargs(sample: RewardSample) -> dict[str, Any]:
         "ground_truth": sample.ground_truth,
         "extra_info": sample.extra_info,
     }
+
+
+def _score_as_acc(outcome: ScoreOutcome) -> ScoreOutcome:
+    """A plain-number result (``{"score": x}``) with ``acc = x``; failures and dicts stay as they are."""
+    if outcome.failure is not None or outcome.result.keys() != {"score"}:
+        return outcome
+    return dataclasses.replace(outcome, result={**outcome.result, "acc": outcome.result["score"]})
 
 
 def _empty_like(value: Any) -> Any:
