@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from verl_mtp.config import load_config
+from verl_mtp.rollout.client import VERSION_CHECKED
 from verl_mtp.trainer.ray_trainer import DAPOTrainer, WeightSyncError
 from verl_mtp.workers.rollout_backends import ColocatedInProcess, RolloutContext
 from tests.trainer.conftest import overrides
@@ -31,7 +32,8 @@ def test_three_steps_colocated(ray_local, tmp_path):
                 "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr", "mtp/loss_1",
                 "mtp/acc_1", "rollout/accept_length", "rollout/accept_rate_1", "rollout/tokens_per_s",
                 "timing_s/gen", "timing_s/reward", "timing_s/old_log_prob", "timing_s/adv", "timing_s/update_actor",
-                "timing_s/update_weights", "timing_s/step", "train/num_gen_batches", "val-core/synthetic_math/acc/mean@1"):
+                "timing_s/update_weights", "timing_s/step", "train/num_gen_batches", "val-core/synthetic_math/acc/mean@1",
+                "rollout/sync_checksum_verified"):
         assert key in last, key
     assert last["trainer/weight_version"] == 3.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +87,29 @@ def test_resume_reproduces_the_uninterrupted_run(ray_local, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
+def test_megatron_tensor_parallel_syncs_and_saves_on_every_rank_and_resumes_exactly(ray_local, tmp_path):
+    """Megatron TP=2, split mode: the weight sync and the checkpoint gather the tensors collectively, so both
+    ranks must take part (called on rank 0 alone, it waited for its peer forever); each rank saves its own
+    optimizer shard, and a run resumed from step 1 ends where the uninterrupted run does."""
+    actor = "actor_rollout_ref.actor."
+    common = ("trainer.save_freq=1", "trainer.n_gpus_per_node=2", "actor_rollout_ref.hybrid_engine=false",
+              f"{actor}strategy=megatron", f"{actor}megatron.tensor_model_parallel_size=2",
+              "actor_rollout_ref.model.mtp.speculative_num_steps=1")
+    full = _fit(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=2", *common)))
+    step1 = tmp_path / "a" / "ckpt" / "global_step_1"
+    shards = [torch.load(step1 / "actor" / f"optimizer_rank{r}.pt", weights_only=True)["optimizer"]["state"]
+              for r in range(2)]
+    assert any(not torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(*(s.values() for s in shards)))
+    resumed = _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *common,
+                                         "trainer.resume_mode=resume_path", f"trainer.resume_from_path={step1}")))
+    volatile = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds")
+    assert {k: v for k, v in resumed[-1].items() if not k.startswith(volatile)} == \
+           {k: v for k, v in full[-1].items() if not k.startswith(volatile)}
+    wa, wb = _final_weights(tmp_path / "a", 2), _final_weights(tmp_path / "b", 2)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 class _FakeGroup:
     def __init__(self, pairs):
         self.pairs = pairs
@@ -101,6 +126,11 @@ def test_stale_rollout_weights_stop_the_run():
     trainer.rollout = ColocatedInProcess(RolloutContext(None, trainer.actor, None, "", None, 0))
     with pytest.raises(WeightSyncError, match="rollout rank 1 holds checksum stale"):
         trainer._sync_weights()
+    # an SGLang replica cannot hash its weights: a checked version passes, reported as not checksum-verified
+    trainer.actor.pairs = [("abc", "abc"), ("abc", VERSION_CHECKED)]
+    assert trainer._sync_weights() == 0.0
+    trainer.actor.pairs = [("abc", "abc")] * 2
+    assert trainer._sync_weights() == 1.0
 
 
 def test_prometheus_exporter_serves_the_run(ray_local, tmp_path):

@@ -27,6 +27,7 @@ from verl_mtp.batch import Batch, from_samples
 from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
 from verl_mtp.observability.tracking import Tracker
 from verl_mtp.rewards import RewardSample, check_data_sources
+from verl_mtp.rollout.client import VERSION_CHECKED
 from verl_mtp.rollout.replica import ReplicaUnreachable
 from verl_mtp.trainer import checkpoint
 from verl_mtp.trainer.setup import ensure_synthetic_task, load_tokenizer, resolve_device, tokenizer_path
@@ -217,16 +218,19 @@ class DAPOTrainer:
 
     # ---- weight sync ---------------------------------------------------------------------
 
-    def _sync_weights(self, bump: bool = True) -> None:
+    def _sync_weights(self, bump: bool = True) -> float:
         """Trunk and MTP tensors to the rollout; the engine's checksum must equal what was sent,
-        or the draft (or target) is stale and speculation would silently degrade."""
+        or the draft (or target) is stale and speculation would silently degrade. SGLang cannot hash its
+        weights: its replicas answer VERSION_CHECKED (the new weight_version was checked; the stale-draft
+        guard judges the next batch). -> 1.0 when every rollout rank's checksum was compared, else 0.0."""
         if bump:
             self.version += 1
         pairs = self.rollout.sync_from(self.actor, self.version)
         for rank, (sent, held) in enumerate(pairs):
-            if sent != held:
+            if held != VERSION_CHECKED and sent != held:
                 raise WeightSyncError(f"weight sync v{self.version}: rollout rank {rank} holds checksum {held[:12]}, "
                                       f"actor sent {sent[:12]}; refusing to generate with stale weights")
+        return float(all(held != VERSION_CHECKED for _, held in pairs))
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -249,7 +253,7 @@ class DAPOTrainer:
                 actor_metrics = mean_metrics(self._dp_call(self.actor, "update_policy", batch, max(rows // dp, 1),
                                                            self.step + 1))
             with timer("update_weights", timing):
-                self._sync_weights()
+                metrics["rollout/sync_checksum_verified"] = self._sync_weights()
         metrics.update(adv_metrics)
         metrics.update(actor_metrics)
         metrics.update(self._batch_metrics(batch))
