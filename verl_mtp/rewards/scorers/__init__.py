@@ -40,6 +40,9 @@ ScorerRef = str | tuple[str, str] | None
 ANSWER_LINE_SOURCES = ("math_dapo", "math", "math_dapo_reasoning", "synthetic_math")
 BOXED_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")
 GSM8K_SOURCES = ("openai/gsm8k",)
+# Our task asked of a pretrained chat model, which answers in its own words ("16 - 2 = 14"): the last
+# number of the reply is its answer (gsm8k's flexible extraction).
+REPLY_SOURCES = ("synthetic_math_chat",)
 # verl grades these with scorers we do not ship (prime_math, code sandboxes, geo3k, search-R1 EM).
 _VERL_ONLY_SOURCES = (
     "numina_aops_forum", "numina_synthetic_math", "numina_amc_aime", "numina_synthetic_amc", "numina_cn_k12",
@@ -78,12 +81,14 @@ def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: 
         return answer_line(solution_str, ground_truth)
     if source in GSM8K_SOURCES:
         return gsm8k.compute_score(solution_str, ground_truth)
+    if source in REPLY_SOURCES:
+        return gsm8k.compute_score(solution_str, str(ground_truth), method="flexible")
     if source in BOXED_SOURCES:
         return math(solution_str, ground_truth)
     if source in _VERL_ONLY_SOURCES:
         raise ValueError(f"data_source={source!r} needs a grader verl has and verl_mtp does not; "
                          f"set custom_reward_function.path to grade it")
-    known = ", ".join((*ANSWER_LINE_SOURCES, "aime*", *GSM8K_SOURCES, *BOXED_SOURCES))
+    known = ", ".join((*ANSWER_LINE_SOURCES, "aime*", *GSM8K_SOURCES, *REPLY_SOURCES, *BOXED_SOURCES))
     raise ValueError(
         f"no built-in reward function for data_source={source!r} (known: {known}); "
         f"set custom_reward_function.path to grade it"
