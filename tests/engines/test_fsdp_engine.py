@@ -234,3 +234,14 @@ def test_gradient_checkpointing_recomputes_each_layer_in_backward_with_the_same_
         calls.append(count[0])
     assert calls == [3 * 4, 2 * 3 * 4]  # 3 micro-batches x (2 trunk + 2 MTP layers), recomputed once more
     assert all(torch.allclose(grads[1][n], g, atol=1e-7) for n, g in grads[0].items())
+
+
+def test_log_probs_of_token_budget_micro_batches_come_back_in_row_order():
+    """Packed by token budget, micro-batches hold rows out of order (longest first); the log-probs and
+    entropies must still line up with the batch's rows."""
+    arr, b = _arr(), _batch()
+    actor = PolicyActor(_engine("torch", arr), arr)
+    plain = actor.compute_log_probs(b, micro_size=len(b), entropy=True)
+    packed = actor.compute_log_probs(b, entropy=True, dynamic=True, max_tokens=12)
+    for x, y in zip(plain, packed):
+        assert torch.allclose(x * b.response_mask, y * b.response_mask, atol=1e-6)
