@@ -39,6 +39,26 @@ def test_tensorboard_events_read_back(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()  # no jsonl sink asked for
 
 
+def test_tensorboard_charts_observed_beside_expected_acceptance(tmp_path, monkeypatch):
+    """The Custom Scalars layout puts each rollout series and training's expectation in one chart, and
+    its patterns match the keys actually logged."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    monkeypatch.setenv("TENSORBOARD_DIR", str(tmp_path / "tb"))
+    tracker = Tracker(["tensorboard"], str(tmp_path / "run"), "proj", "exp", total_steps=1)
+    tracker.log(step_metrics(1), 1)
+    tracker.close()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(_scalars(tmp_path / "tb").Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert set(charts) == {"accept length", "acceptance per depth: P(drafts 1..k kept)"}
+    for observed, expected in charts.values():
+        assert [k for k in step_metrics(1) if re.match(observed, k)][0].startswith("rollout/")
+        assert [k for k in step_metrics(1) if re.match(expected, k)][0].startswith("mtp/expected_")
+
+
 def test_tensorboard_default_dir_is_per_project_and_experiment(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

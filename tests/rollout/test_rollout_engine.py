@@ -294,7 +294,8 @@ def test_observed_depth1_acceptance_matches_the_expected_sum_min_p_q(bad_draft_m
         n = len(prompts[sample.prompt_index]) + rounds[sample.prompt_index][0] - 1  # index of x_n after prefill
         for emitted in rounds[sample.prompt_index][1:-1]:  # the last round may be cut by max_new_tokens
             a = float(accept[n - 1])  # the chain drafted from origin n-1: MTP depth 1 predicts x_{n+1}
-            kept, expected, var, off = kept + (emitted == 2), expected + a, var + a * (1 - a), off + float(shifted[n - 1])
+            kept, expected, var = kept + (emitted == 2), expected + a, var + a * (1 - a)
+            off += float(shifted[n - 1])
             n += emitted
     assert 0.2 < kept / out.stats.passes_per_depth[0] < 0.8  # both outcomes are common: the check has power
     sigma = var ** 0.5

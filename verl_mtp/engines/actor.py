@@ -69,7 +69,8 @@ class PolicyActor:
         self.horizon = self.actor.get("loss_scale_factor") or max_response_length
         self.seed = seed  # with the step, draws the mini-batch order when actor.shuffle
         self.warp = rollout_warp(cfg.rollout)
-        # the draft chain the rollout runs; "auto" searches every depth the forward has
+        # the draft chain of mtp/expected_accept_length: the rollout's fixed depth, or with "auto" the K depths
+        # the training forward has (auto may go past K by reusing the last layer; those are not in the forward)
         steps = self.mtp.speculative_num_steps
         self.chain_depth = steps if isinstance(steps, int) else None
         # soft_ce, tv and the expected acceptance of depth i at t read the policy's logits at t+i+1, which

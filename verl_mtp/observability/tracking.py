@@ -106,12 +106,21 @@ def tensorboard_dir(project: str, experiment: str) -> str:
     return os.environ.get("TENSORBOARD_DIR") or os.path.join("tensorboard_log", project, experiment)
 
 
+# TensorBoard's Custom Scalars tab: the rollout's observed acceptance and training's expectation in one chart
+COMPARISONS = {"speculation: observed vs expected from training": {
+    "accept length": ["Multiline", [r"rollout/accept_length$", r"mtp/expected_accept_length$"]],
+    "acceptance per depth: P(drafts 1..k kept)": ["Multiline", [r"rollout/accept_rate_\d+$",
+                                                               r"mtp/expected_chain_accept_rate_\d+$"]],
+}}
+
+
 class TensorBoardSink:
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir)
+        self.writer.add_custom_scalars(COMPARISONS)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for k, v in metrics.items():

@@ -233,7 +233,8 @@ def shift_lines(summary: dict, run: Path) -> list[str]:
         rows = read_metrics(str(run / name))[0]
         rates = ", ".join(_first_last(rows, f"mtp/expected_accept_rate_{k}") for k in (1, 2))
         lines.append(f"| {name[len('shift_'):]} | {r['accept_length/sampled']:.3f} | "
-                     f"{r['accept_length/sampled'] / base:.3f} | {rates} | {_first_last(rows, 'rollout/accept_length')} | "
+                     f"{r['accept_length/sampled'] / base:.3f} | {rates} | "
+                     f"{_first_last(rows, 'rollout/accept_length')} | "
                      f"{r['acc/greedy']:.3f} | {r['tokens_per_s/speculative_2']:.0f} | {r['tokens_per_s/plain']:.0f} |")
     kept = {name[len("shift_"):]: r["accept_length/sampled"] / base for name, r in results.items()
             if name.startswith("shift_")}
