@@ -9,7 +9,7 @@
 #
 # Nothing is fetched from a hub: the GGUF is dequantised once into $RUN/base. The task is the synthetic
 # arithmetic at its easiest level, asked through the model's chat template and graded from its reply (the
-# last number: data_source synthetic_math_chat). Re-running resumes (finished stages are skipped);
+# last integer: data_source synthetic_math_chat). Re-running resumes (finished stages are skipped);
 # trailing KEY=VALUE arguments are Hydra overrides for the RL stage (verl_mtp/config/smollm2_rl.yaml).
 # DRY_RUN=1 prints the commands, one per line, instead of running them.
 set -euo pipefail

@@ -3,10 +3,15 @@
 from verl_mtp.rewards.scorers import default_compute_score
 
 
-def test_the_last_number_of_the_reply_is_the_answer():
-    assert default_compute_score("synthetic_math_chat", "16 - 2 = 14", "14") == 1.0
-    assert default_compute_score("synthetic_math_chat", "15 - 14 is 1.", "1") == 1.0
-    assert default_compute_score("synthetic_math_chat", "3 + 11 = 24", "14") == 0.0
-    assert default_compute_score("synthetic_math_chat", "I cannot say.", "14") == 0.0
-    # the thought that mentions the right number does not count: the reply's final number does
-    assert default_compute_score("synthetic_math_chat", "18 + 17 is 35, no wait, 25", "35") == 0.0
+def score(reply: str, truth: str) -> tuple[float, bool, str]:
+    result = default_compute_score("synthetic_math_chat", reply, truth)
+    return result["score"], result["acc"], result["pred"]
+
+
+def test_the_last_integer_of_the_reply_is_the_answer():
+    assert score("16 - 2 = 14", "14") == (1.0, True, "14")
+    assert score("So 15 - 14 is 1.", "1") == (1.0, True, "1")
+    assert score("3 + 11 = 24", "14") == (-1.0, False, "24")
+    assert score("I cannot say.", "14") == (-1.0, False, "")
+    # a thought that mentions the right number does not count: the reply's final number does
+    assert score("18 + 17 is 35, no wait, 25", "35") == (-1.0, False, "25")

@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="probability that the SFT corpus's teacher drops a carry or borrow (0: a perfect teacher)")
     parser.add_argument("--data-source", default=DATA_SOURCE, choices=DATA_SOURCES,
                         help="graded from an 'Answer: N' line (synthetic_math, what our SFT model is taught) or from "
-                             "the last number of a chat model's own reply (synthetic_math_chat)")
+                             "the last integer of a chat model's own reply (synthetic_math_chat)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.teacher_slip <= 1.0:
         parser.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")

@@ -32,7 +32,7 @@ from typing import Any
 
 from verl_mtp.data.rl_dataset import DataError
 
-from . import gsm8k, math_dapo, math_dapo_lenient, math_reward
+from . import gsm8k, math_dapo, math_dapo_lenient, math_reward, reply
 
 ScorerRef = str | tuple[str, str] | None
 
@@ -41,7 +41,7 @@ ANSWER_LINE_SOURCES = ("math_dapo", "math", "math_dapo_reasoning", "synthetic_ma
 BOXED_SOURCES = ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")
 GSM8K_SOURCES = ("openai/gsm8k",)
 # Our task asked of a pretrained chat model, which answers in its own words ("16 - 2 = 14"): the last
-# number of the reply is its answer (gsm8k's flexible extraction).
+# integer of the reply is its answer (scorers/reply.py).
 REPLY_SOURCES = ("synthetic_math_chat",)
 # verl grades these with scorers we do not ship (prime_math, code sandboxes, geo3k, search-R1 EM).
 _VERL_ONLY_SOURCES = (
@@ -82,7 +82,7 @@ def _route(data_source: str, solution_str: str, ground_truth: Any, answer_line: 
     if source in GSM8K_SOURCES:
         return gsm8k.compute_score(solution_str, ground_truth)
     if source in REPLY_SOURCES:
-        return gsm8k.compute_score(solution_str, str(ground_truth), method="flexible")
+        return reply.compute_score(solution_str, ground_truth)
     if source in BOXED_SOURCES:
         return math(solution_str, ground_truth)
     if source in _VERL_ONLY_SOURCES:
