@@ -245,3 +245,11 @@ def test_log_probs_of_token_budget_micro_batches_come_back_in_row_order():
     packed = actor.compute_log_probs(b, entropy=True, dynamic=True, max_tokens=12)
     for x, y in zip(plain, packed):
         assert torch.allclose(x * b.response_mask, y * b.response_mask, atol=1e-6)
+
+
+def test_fsdp_size_that_does_not_divide_the_devices_fails_at_config_check():
+    from verl_mtp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^key 'actor_rollout_ref\.actor\.fsdp_config\.fsdp_size': 3 must be -1"):
+        load_config(["actor_rollout_ref.actor.strategy=fsdp2", "trainer.n_gpus_per_node=2",
+                     "actor_rollout_ref.actor.fsdp_config.fsdp_size=3"])

@@ -286,6 +286,10 @@ def _check_parallel(cfg: DictConfig) -> None:
                 f"key '{_ARR}actor.megatron.tensor_model_parallel_size': tp*pp*cp = {model_parallel} does not "
                 f"divide the {world} devices (trainer.nnodes * trainer.n_gpus_per_node)"
             )
+    fsdp_size = actor.fsdp_config.fsdp_size
+    if actor.strategy in ("fsdp", "fsdp2") and fsdp_size != -1 and (fsdp_size < 1 or world % fsdp_size):
+        raise ConfigError(f"key '{_ARR}actor.fsdp_config.fsdp_size': {fsdp_size} must be -1 (all ranks) or divide "
+                          f"the {world} devices (trainer.nnodes * trainer.n_gpus_per_node)")
     rollout = cfg.actor_rollout_ref.rollout
     if rollout.name != "native" and world % rollout.tensor_model_parallel_size:
         raise ConfigError(

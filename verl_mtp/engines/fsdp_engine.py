@@ -146,8 +146,7 @@ class FSDPEngine(TorchEngine):
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
         if not params:
             return 0.0
-        grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=self.device.type == "cuda")
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # over the shards: a DTensor
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad or float("inf"), norm)
         return float(norm)
