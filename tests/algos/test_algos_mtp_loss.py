@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from verl_mtp.algos.mtp_loss import (Warp, compute_mtp_loss, draft_losses, expected_acceptance, mtp_token_losses,
-                                     policy_rows)
+from verl_mtp.algos.mtp_loss import (Warp, compute_mtp_loss, draft_losses, expected_accept, expected_acceptance,
+                                     mtp_token_losses, policy_rows)
 from verl_mtp.algos.warping import warp_probs
 
 # one position, vocabulary of 3: the policy p = (.5, .3, .2), the draft q = (.2, .3, .5)
@@ -146,3 +146,12 @@ def test_scaling_and_masking_shared_by_every_loss_type():
         ref = 0.5 * sum(pl.sum() / c for pl, c in zip(per_depth, counts)) / 2
         assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
         assert metrics["mtp/loss_1"] == pytest.approx((per_depth[0].sum() / counts[0]).item(), rel=1e-6)
+
+
+def test_expected_accept_in_chunks_equals_one_pass():
+    g = torch.Generator().manual_seed(2)
+    p, q = torch.randn(7, 11, generator=g), torch.randn(7, 11, generator=g)
+    warp = Warp(0.8, top_k=6, top_p=0.9)
+    whole = torch.minimum(warp.probs(p), warp.probs(q)).sum(-1)
+    assert torch.allclose(expected_accept(p, q, warp, elements=30), whole)  # chunks of 2 rows
+    assert expected_accept(p[:0], q[:0], warp).shape == (0,)

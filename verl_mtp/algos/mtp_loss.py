@@ -92,19 +92,24 @@ def draft_losses(draft_logits: torch.Tensor, target: torch.Tensor, policy_logits
     if loss_type != "ce" and policy_logits is None:
         raise ValueError(f"MTP loss_type={loss_type!r} needs the policy's logits at the target position")
     draft_logits = draft_logits.float()
-    accept = None
-    if policy_logits is not None:
-        p = warp.probs(policy_logits.detach())
-        with torch.no_grad():
-            accept = torch.minimum(p, warp.probs(draft_logits)).sum(-1)
+    accept = expected_accept(policy_logits, draft_logits, warp) if policy_logits is not None else None
     if loss_type == "ce":
-        loss = F.cross_entropy(draft_logits, target, reduction="none")
-    elif loss_type == "soft_ce":
+        return F.cross_entropy(draft_logits, target, reduction="none"), accept
+    p = warp.probs(policy_logits.detach())
+    if loss_type == "soft_ce":
         log_q = (draft_logits / warp.trainable().temperature).log_softmax(-1)
-        loss = -(p * log_q).sum(-1)
-    else:
-        loss = 1.0 - torch.minimum(p, warp.trainable().probs(draft_logits)).sum(-1)
-    return loss, accept
+        return -(p * log_q).sum(-1), accept
+    return 1.0 - torch.minimum(p, warp.trainable().probs(draft_logits)).sum(-1), accept
+
+
+@torch.no_grad()
+def expected_accept(policy_logits: torch.Tensor, draft_logits: torch.Tensor, warp: Warp = Warp(),
+                    elements: int = 1 << 26) -> torch.Tensor:
+    """(N, V) each -> (N,) sum_x min(p(x), q(x)) of the warped distributions, in row chunks of about
+    `elements` values, so a metric never holds more than a few (chunk, V) copies (V = 152k: ~440 rows)."""
+    rows = max(1, elements // policy_logits.shape[-1])
+    return torch.cat([torch.minimum(warp.probs(p), warp.probs(q)).sum(-1)
+                      for p, q in zip(policy_logits.split(rows), draft_logits.split(rows))])
 
 
 def mtp_token_losses(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
