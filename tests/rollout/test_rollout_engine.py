@@ -349,3 +349,19 @@ def test_engine_auto_depth_uses_depths_past_k_and_the_training_prior(good_draft_
     out = engine.generate(RAGGED, params, speculative="auto")
     assert max(out.depth_histogram) > good_draft_model.num_mtp_layers  # the search tried the reused layer
     assert _tokens(out) == _tokens(engine.generate(RAGGED, params, speculative=0))
+
+
+def test_depth_controller_re_costs_a_deeper_runner_up():
+    """Depth 6 measured slow during warm-up (load), ranking second behind depth 5, and is the best after:
+    its re-tries must be timed (the first round of a deeper re-try is a catch-up and is not), so the
+    choice moves to it. Before, re-tries of a deeper depth updated acceptance only."""
+    from verl_mtp.rollout.depth import DepthController
+
+    ctl = DepthController(num_mtp_layers=2, max_depth=6, warmup_rounds=1, revisit_every=4)
+    calls = collections.Counter()
+
+    def cost(d):
+        calls[d] += 1
+        return 1.0 + 0.1 * d + (0.3 if d == 6 and calls[d] <= 2 else 0.0)  # warm-up: 7 / 1.9 < 6 / 1.5
+
+    assert _drive(ctl, cost, lambda d: [d] * 4, rounds=400) == 6

@@ -19,7 +19,8 @@ Cost estimates, and what exploring costs:
     chosen depth is measured continuously: its drift is applied to the other depths' estimates too,
     so the ranking changes on measured differences, not on the age of an estimate;
   * re-trying a deeper runner-up pays that catch-up, so the interval between re-tries doubles while
-    the choice holds;
+    the choice holds, and a deeper re-try runs two rounds: the second is timed, so a depth mis-costed
+    during warm-up (two samples, under load) can be re-costed;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
     shallower one: under load, timing noise would otherwise make a useless draft look faster than plain.
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
@@ -51,6 +52,7 @@ class DepthController:
         self.last_depth = 0  # depth of the previous round: a deeper round pays a catch-up
         self.interval = revisit_every  # rounds between re-tries of the runner-up
         self.next_revisit = revisit_every
+        self.retry: int | None = None  # a deeper runner-up's second, timed round is due
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -73,6 +75,9 @@ class DepthController:
 
     def choose(self, batch_size: int) -> int:
         self.rounds += 1
+        if self.retry is not None:
+            depth, self.retry = self.retry, None
+            return depth
         b = self.bucket(batch_size)
         for depth in range(self.max_depth + 1):  # measure every depth before trusting the model
             if self.count.get((b, depth), 0) < self.warmup_rounds:
@@ -89,6 +94,8 @@ class DepthController:
         if len(ranked) > 1 and self.rounds >= self.next_revisit:
             self.interval = min(2 * self.interval, self.max_revisit_every)
             self.next_revisit = self.rounds + self.interval
+            if ranked[1] > ranked[0]:  # its first round catches the MTP layers up and is not timed
+                self.retry = ranked[1]
             return ranked[1]
         return ranked[0]
 
