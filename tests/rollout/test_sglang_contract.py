@@ -169,6 +169,8 @@ def test_the_sync_sequence_is_what_the_version_requires(report):
         else:
             assert "/begin_weight_update" not in paths and "/begin_weight_update" not in report["routes"]
         assert ("/update_weight_version" in paths) == (not proto.records_version_when_paused)
+        if "/update_weight_version" in paths:  # after the updates, whose own weight_version was dropped
+            assert paths.index("/update_weight_version") > updates[-1]
         assert paths[-1] == "/model_info" and paths[-1] in report["routes"]
 
 
