@@ -36,7 +36,7 @@ from verl_mtp.batch import from_samples  # noqa: E402
 from verl_mtp.config import load_config  # noqa: E402
 from verl_mtp.engines.actor import PolicyActor  # noqa: E402
 from verl_mtp.engines.base import build_engine  # noqa: E402
-from verl_mtp.engines.fsdp_engine import free_port  # noqa: E402
+from verl_mtp.net import free_port  # noqa: E402
 from verl_mtp.models import MTPCausalLM, ModelConfig  # noqa: E402
 
 WORLD = 2

@@ -129,7 +129,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from verl_mtp.engines.fsdp_engine import free_port
+    from verl_mtp.net import free_port
 
     out = str(tmp_path_factory.mktemp("fsdp"))
     mp.start_processes(_rank_main, args=(free_port(), out), nprocs=WORLD, start_method="spawn")

@@ -125,9 +125,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, megatron: str) -> No
 
 
 def run_ranks(world: int, megatron: dict) -> dict:
-    from verl_mtp.engines.megatron_runtime import _free_port
+    from verl_mtp.net import free_port
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as out:
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), out, json.dumps(megatron)],

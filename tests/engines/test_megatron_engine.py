@@ -209,9 +209,9 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_tensor_parallel_2_matches_the_torch_engine():
-    from verl_mtp.engines.megatron_runtime import _free_port
+    from verl_mtp.net import free_port
 
-    world, port = 2, _free_port()
+    world, port = 2, free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as out:
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), out], env=env, cwd=REPO,

@@ -150,10 +150,10 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_tensor_parallel_2_experts_give_the_same_logits():
     """Inference only: megatron refuses MoE training under TP without sequence parallel (TE, GPU)."""
     pytest.importorskip("megatron.core")
-    from verl_mtp.engines.megatron_runtime import _free_port
+    from verl_mtp.net import free_port
     from tests.engines.test_megatron_engine import _batch
 
-    world, port = 2, _free_port()
+    world, port = 2, free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as out:
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), out], env=env, cwd=REPO,

@@ -11,7 +11,7 @@ from tests.conftest import toy_config
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import NativeEngine, SamplingParams
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, ServerRollout, run_plan
-from verl_mtp.rollout.replica import free_port
+from verl_mtp.net import free_port
 from verl_mtp.rollout.server import RolloutServer
 from verl_mtp.rollout.sglang import WEIGHT_GROUP_NAME, SyncCall, weight_update_group
 from verl_mtp.rollout.weight_group import broadcast_tensors, join_weight_group, leave_weight_group

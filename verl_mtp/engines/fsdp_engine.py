@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import socket
 from typing import Any, Iterator
 
 import torch
@@ -41,16 +40,11 @@ from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, write_hf
 from verl_mtp.engines.torch_engine import TorchEngine
 from verl_mtp.models import MTPCausalLM
+from verl_mtp.net import free_port
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 KEY = "actor_rollout_ref.actor.fsdp_config."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_process_group(device: torch.device) -> None:

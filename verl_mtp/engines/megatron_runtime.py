@@ -33,7 +33,6 @@ import functools
 import inspect
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 from verl_mtp.models import ModelConfig
 from verl_mtp.models.moe import aux_loss_and_loads, load_balance, mtp_routing_mask
+from verl_mtp.net import free_port
 
 INSTALL_HINT = ("actor_rollout_ref.actor.strategy=megatron needs megatron-core: "
                 "pip install 'verl_mtp[megatron]' (or pip install 'megatron-core>=0.12')")
@@ -132,12 +132,6 @@ def seed_rng_tracker(seed: int) -> None:
 # ---------------------------------------------------------------- process groups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(sizes: ParallelSizes) -> None:
     """Megatron's TP/PP/CP/DP groups over the already-initialised default group; a single process
     gets a world of one (megatron needs a default group even then). Reused when already set up
@@ -146,7 +140,7 @@ def init_parallel(sizes: ParallelSizes) -> None:
     apply_cpu_workarounds()
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
     want = (sizes.tensor_model_parallel_size, sizes.pipeline_model_parallel_size, sizes.context_parallel_size)

@@ -20,7 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from verl_mtp.rollout.replica import ReplicaError, free_port, launch_replicas, native_server_args, native_server_command
+from verl_mtp.net import free_port
+from verl_mtp.rollout.replica import ReplicaError, launch_replicas, native_server_args, native_server_command
 from verl_mtp.rollout.sglang import launch_command, sglang_server_args
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -175,8 +174,3 @@ def _wait_ready(proc, log: Path, host: str, port: int, port_file: str | None, de
     raise ReplicaError(f"rollout server {host}:{port or '?'} not healthy within the startup timeout; see {log}")
 
 
-def free_port(host: str = "") -> int:
-    """A TCP port that is free on this machine right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

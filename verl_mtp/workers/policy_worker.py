@@ -26,7 +26,7 @@ from verl_mtp.engines.base import build_engine
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.models.factory import build_policy_model, load_tokenizer, num_mtp_layers, resolve_device
 from verl_mtp.rollout import NativeEngine, SamplingParams
-from verl_mtp.rollout.replica import free_port
+from verl_mtp.net import free_port
 from verl_mtp.rollout.sampling import rollout_sampling_params
 
 
