@@ -106,7 +106,7 @@ def test_help_is_hydras_with_ours_on_top(tmp_path):
     ([ARR + "rollout.name=vllm"], f"key '{ARR}rollout.name': 'vllm' is not implemented"),
     ([ARR + "rollout.mode=async"], f"key '{ARR}rollout.mode': 'async' is not implemented"),
     (["data.train_files=train.jsonl"], f"key '{ARR}model.path': own data (data.train_files) needs a model path"),
-    (["data.train_max_samples=100"], "key 'data.train_max_samples': 100 is not implemented"),
+    (["data.reward_fn_key=answer"], "key 'data.reward_fn_key': 'answer' is not implemented"),
 ])
 def test_errors_are_one_line_with_status_2(tmp_path, args, message):
     result = dapo(*args, cwd=tmp_path)
@@ -131,7 +131,7 @@ def test_a_bad_data_row_is_one_line_after_the_ignored_key_warnings(tmp_path):
 
 
 def test_the_quickstarts_rl_overrides_get_the_same_start_checks(tmp_path):
-    result = dapo("quickstart", "--out", "qs", "data.train_max_samples=4", cwd=tmp_path, module="verl_mtp.cli")
+    result = dapo("quickstart", "--out", "qs", "data.reward_fn_key=foo", cwd=tmp_path, module="verl_mtp.cli")
     assert result.returncode == 1 and not (tmp_path / "qs").exists()  # its argument errors exit 1
-    assert result.stderr.strip() == ("verl-mtp quickstart: error: key 'data.train_max_samples': 4 is not implemented "
-                                     "(every training row is used; cap the file instead); remove it or set -1")
+    assert result.stderr.strip() == ("verl-mtp quickstart: error: key 'data.reward_fn_key': 'foo' is not implemented "
+                                     "(the data_source column picks the grader); remove it or set 'data_source'")

@@ -180,3 +180,18 @@ def test_items_are_returned_as_copies(tokenizer, mixed_lengths):
     dataset = RLDataset(mixed_lengths, tokenizer)
     dataset[0]["input_ids"].append(99)
     assert dataset[0]["input_ids"] == dataset.items[0]["input_ids"] and 99 not in dataset.items[0]["input_ids"]
+
+
+def test_max_samples_caps_the_rows_before_they_are_checked(tokenizer, tmp_path):
+    rows = [good_row(i) for i in range(10)] + [{**good_row(10), "prompt": "not a chat"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    first = RLDataset(path, tokenizer, max_samples=4)  # the bad last row is never read
+    assert [item["index"] for item in first.items] == [100, 101, 102, 103] and first.stats["num_rows"] == 4
+    drawn = RLDataset(path, tokenizer, max_samples=4, shuffle=True, seed=3, filter_invalid=True)
+    again = RLDataset(path, tokenizer, max_samples=4, shuffle=True, seed=3, filter_invalid=True)
+    other = RLDataset(path, tokenizer, max_samples=4, shuffle=True, seed=4, filter_invalid=True)
+    indices = [item["index"] for item in drawn.items]
+    assert indices == sorted(indices) and indices == [item["index"] for item in again.items]
+    assert drawn.stats["num_rows"] == 4 and indices != [item["index"] for item in other.items]
+    assert len(RLDataset(path, tokenizer, max_samples=-1, filter_invalid=True)) == 10
+    assert len(RLDataset(path, tokenizer, max_samples=50, filter_invalid=True)) == 10

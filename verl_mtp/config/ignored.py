@@ -60,8 +60,6 @@ IGNORED: dict[str, Ignored] = {
                                          "and deprecated the key)"),
     "data.return_raw_chat": Ignored(True, "the chat messages are always kept next to the token ids"),
     "data.dataloader_num_workers": Ignored(8, "prompts are read and tokenized once, in the driver, at start"),
-    "data.train_max_samples": Ignored(-1, "every training row is used; cap the file instead", True),
-    "data.val_max_samples": Ignored(-1, "every validation row is used; cap the file instead", True),
     _ARR + "model.override_config": Ignored({}, "the model config is read from model.path unchanged", True),
     # the torch and fsdp2 engines recompute; megatron's does not, as verl's megatron workers do not either: a
     # warning, not a failure (memory only, never the result; failing would stop verl's megatron scripts)

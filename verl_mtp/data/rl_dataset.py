@@ -52,6 +52,18 @@ def _as_file_list(files) -> list[str]:
     return paths
 
 
+def _subset(rows: list, max_samples: int, shuffle: bool, seed: int) -> list:
+    """`max_samples` of `rows` (all when it is <= 0 or not smaller): seeded random ones in file order when
+    `shuffle`, else the first."""
+    if max_samples <= 0 or max_samples >= len(rows):
+        return rows
+    if not shuffle:
+        return rows[:max_samples]
+    import random
+
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_samples))]
+
+
 def _read_rows(path: str) -> Iterator[tuple[int, dict | str]]:
     """(row index, raw row): a dict from parquet, an unparsed line from JSONL."""
     if not os.path.isfile(path):
@@ -159,10 +171,13 @@ class RLDataset:
 
     `truncation` applies when a prompt exceeds `max_prompt_length` tokens: `error` stops,
     `left` keeps the last tokens, `right` keeps the first ones, `filter` drops the row.
+    `max_samples` > 0 keeps that many of the files' rows before anything is checked or filtered, as verl's
+    `data.{train,val}_max_samples` do: a random subset drawn with `seed` when `shuffle`, else the first rows.
     """
 
     def __init__(self, files, tokenizer, prompt_key: str = "prompt", max_prompt_length: int | None = None,
-                 truncation: str = "error", filter_invalid: bool = False):
+                 truncation: str = "error", filter_invalid: bool = False, max_samples: int = -1,
+                 shuffle: bool = False, seed: int = 0):
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"data.truncation={truncation!r}: expected one of {', '.join(TRUNCATION_MODES)}")
         self.tokenizer = tokenizer
@@ -175,25 +190,25 @@ class RLDataset:
         self._invalid_reasons: Counter[str] = Counter()
         self.stats = {"num_rows": 0, "num_loaded": 0, "num_invalid": 0, "invalid_reasons": {},
                       "num_truncated": 0, "num_filtered_overlong": 0}
-        for path in self.files:
-            self._load_file(path)
+        rows = [(path, row, raw) for path in self.files for row, raw in _read_rows(path)]
+        for path, row, raw in _subset(rows, max_samples, shuffle, seed):
+            self._load_row(path, row, raw)
         self._finish_stats()
 
-    def _load_file(self, path: str) -> None:
-        for row, raw in _read_rows(path):
-            self.stats["num_rows"] += 1
-            try:
-                fields = validate_row(_as_record(raw), self.prompt_key)
-            except RowError as e:
-                if not self.filter_invalid:
-                    raise DataError(f"{path}: row {row}: {e}") from None
-                self._invalid_reasons[e.key] += 1
-                continue
-            input_ids = self._fit_length(encode_chat(self.tokenizer, fields["raw_prompt"]), path, row)
-            if input_ids is not None:
-                index = fields["extra_info"].get("index")
-                index = len(self.items) if index is None else index
-                self.items.append({"input_ids": input_ids, "index": index, **fields})
+    def _load_row(self, path: str, row: int, raw) -> None:
+        self.stats["num_rows"] += 1
+        try:
+            fields = validate_row(_as_record(raw), self.prompt_key)
+        except RowError as e:
+            if not self.filter_invalid:
+                raise DataError(f"{path}: row {row}: {e}") from None
+            self._invalid_reasons[e.key] += 1
+            return
+        input_ids = self._fit_length(encode_chat(self.tokenizer, fields["raw_prompt"]), path, row)
+        if input_ids is not None:
+            index = fields["extra_info"].get("index")
+            index = len(self.items) if index is None else index
+            self.items.append({"input_ids": input_ids, "index": index, **fields})
 
     def _fit_length(self, ids: list[int], path: str, row: int) -> list[int] | None:
         """`ids` cut to max_prompt_length per the truncation mode; None if filtered out."""

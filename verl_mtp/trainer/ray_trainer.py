@@ -73,11 +73,12 @@ class DAPOTrainer:
             val_files = val_files or synthetic_val
         self.tokenizer_dir = tokenizer_path(cfg, self.run_dir)
         self.tokenizer = load_tokenizer(self.tokenizer_dir, cfg.actor_rollout_ref.model.trust_remote_code)
-        dataset = lambda files: RLDataset(files, self.tokenizer, prompt_key=data.prompt_key,  # noqa: E731
-                                          max_prompt_length=data.max_prompt_length, truncation=data.truncation,
-                                          filter_invalid=data.filter_invalid)
-        self.train_set = dataset(train_files)
-        self.val_set = dataset(val_files) if val_files else None
+        dataset = lambda files, cap: RLDataset(files, self.tokenizer, prompt_key=data.prompt_key,  # noqa: E731
+                                               max_prompt_length=data.max_prompt_length, truncation=data.truncation,
+                                               filter_invalid=data.filter_invalid, max_samples=cap,
+                                               shuffle=data.shuffle, seed=data.seed)
+        self.train_set = dataset(train_files, data.train_max_samples)
+        self.val_set = dataset(val_files, data.val_max_samples) if val_files else None
         if not cfg.custom_reward_function.path:  # fail now, not as a failed reward for every sample of the run
             check_data_sources((item["data_source"] for item in self.train_set.items), "data.train_files")
             check_data_sources((item["data_source"] for item in (self.val_set.items if self.val_set else ())),
