@@ -21,9 +21,10 @@ Stages (each resumable: re-running the command skips finished stages and resumes
                 (`verl-mtp eval`)
 
 `--scenario shift` replaces stages 4-5 by one RL run per MTP arm (`--arms`, default all four) from the
-same SFT model, under a reward that moves the policy's outputs: a length budget (responses past 16
-tokens lose reward, DAPO's overlong shaping over the last 48 of 64 tokens), so RL rewrites the
-reasoning shorter. Arms: `frozen` (MTP not trained, the control) and one per
+same SFT model, under a reward meant to move the policy's outputs: a length budget (responses past
+16 tokens lose reward, DAPO's overlong shaping over the last 48 of 64 tokens). Measured: at this
+strength it does not move the policy yet (responses 26 -> 27 tokens, the frozen draft keeps 0.995 of
+its accept length; docs/benchmarks.md). Arms: `frozen` (MTP not trained, the control) and one per
 `actor_rollout_ref.model.mtp.loss_type` (ce, soft_ce, tv). The eval then also writes
 OUT/report/shift.md: per arm the accept length kept from the post-SFT model, the expected acceptance
 per depth over the RL steps, held-out accuracy and tokens/s. Each arm is its own resumable stage.
