@@ -10,6 +10,18 @@ def ray_local():
     ray.shutdown()
 
 
+def fit_run(trainer):
+    """Run a DAPOTrainer (or build one from a config) to the end, and always release its workers."""
+    if not hasattr(trainer, "fit"):
+        from verl_mtp.trainer.ray_trainer import DAPOTrainer
+
+        trainer = DAPOTrainer(trainer)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
+
+
 def overrides(tmp_path, *extra):
     """A tiny, fast CPU run in tmp_path."""
     return [f"trainer.log_dir={tmp_path}/run", f"trainer.default_local_dir={tmp_path}/ckpt",

@@ -16,17 +16,10 @@ from safetensors.torch import load_file
 from verl_mtp.config import load_config
 from verl_mtp.trainer import checkpoint
 from verl_mtp.trainer.ray_trainer import DAPOTrainer, NonFiniteLossError
-from tests.trainer.conftest import overrides
+from tests.trainer.conftest import fit_run, overrides
 
 FIXED = ("actor_rollout_ref.model.mtp.speculative_num_steps=1",)  # auto depth follows timings: not replayable
 VOLATILE = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds", "trainer/worker_restarts")
-
-
-def _fit(trainer):
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
 
 
 def _same_history(a, b):
@@ -50,8 +43,8 @@ class KillActorAtStep(DAPOTrainer):
 
 def test_dead_worker_is_recreated_and_the_run_matches_an_uninterrupted_one(ray_local, tmp_path):
     args = ("trainer.total_training_steps=4", "trainer.save_freq=1", *FIXED)
-    reference = _fit(DAPOTrainer(load_config(overrides(tmp_path / "ref", *args))))
-    recovered = _fit(KillActorAtStep(load_config(overrides(tmp_path / "kill", *args))))
+    reference = fit_run(DAPOTrainer(load_config(overrides(tmp_path / "ref", *args))))
+    recovered = fit_run(KillActorAtStep(load_config(overrides(tmp_path / "kill", *args))))
     assert recovered[-1]["trainer/worker_restarts"] == 1.0
     _same_history(reference, recovered)
 
@@ -64,7 +57,7 @@ def test_worker_failures_beyond_the_limit_stop_the_run(ray_local, tmp_path):
 
     cfg = load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.max_worker_failures=1"))
     with pytest.raises(RuntimeError, match="trainer.max_worker_failures=1"):
-        _fit(KillEveryStep(cfg))
+        fit_run(KillEveryStep(cfg))
 
 
 class NaNFromStep(DAPOTrainer):
@@ -84,7 +77,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_with_the_checkpoint_inta
                                 "trainer.max_nan_steps=2", "trainer.logger=[jsonl]"))
     trainer = NaNFromStep(cfg)
     with pytest.raises(NonFiniteLossError, match="trainer.max_nan_steps=2"):
-        _fit(trainer)
+        fit_run(trainer)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["actor/nan_skipped_updates"] > 0 for r in rows] == [False, False, True, True]
     assert rows[-1]["trainer/nan_skipped_steps"] >= 2
@@ -121,7 +114,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(ray_local,
     assert checkpoint.latest(str(root)).endswith("global_step_2")
     resumed = DAPOTrainer(load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.save_freq=1",
                                                 *FIXED)))
-    history = _fit(resumed)
+    history = fit_run(resumed)
     assert len(history) == 3 and resumed.step == 3
 
 
@@ -130,7 +123,7 @@ def test_failing_hanging_and_crashing_rewards_are_counted_and_the_run_goes_on(ra
                                 "reward_model.overlong_buffer.enable=false", "reward_model.timeout_s=1",
                                 "reward_model.failure_score=-2.0",
                                 "custom_reward_function.path=tests/trainer/flaky_reward.py"))
-    history = _fit(DAPOTrainer(cfg))
+    history = fit_run(DAPOTrainer(cfg))
     assert len(history) == 2
     failures = sum(h.get(f"reward/failures_{k}", 0) for h in history for k in ("exception", "timeout", "crash"))
     assert failures > 0

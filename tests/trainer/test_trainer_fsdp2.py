@@ -6,8 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from verl_mtp.config import load_config
-from verl_mtp.trainer.ray_trainer import DAPOTrainer
-from tests.trainer.conftest import overrides
+from tests.trainer.conftest import fit_run, overrides
 
 FSDP2 = ("actor_rollout_ref.actor.strategy=fsdp2", "trainer.n_gpus_per_node=2", "trainer.save_freq=1",
          "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -15,20 +14,12 @@ FSDP2 = ("actor_rollout_ref.actor.strategy=fsdp2", "trainer.n_gpus_per_node=2", 
          "actor_rollout_ref.model.enable_gradient_checkpointing=true")
 
 
-def _fit(cfg):
-    trainer = DAPOTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
-
-
 def test_fsdp2_two_ranks_train_checkpoint_and_resume_exactly(ray_local, tmp_path):
-    full = _fit(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=2", *FSDP2)))
-    _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=1", *FSDP2)))
+    full = fit_run(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=2", *FSDP2)))
+    fit_run(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=1", *FSDP2)))
     saved = tmp_path / "b" / "ckpt" / "global_step_1" / "actor"
     assert sorted(p.name for p in saved.glob("optimizer_rank*.pt")) == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
-    resumed = _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *FSDP2)))
+    resumed = fit_run(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *FSDP2)))
     assert len(resumed) == 2  # step 1 restored from the checkpoint, step 2 trained after the resume
     assert full[0]["actor/param_bytes_local"] * 2 == full[0]["actor/param_bytes_total"]
     volatile = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds")

@@ -10,21 +10,13 @@ from verl_mtp.config import load_config
 from verl_mtp.rollout.client import VERSION_CHECKED
 from verl_mtp.trainer.ray_trainer import DAPOTrainer, WeightSyncError
 from verl_mtp.workers.rollout_backends import ColocatedInProcess, RolloutContext
-from tests.trainer.conftest import overrides
+from tests.trainer.conftest import fit_run, overrides
 
 SEVENS = "tests/trainer/sevens_reward.py"
 
 
-def _fit(cfg):
-    trainer = DAPOTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
-
-
 def test_three_steps_colocated(ray_local, tmp_path):
-    history = _fit(load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.test_freq=3",
+    history = fit_run(load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.test_freq=3",
                                          "data.val_batch_size=8")))
     assert len(history) == 3
     last = history[-1]
@@ -46,7 +38,7 @@ def test_split_mode_data_parallel_ref_dynamic_sampling_and_checkpoints(ray_local
         "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.actor.use_kl_loss=true", "algorithm.filter_groups.enable=true",
         "algorithm.filter_groups.metric=score", "trainer.save_freq=1", "trainer.max_actor_ckpt_to_keep=1"))
-    history = _fit(cfg)
+    history = fit_run(cfg)
     assert len(history) == 2 and "actor/kl_loss" in history[-1] and "timing_s/ref" in history[-1]
     assert all(h["train/num_gen_batches"] >= 1 for h in history)
     ckpt = tmp_path / "ckpt"
@@ -57,7 +49,7 @@ def test_split_mode_data_parallel_ref_dynamic_sampling_and_checkpoints(ray_local
 
 
 def test_reward_rises_on_a_learnable_toy_reward(ray_local, tmp_path):
-    history = _fit(load_config(overrides(
+    history = fit_run(load_config(overrides(
         tmp_path, "trainer.total_training_steps=24", f"custom_reward_function.path={SEVENS}",
         "reward_model.reward_manager=naive", "reward_model.overlong_buffer.enable=false",
         "actor_rollout_ref.actor.optim.lr=3e-3", "actor_rollout_ref.rollout.n=8",
@@ -74,9 +66,9 @@ def _final_weights(tmp_path, step):
 def test_resume_reproduces_the_uninterrupted_run(ray_local, tmp_path):
     common = ("trainer.save_freq=2", "actor_rollout_ref.model.mtp.speculative_num_steps=1",
               "algorithm.filter_groups.enable=true", "algorithm.filter_groups.metric=score")
-    full = _fit(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=4", *common)))
-    _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *common)))
-    resumed = _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=4", *common)))
+    full = fit_run(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=4", *common)))
+    fit_run(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *common)))
+    resumed = fit_run(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=4", *common)))
     assert len(resumed) == 4  # history restored from the checkpoint, then steps 3 and 4
     volatile = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds")
     for a, b in zip(full, resumed):
@@ -96,12 +88,12 @@ def test_megatron_tensor_parallel_syncs_and_saves_on_every_rank_and_resumes_exac
     common = ("trainer.save_freq=1", "trainer.n_gpus_per_node=2", "actor_rollout_ref.hybrid_engine=false",
               f"{actor}strategy=megatron", f"{actor}megatron.tensor_model_parallel_size=2",
               "actor_rollout_ref.model.mtp.speculative_num_steps=1")
-    full = _fit(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=2", *common)))
+    full = fit_run(load_config(overrides(tmp_path / "a", "trainer.total_training_steps=2", *common)))
     step1 = tmp_path / "a" / "ckpt" / "global_step_1"
     shards = [torch.load(step1 / "actor" / f"optimizer_rank{r}.pt", weights_only=True)["optimizer"]["state"]
               for r in range(2)]
     assert any(not torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(*(s.values() for s in shards)))
-    resumed = _fit(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *common,
+    resumed = fit_run(load_config(overrides(tmp_path / "b", "trainer.total_training_steps=2", *common,
                                          "trainer.resume_mode=resume_path", f"trainer.resume_from_path={step1}")))
     volatile = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds")
     assert {k: v for k, v in resumed[-1].items() if not k.startswith(volatile)} == \
@@ -139,12 +131,12 @@ def test_prometheus_exporter_serves_the_run(ray_local, tmp_path):
     port = free_port()
     cfg = load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.prometheus.enable=true",
                                 f"trainer.prometheus.port={port}"))
-    history, samples = watch_run(f"http://127.0.0.1:{port}/metrics", lambda: _fit(cfg))
+    history, samples = watch_run(f"http://127.0.0.1:{port}/metrics", lambda: fit_run(cfg))
     assert_scrape_matches(samples, history)
 
 
 def test_server_mode_rollout_over_http_replicas(ray_local, tmp_path):
-    history = _fit(load_config(overrides(
+    history = fit_run(load_config(overrides(
         tmp_path, "trainer.total_training_steps=2", "actor_rollout_ref.rollout.mode=server",
         "actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.server.num_replicas=2",
         "actor_rollout_ref.rollout.server.base_port=0")))

@@ -73,8 +73,11 @@ def last_boxed_only_string(text: str) -> str | None:
     """The last ``\\boxed{...}`` of ``text`` including the command and its braces, or None when
     there is none or it is never closed."""
     start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
+    return None if start < 0 else balanced_from(text, start)
+
+
+def balanced_from(text: str, start: int) -> str | None:
+    """``text`` from ``start`` to the brace that closes the first one opened there; None if never closed."""
     depth = 0
     for index in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[index], 0)

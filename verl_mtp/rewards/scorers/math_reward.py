@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .math_dapo import balanced_from
+
 
 class _CannotNormalise(Exception):
     """Raised where verl's normalisation fails (it then compares the raw strings)."""
@@ -27,14 +29,7 @@ def last_boxed_only_string(text: str) -> str | None:
     start = text.rfind("\\boxed")
     if start < 0:
         start = text.rfind("\\fbox")
-        if start < 0:
-            return None
-    depth = 0
-    for index in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[index], 0)
-        if text[index] == "}" and depth == 0:
-            return text[start:index + 1]
-    return None
+    return None if start < 0 else balanced_from(text, start)
 
 
 def remove_boxed(boxed: str) -> str | None:
