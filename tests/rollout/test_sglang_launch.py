@@ -14,7 +14,7 @@ from verl_mtp.config import load_config
 from verl_mtp.rollout.client import (colocated_replica_groups, colocated_servers, native_server_args,
                                      server_launcher, server_sync_mode, weight_update_group_for)
 from verl_mtp.rollout.server import parse_args, speculative_depth
-from verl_mtp.rollout.sglang import (check_sglang_support, launch_command, replica_layout, server_cli_args,
+from verl_mtp.rollout.sglang import (check_model_folder, check_sglang_support, launch_command, replica_layout, server_cli_args,
                                      sglang_server_args, speculative_args)
 from tests.conftest import needs_sglang
 
@@ -105,6 +105,24 @@ def test_runs_an_sglang_version_cannot_do_are_refused_in_one_line(overrides, ver
     with pytest.raises(ValueError, match=needle) as info:
         check_sglang_support(cfg, version)
     assert "\n" not in str(info.value)
+
+
+def test_a_folder_with_its_own_code_needs_trust_remote_code_in_one_line(tmp_path):
+    """Every MiMo folder we save carries modeling code and auto_map; SGLang reads it through AutoConfig."""
+    from verl_mtp.models import MTPCausalLM, ModelConfig
+
+    MTPCausalLM(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, num_nextn_predict_layers=1)
+                ).save_pretrained(tmp_path / "ckpt")
+    base = recipe_overrides(CLUSTER_RECIPE)
+    trusting = load_config(base, config_name="ppo_megatron_trainer")
+    check_model_folder(trusting, str(tmp_path / "ckpt"))
+    wary = load_config(base + ["actor_rollout_ref.model.trust_remote_code=False"], config_name="ppo_megatron_trainer")
+    with pytest.raises(ValueError, match="key 'actor_rollout_ref.model.trust_remote_code': .* 'mimo' folder with its "
+                                         "own modeling code") as info:
+        check_model_folder(wary, str(tmp_path / "ckpt"))
+    assert "\n" not in str(info.value)
+    check_model_folder(wary, str(tmp_path / "no_such_folder"))  # a hub name or a path on the GPU nodes: SGLang's call
 
 
 def test_supported_runs_pass_the_version_check(cluster_cfg):

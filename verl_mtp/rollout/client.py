@@ -31,8 +31,8 @@ from verl_mtp.rollout.replica import (DEFAULT_TIMEOUT_S, ReplicaClient, ReplicaE
                                       ServerProcess, launch_replicas, native_server_args, native_server_command)
 from verl_mtp.rollout.sampling import SamplingParams, rollout_sampling_params
 from verl_mtp.rollout.sglang import (DEFAULT_SGLANG_VERSION, SGLangVersion, StaleDraftGuard, SyncCall,
-                                     check_sglang_support, installed_sglang_version, launch_sglang_replicas,
-                                     sglang_version, weight_sync_plan, weight_update_group)
+                                     check_model_folder, check_sglang_support, installed_sglang_version,
+                                     launch_sglang_replicas, sglang_version, weight_sync_plan, weight_update_group)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class ServerRollout:
         kwargs["sync_mode"] = server_sync_mode(r)
         if r.name == "sglang":  # refused before anything starts, then again with the version that answers
             check_sglang_support(cfg, installed_sglang_version() or DEFAULT_SGLANG_VERSION)
+            check_model_folder(cfg, model_path)
             kwargs["load_format"] = None
         if server_launcher(cfg) == "ray":
             from verl_mtp.rollout.ray_launch import launch_replicas_on_ray

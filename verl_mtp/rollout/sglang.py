@@ -110,6 +110,24 @@ def check_sglang_support(cfg, version: str) -> None:
                          "0.5.23 (selector=all) or colocated tensor sync (hybrid_engine=True)")
 
 
+def check_model_folder(cfg, model_path: str) -> None:
+    """SGLang reads the model's config through transformers' AutoConfig, which knows no `mimo`: a folder
+    that brings its own code (`auto_map`, as every MiMo folder we save does) needs trust_remote_code, or
+    every replica fails to start. Refused here in one line instead."""
+    import json
+    import os
+
+    config = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config) or cfg.actor_rollout_ref.model.trust_remote_code:
+        return
+    with open(config, encoding="utf-8") as f:
+        hf = json.load(f)
+    if "auto_map" in hf:
+        raise ValueError(f"key 'actor_rollout_ref.model.trust_remote_code': {model_path} is a "
+                         f"{hf.get('model_type', '?')!r} folder with its own modeling code (auto_map), which SGLang "
+                         "loads only with trust_remote_code=True")
+
+
 def installed_sglang_version() -> str | None:
     """The SGLang this machine would launch (None when not installed); read without importing it."""
     from importlib.metadata import PackageNotFoundError, version

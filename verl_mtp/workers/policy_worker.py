@@ -120,20 +120,23 @@ class PolicyWorker:
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         return self.actor.update_policy(batch.to(self.device), mini_batch_rows, step)
 
-    def get_weights(self) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-        """Every rank gathers; rank 0 returns the full tensors and their checksum, the others (None, None),
-        so the driver receives one copy whatever the world size."""
+    def get_weights(self, hashed: bool = True) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """Every rank gathers; rank 0 returns the full tensors and their checksum (None unless `hashed`: a
+        receiver that cannot report one, SGLang, is not worth a host-side hash per sync), the others
+        (None, None), so the driver receives one copy whatever the world size."""
         named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
-        return (named, state_checksum(named.items())) if self.rank == 0 else (None, None)
+        if self.rank != 0:
+            return None, None
+        return named, state_checksum(named.items()) if hashed else None
 
     # ---- split weight sync over a process group (rollout.server.sync_mode=distributed) --------------
 
-    def weights_meta(self) -> tuple[list[tuple[str, str, list[int]]], str]:
-        """(name, dtype, shape) of every tensor a sync sends, and their checksum: what the driver needs to
-        plan a broadcast sync without pulling the tensors through itself."""
+    def weights_meta(self, hashed: bool = True) -> tuple[list[tuple[str, str, list[int]]], str | None]:
+        """(name, dtype, shape) of every tensor a sync sends, and their checksum (if `hashed`): what the
+        driver needs to plan a broadcast sync without pulling the tensors through itself."""
         named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
         meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
-        return meta, state_checksum(named)
+        return meta, state_checksum(named) if hashed else None
 
     def weight_broadcast_address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0 of the weight group hosts its rendezvous here."""
@@ -194,7 +197,8 @@ class PolicyWorker:
             self.server_host.stop()
         self.server_host = self.server_client = None
 
-    def push_rollout_weights(self, version: int, encode: Callable, load_format: str | None) -> tuple[str, str] | None:
+    def push_rollout_weights(self, version: int, encode: Callable, load_format: str | None,
+                             hashed: bool = True) -> tuple[str | None, str] | None:
         """Every rank: gather the full tensors (a collective for sharded engines); a rank hosting a replica
         sends them to it in the sync's order (weight_sync_plan) from this process, the owner of the tensors
         (SGLang: CUDA IPC handles; our CPU server: base64 safetensors). Then the trainer's offload keys free
@@ -205,7 +209,7 @@ class PolicyWorker:
         named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
         result = None
         if self.server_client is not None:
-            sent = state_checksum(named)
+            sent = state_checksum(named) if hashed else None
             (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format,
                                    sent_checksum=sent)
             result = (sent, held)

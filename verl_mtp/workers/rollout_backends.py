@@ -100,9 +100,10 @@ class RolloutBackend(ABC):
         return 0
 
 
-def _send_through_object_store(actor: WorkerGroup, receivers, version: int) -> list[tuple[str, str]]:
+def _send_through_object_store(actor: WorkerGroup, receivers, version: int, hashed: bool = True
+                               ) -> list[tuple[str, str]]:
     """Every actor rank gathers; rank 0's tensors go into the object store once, each receiver reads them."""
-    weights, sent = actor.call("get_weights")[0]
+    weights, sent = actor.call("get_weights", hashed)[0]
     held = receivers.call("update_rollout_weights", ray.put(weights), version)
     return [(sent, h) for h in held]
 
@@ -146,6 +147,7 @@ class _Servers(RolloutBackend):
     """Replicas behind HTTP (a ServerRollout)."""
 
     server: ServerRollout
+    hashed: bool  # the sender hashes what it sends only for our server: SGLang cannot report what it holds
 
     @property
     def generators(self):
@@ -183,6 +185,7 @@ class SplitServer(_Servers):
 
     def __init__(self, ctx: RolloutContext):
         cfg, actor = ctx.cfg, ctx.actor
+        self.hashed = cfg.actor_rollout_ref.rollout.name == "native"
         hooks = {}
         if server_sync_mode(cfg.actor_rollout_ref.rollout) == "distributed":
             host, port = actor.call_rank0("weight_broadcast_address")
@@ -197,9 +200,9 @@ class SplitServer(_Servers):
 
     def sync_from(self, actor: WorkerGroup, version: int) -> list[tuple[str, str]]:
         if self.server.sync_mode != "distributed":
-            return _send_through_object_store(actor, self.server, version)
+            return _send_through_object_store(actor, self.server, version, self.hashed)
         # the actor's rank 0 broadcasts the tensors; the driver plans the sync from dtypes and shapes only
-        meta, sent = actor.call("weights_meta")[0]
+        meta, sent = actor.call("weights_meta", self.hashed)[0]
         shapes = {n: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for n, dtype, shape in meta}
         held = self.server.call("update_rollout_weights", shapes, version, sent_checksum=sent)
         return [(sent, h) for h in held]
@@ -232,6 +235,7 @@ class ColocatedServer(_Servers):
 
         self.actor = ctx.actor
         r = ctx.cfg.actor_rollout_ref.rollout
+        self.hashed = r.name == "native"
         self.sleeps = bool(r.free_cache_engine)
         self.encoding = push_encoding(r)
         self.released: set[str] = set()  # memory the replicas gave the actor (SGLang tags)
@@ -254,7 +258,7 @@ class ColocatedServer(_Servers):
         """The replicas take their weights memory back, the ranks hosting them send the tensors from their
         own process (the driver never holds them), then the KV cache comes back."""
         self._wake(("weights",))
-        pairs = [p for p in actor.call("push_rollout_weights", version, *self.encoding) if p is not None]
+        pairs = [p for p in actor.call("push_rollout_weights", version, *self.encoding, self.hashed) if p is not None]
         self.server.weights_synced(version)
         self._wake(("kv_cache",))
         return pairs

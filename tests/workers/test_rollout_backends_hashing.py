@@ -1,0 +1,42 @@
+"""The sender hashes the weights it sends only where the receiver can report a checksum of what it holds
+(our server); for SGLang, which answers VERSION_CHECKED, a full host-side hash per sync would buy nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from verl_mtp.workers.rollout_backends import SplitServer
+
+
+class RecordingActor:
+    """A worker group that records the calls a backend makes and answers like an actor with one tensor."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call(self, method, *args):
+        self.calls.append((method, args))
+        hashed = args[-1]
+        if method == "weights_meta":
+            return [([("w", "float32", [2])], "abc" if hashed else None)]
+        return [({"w": None}, "abc" if hashed else None)]
+
+
+class RecordingServer:
+    def __init__(self, mode):
+        self.sync_mode = mode
+
+    def call(self, method, *args, **kwargs):
+        return ["version-checked + acceptance guard"]
+
+
+@pytest.mark.parametrize("mode", ["tensor", "distributed"])
+@pytest.mark.parametrize("name,hashed", [("sglang", False), ("native", True)])
+def test_split_server_sync_hashes_only_for_a_server_that_reports_a_checksum(monkeypatch, mode, name, hashed):
+    monkeypatch.setattr("verl_mtp.workers.rollout_backends.ray.put", lambda x: x)
+    backend = SplitServer.__new__(SplitServer)  # its replicas are not needed to see what it asks the actor for
+    backend.server, backend.hashed = RecordingServer(mode), name == "native"
+    actor = RecordingActor()
+    pairs = backend.sync_from(actor, version=3)
+    assert [(m, a[-1]) for m, a in actor.calls] == [("get_weights" if mode == "tensor" else "weights_meta", hashed)]
+    assert pairs[0][0] == ("abc" if hashed else None)
