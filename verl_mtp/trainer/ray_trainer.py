@@ -255,6 +255,7 @@ class DAPOTrainer:
                                                            self.step + 1))
             with timer("update_weights", timing):
                 metrics["rollout/sync_checksum_verified"] = self._sync_weights()
+                self._pass_acceptance_prior(actor_metrics)
         metrics.update(adv_metrics)
         metrics.update(actor_metrics)
         metrics.update(self._batch_metrics(batch))
@@ -263,6 +264,18 @@ class DAPOTrainer:
         metrics.update(self.counters)
         metrics["trainer/weight_version"] = float(self.version)
         return metrics
+
+    def _pass_acceptance_prior(self, actor_metrics: dict[str, float]) -> None:
+        """Adaptive depth starts each batch from what training expects of the draft just synced
+        (mtp/expected_chain_accept_rate_k, exact for the on-policy batch) instead of a flat guess."""
+        if self.cfg.actor_rollout_ref.model.mtp.speculative_num_steps != "auto":
+            return
+        rates, k = [], 1
+        while f"mtp/expected_chain_accept_rate_{k}" in actor_metrics:
+            rates.append(actor_metrics[f"mtp/expected_chain_accept_rate_{k}"])
+            k += 1
+        if rates:
+            self.rollout.set_acceptance_prior(rates)
 
     def _with_old_log_probs(self, batch: Batch, mini_batch_rows: int, timing: dict[str, float]) -> Batch:
         source = self._old_log_prob_source(len(batch), mini_batch_rows)

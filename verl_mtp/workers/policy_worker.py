@@ -105,6 +105,9 @@ class PolicyWorker:
         named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
         return state_checksum(named), self.rollout.update_weights(named, version)
 
+    def set_acceptance_prior(self, chain_rates: list[float]) -> None:
+        self.rollout.set_acceptance_prior(chain_rates)
+
     def rollout_checksum(self) -> str:
         return self.rollout.weights_checksum()
 

@@ -57,6 +57,7 @@ class RolloutBackend(ABC):
     actor_role = "actor"  # the role the actor's ranks play next to this backend
     starts_empty = False  # replicas start from dummy weights: sync before the first generate
     sleeps = False  # sleep() frees the rollout's memory for the actor's passes
+    takes_prior = False  # its generators are our in-process engines (set_acceptance_prior)
 
     @property
     @abstractmethod
@@ -85,6 +86,13 @@ class RolloutBackend(ABC):
         """Trunk and MTP tensors of the actor to the rollout as `version`; -> (sent, held) checksums per
         rollout rank. Every actor rank takes part (a sharded engine gathers its tensors collectively)."""
 
+    def set_acceptance_prior(self, chain_rates: list[float]) -> None:
+        """Training's expected P(drafts 1..k kept) per depth for the weights just synced: adaptive depth
+        starts from it. Our in-process engines take it; a server replica's controller learns only from the
+        acceptance it observes."""
+        if self.takes_prior:
+            self.generators.call("set_acceptance_prior", chain_rates)
+
     def sleep(self) -> None:
         """Free the rollout's memory while the actor trains (when `sleeps`)."""
 
@@ -110,6 +118,7 @@ def _send_through_object_store(actor: WorkerGroup, receivers, version: int, hash
 
 class ColocatedInProcess(RolloutBackend):
     actor_role = "actor_rollout"
+    takes_prior = True
 
     def __init__(self, ctx: RolloutContext):
         self.actor = ctx.actor
@@ -123,6 +132,8 @@ class ColocatedInProcess(RolloutBackend):
 
 
 class SplitInProcess(RolloutBackend):
+    takes_prior = True
+
     def __init__(self, ctx: RolloutContext):
         world = ctx.cfg.trainer.nnodes * ctx.cfg.trainer.n_gpus_per_node
         tp = ctx.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size

@@ -40,3 +40,31 @@ def test_split_server_sync_hashes_only_for_a_server_that_reports_a_checksum(monk
     pairs = backend.sync_from(actor, version=3)
     assert [(m, a[-1]) for m, a in actor.calls] == [("get_weights" if mode == "tensor" else "weights_meta", hashed)]
     assert pairs[0][0] == ("abc" if hashed else None)
+
+
+class RecordingGroup:
+    def __init__(self):
+        self.calls = []
+
+    def call(self, method, *args):
+        self.calls.append((method, args))
+
+
+def test_training_expectation_reaches_in_process_engines_and_not_servers():
+    from types import SimpleNamespace
+
+    from verl_mtp.trainer.ray_trainer import DAPOTrainer
+    from verl_mtp.workers.rollout_backends import ColocatedInProcess
+
+    colocated = ColocatedInProcess.__new__(ColocatedInProcess)
+    colocated.actor = RecordingGroup()
+    server = SplitServer.__new__(SplitServer)
+    server.server = RecordingGroup()
+    metrics = {"mtp/expected_chain_accept_rate_1": 0.9, "mtp/expected_chain_accept_rate_2": 0.7, "actor/lr": 1.0}
+    for steps, backend, calls in (("auto", colocated, [("set_acceptance_prior", ([0.9, 0.7],))]),
+                                  ("auto", server, []), (2, colocated, [])):
+        backend.generators.calls.clear()
+        driver = SimpleNamespace(rollout=backend, cfg=SimpleNamespace(actor_rollout_ref=SimpleNamespace(
+            model=SimpleNamespace(mtp=SimpleNamespace(speculative_num_steps=steps)))))
+        DAPOTrainer._pass_acceptance_prior(driver, metrics)
+        assert backend.generators.calls == calls
