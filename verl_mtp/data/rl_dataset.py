@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections import Counter
 from collections.abc import Iterator
 
@@ -59,8 +60,6 @@ def _subset(rows: list, max_samples: int, shuffle: bool, seed: int) -> list:
         return rows
     if not shuffle:
         return rows[:max_samples]
-    import random
-
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_samples))]
 
 

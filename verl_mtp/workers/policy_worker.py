@@ -123,13 +123,25 @@ class PolicyWorker:
     def update_policy(self, batch: Batch, mini_batch_rows: int, step: int = 0) -> dict[str, float]:
         return self.actor.update_policy(batch.to(self.device), mini_batch_rows, step)
 
+    def _full_tensors(self, keep: bool) -> list[tuple[str, torch.Tensor]] | None:
+        """Every rank walks the engine's full tensors (a sharded engine gathers each with a collective its
+        groups must join); -> them, detached, where `keep`, else None once the gathers are joined, so
+        ranks whose result is unused neither hold nor copy nor hash the whole model."""
+        tensors = self.actor.engine.named_tensors()
+        if not keep:
+            for _ in tensors:
+                pass
+            return None
+        return [(n, t.detach()) for n, t in tensors]
+
     def get_weights(self, hashed: bool = True) -> tuple[dict[str, torch.Tensor] | None, str | None]:
         """Every rank gathers; rank 0 returns the full tensors and their checksum (None unless `hashed`: a
         receiver that cannot report one, SGLang, is not worth a host-side hash per sync), the others
         (None, None), so the driver receives one copy whatever the world size."""
-        named = {n: t.detach().cpu() for n, t in self.actor.engine.named_tensors()}
-        if self.rank != 0:
+        named = self._full_tensors(keep=self.rank == 0)
+        if named is None:
             return None, None
+        named = {n: t.cpu() for n, t in named}
         return named, state_checksum(named.items()) if hashed else None
 
     # ---- split weight sync over a process group (rollout.server.sync_mode=distributed) --------------
@@ -137,7 +149,7 @@ class PolicyWorker:
     def weights_meta(self, hashed: bool = True) -> tuple[list[tuple[str, str, list[int]]], str | None]:
         """(name, dtype, shape) of every tensor a sync sends, and their checksum (if `hashed`): what the
         driver needs to plan a broadcast sync without pulling the tensors through itself."""
-        named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
+        named = self._full_tensors(keep=True)  # every rank answers (the tests compare the ranks' checksums)
         meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
         return meta, state_checksum(named) if hashed else None
 
@@ -163,9 +175,10 @@ class PolicyWorker:
         order, to every replica of the weight group; -> how many it sent."""
         from verl_mtp.rollout.weight_group import broadcast_tensors
 
-        named = dict(self.actor.engine.named_tensors())
-        if self.rank != 0:
+        named = self._full_tensors(keep=self.rank == 0)
+        if named is None:
             return 0
+        named = dict(named)
         if self.weight_group is None:
             raise RuntimeError("broadcast_weights before init_weight_broadcast: no weight group to send over")
         broadcast_tensors(self.weight_group, [named[n] for n in names], self.weight_group_backend)
@@ -209,9 +222,9 @@ class PolicyWorker:
         (rollout_backends.push_encoding). -> (sent, held) checksums on hosting ranks, else None."""
         from verl_mtp.rollout.client import push_weights
 
-        named = [(n, t.detach()) for n, t in self.actor.engine.named_tensors()]
+        named = self._full_tensors(keep=self.server_client is not None)
         result = None
-        if self.server_client is not None:
+        if named is not None:
             sent = state_checksum(named) if hashed else None
             (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format,
                                    sent_checksum=sent)
