@@ -174,8 +174,7 @@ def fakes():
 def test_colocated_sync_reaches_every_replica_in_order(fakes):
     replicas, _, _ = fakes()
     clients = [ReplicaClient(f.url, timeout=10) for f in replicas]
-    held = push_weights(clients, dict(NAMED), 5, encode=lambda part: ["blob"], load_format=None,
-                        sent_checksum="sender's")
+    held = push_weights(clients, dict(NAMED), 5, encode=lambda part: ["blob"], load_format=None)
     # SGLang reports no checksum: the version check stands in, and says so (never the sender's echoed back)
     assert held == [VERSION_CHECKED] * 2
     for fake in replicas:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # what push_weights reports for a replica that cannot report a checksum of its weights (SGLang)
 VERSION_CHECKED = "version-checked + acceptance guard"
 
+
 class LeastOutstanding:
     """Picks the replica with the fewest requests in flight, round-robin among ties, so concurrent shards
     spread out and a replica busy with a long batch gets the next one last."""
@@ -235,9 +236,9 @@ class ServerRollout:
         """-> ([(prompt_index, token_ids, logprobs, finish_reason)], metrics), like PolicyWorker.generate."""
         return self._generate_many([prompts], validate, seed)[0]
 
-    def update_rollout_weights(self, named_tensors: dict, version: int, sent_checksum: str | None = None) -> str:
+    def update_rollout_weights(self, named_tensors: dict, version: int) -> str:
         """-> the checksum all replicas hold (VERSION_CHECKED for SGLang); they must agree."""
-        held = self._sync(named_tensors, version, sent_checksum)
+        held = self._sync(named_tensors, version)
         for client, checksum in zip(self.clients, held):
             if checksum != held[0]:
                 raise ReplicaError(f"rollout server {client.url} holds checksum {checksum[:12]} after sync "
@@ -301,7 +302,7 @@ class ServerRollout:
             self._server_info = self.clients[0].request("GET", "/server_info")
         return self._server_info
 
-    def _sync(self, named_tensors: dict, version, sent_checksum: str | None = None) -> list[str]:
+    def _sync(self, named_tensors: dict, version) -> list[str]:
         held = push_weights(self.clients, named_tensors, version, init_group=self.init_group,
                             protocol=self.protocol, **self.sync)
         self.init_group = None
@@ -343,8 +344,7 @@ def detect_protocol(clients: list[ReplicaClient]) -> SGLangVersion:
 def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, mode: str = "tensor",
                  encode: Callable = encode_native, load_format: str | None = TENSOR_LOAD_FORMAT,
                  broadcast: Callable | None = None, init_group: dict | None = None,
-                 join_group: Callable | None = None, protocol: SGLangVersion | None = None,
-                 sent_checksum: str | None = None) -> list[str]:
+                 join_group: Callable | None = None, protocol: SGLangVersion | None = None) -> list[str]:
     """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan, in the dialect of `protocol`,
     asked from the replicas when not given); -> what each replica holds: its weights' checksum when it
     reports one (our server), else VERSION_CHECKED (SGLang: the new weight_version was checked).
@@ -352,8 +352,8 @@ def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, 
     mode "tensor": the tensors travel in the request, serialized by `encode` (colocated; on GPUs run it
     in the process that owns them, with sglang_tensor_payload). mode "distributed": `broadcast(names)`
     sends them over the weight group that `init_group` describes and `join_group()` joins as rank 0
-    (split); `named_tensors` then only needs dtypes and shapes. `sent_checksum` is accepted for callers
-    of the old signature and not used: a replica's answer is never the sender's checksum echoed back.
+    (split); `named_tensors` then only needs dtypes and shapes. The sender's checksum is not an argument:
+    what a replica answers is never the sender's own checksum echoed back.
     """
     protocol = protocol or detect_protocol(clients)
     plan = weight_sync_plan(list(named_tensors.items()), version, mode, encode=encode, load_format=load_format,

@@ -226,8 +226,7 @@ class PolicyWorker:
         result = None
         if named is not None:
             sent = state_checksum(named) if hashed else None
-            (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format,
-                                   sent_checksum=sent)
+            (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format)
             result = (sent, held)
         del named
         self.actor.engine.offload()

@@ -215,7 +215,7 @@ class SplitServer(_Servers):
         # the actor's rank 0 broadcasts the tensors; the driver plans the sync from dtypes and shapes only
         meta, sent = actor.call("weights_meta", self.hashed)[0]
         shapes = {n: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for n, dtype, shape in meta}
-        held = self.server.call("update_rollout_weights", shapes, version, sent_checksum=sent)
+        held = self.server.call("update_rollout_weights", shapes, version)
         return [(sent, h) for h in held]
 
     @classmethod
