@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.observability.conftest import step_metrics
 from tests.observability.scrape import free_port, scrape, value
 from verl_mtp.config import load_config
-from verl_mtp.observability.tracking import ConsoleSink, Tracker, format_duration, tensorboard_dir
+from verl_mtp.observability.tracking import ConsoleSink, Tracker, format_duration, pick_generations, tensorboard_dir
 
 
 def _scalars(log_dir) -> EventAccumulator:
@@ -149,3 +149,32 @@ def test_a_bad_logger_does_not_leave_the_exporter_bound(tmp_path):
         Tracker.from_config(cfg, total_steps=1)
     Tracker.from_config(load_config(["trainer.logger=[]", "trainer.prometheus.enable=true",
                                      f"trainer.prometheus.port={port}"]), total_steps=1).close()
+
+
+def test_val_generations_are_the_same_prompts_every_time():
+    inputs = [f"q{i}" for i in range(10)]
+    picked = pick_generations(inputs, [f"a{i}" for i in range(10)], list(range(10)), 4)
+    assert len(picked) == 4 and len({i for i, _, _ in picked}) == 4
+    assert all(o == "a" + i[1:] and s == float(i[1:]) for i, o, s in picked)  # rows stay together
+    shuffled = list(reversed(range(10)))  # the order the samples arrive in does not matter
+    again = pick_generations([inputs[i] for i in shuffled], [f"b{i}" for i in shuffled], shuffled, 4)
+    assert [i for i, _, _ in again] == [i for i, _, _ in picked]
+    assert pick_generations(inputs, inputs, [0.0] * 10, 0) == []
+    assert len(pick_generations(inputs[:3], inputs[:3], [0.0] * 3, 10)) == 3
+
+
+def test_val_generations_reach_jsonl_and_tensorboard_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_DIR", str(tmp_path / "tb"))
+    tracker = Tracker(["console", "jsonl", "tensorboard"], str(tmp_path / "run"), "p", "e", total_steps=2)
+    samples = [("1+1=", "2 | done\nok", 1.0), ("2+2=", "5", -1.0)]
+    tracker.log({"val-core/acc": 0.5}, 0)
+    tracker.log_generations(samples, 0)
+    tracker.log_generations([], 1)  # nothing picked: nothing written
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "val_generations.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 0, "input": i, "output": o, "score": s} for i, o, s in samples]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    [text] = events.Tensors("val/generations/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert "| 1+1= | 2 \\| done<br>ok | 1 |" in table and "| 2+2= | 5 | -1 |" in table

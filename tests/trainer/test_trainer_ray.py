@@ -17,7 +17,7 @@ SEVENS = "tests/trainer/sevens_reward.py"
 
 def test_three_steps_colocated(ray_local, tmp_path):
     history = fit_run(load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.test_freq=3",
-                                         "data.val_batch_size=8")))
+                                         "data.val_batch_size=8", "trainer.log_val_generations=3")))
     assert len(history) == 3
     last = history[-1]
     for key in ("critic/score/mean", "critic/advantages/mean", "response_length/clip_ratio", "actor/pg_loss",
@@ -30,6 +30,9 @@ def test_three_steps_colocated(ray_local, tmp_path):
     assert last["trainer/weight_version"] == 3.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    shown = [json.loads(line) for line in (tmp_path / "run" / "val_generations.jsonl").read_text().splitlines()]
+    assert len(shown) == 3 and {r["step"] for r in shown} == {3} and len({r["input"] for r in shown}) == 3
+    assert all(r["input"].strip() and isinstance(r["output"], str) for r in shown)
 
 
 def test_split_mode_data_parallel_ref_dynamic_sampling_and_checkpoints(ray_local, tmp_path):

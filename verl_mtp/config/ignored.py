@@ -83,7 +83,6 @@ IGNORED: dict[str, Ignored] = {
     "algorithm.lam": Ignored(1.0, "only GAE uses lambda, and there is no critic (grpo|rloo)"),
     "trainer.balance_batch": Ignored(False, "responses are not reordered across ranks by token count; same "
                                             "result, ranks may wait on each other"),
-    "trainer.log_val_generations": Ignored(0, "validation generations are not logged, only their scores"),
     "trainer.critic_warmup": Ignored(0, "there is no critic; verl would also hold the actor back for these steps",
                                      True),
 }

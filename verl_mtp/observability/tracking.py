@@ -3,6 +3,7 @@ and, when enabled, the Prometheus exporter. The driver only does
 
     tracker = Tracker.from_config(cfg, total_steps, start_step)
     tracker.log(metrics, step)        # every step
+    tracker.log_generations(samples, step)   # after a validation, when trainer.log_val_generations > 0
     tracker.close()
 """
 
@@ -13,12 +14,28 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from verl_mtp.observability.prometheus import PrometheusExporter, exporter_from_config
 
 LOGGERS = ("console", "jsonl", "tensorboard")
 METRICS_FILE = "metrics.jsonl"
+GENERATIONS_FILE = "val_generations.jsonl"
+Generation = tuple[str, str, float]  # (input text, output text, score)
+
+
+def pick_generations(inputs: Sequence[str], outputs: Sequence[str], scores: Sequence[float], n: int,
+                     seed: int = 42) -> list[Generation]:
+    """`trainer.log_val_generations`: n validation samples, the same ones at every validation of a run
+    (as verl picks them: ordered by input text, then a fixed-seed shuffle), so a table shows how the
+    answers to the same prompts change over training."""
+    if n <= 0:
+        return []
+    rows = sorted(zip(inputs, outputs, (float(s) for s in scores)), key=lambda r: r[0])
+    order = np.random.RandomState(seed).permutation(len(rows))
+    return [rows[i] for i in order[:n]]
 
 
 def format_duration(seconds: float) -> str:
@@ -91,6 +108,12 @@ class JsonlSink:
             row[k] = v if math.isfinite(v) else None
         self.f.write(json.dumps(row) + "\n")  # line buffered: a reader sees whole lines (but the last may be cut)
 
+    def log_generations(self, samples: Sequence[Generation], step: int) -> None:
+        """`val_generations.jsonl` beside the metrics: one object per sample."""
+        with open(os.path.join(os.path.dirname(self.path), GENERATIONS_FILE), "a") as f:
+            for text_in, text_out, score in samples:
+                f.write(json.dumps({"step": step, "input": text_in, "output": text_out, "score": score}) + "\n")
+
     def close(self) -> None:
         self.f.close()
 
@@ -125,6 +148,14 @@ class TensorBoardSink:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, float(v), step)
+        self.writer.flush()
+
+    def log_generations(self, samples: Sequence[Generation], step: int) -> None:
+        """One markdown table per validation under the text tab, `val/generations`."""
+        cell = lambda text: str(text).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+        rows = [f"| {cell(i)} | {cell(o)} | {score:.3g} |" for i, o, score in samples]
+        self.writer.add_text("val/generations", "\n".join(["| input | output | score |", "|---|---|---|", *rows]),
+                             step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -165,6 +196,13 @@ class Tracker:
             sink.log(metrics, step)
         if self.exporter is not None:
             self.exporter.update(metrics, step)
+
+    def log_generations(self, samples: Sequence[Generation], step: int) -> None:
+        """Validation samples to the sinks that keep text (jsonl, tensorboard); the console and the
+        exporter show numbers only."""
+        for sink in self.sinks:
+            if samples and hasattr(sink, "log_generations"):
+                sink.log_generations(samples, step)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -25,7 +25,7 @@ from verl_mtp.algos import (DynamicSamplingState, accumulate_groups, build_kl_co
 from verl_mtp.algos.kl import apply_kl_in_reward
 from verl_mtp.batch import Batch, from_samples
 from verl_mtp.data.rl_dataset import PromptLoader, RLDataset
-from verl_mtp.observability.tracking import Tracker
+from verl_mtp.observability.tracking import Tracker, pick_generations
 from verl_mtp.rewards import RewardSample, check_data_sources
 from verl_mtp.rollout.client import VERSION_CHECKED
 from verl_mtp.rollout.replica import ReplicaUnreachable
@@ -95,6 +95,7 @@ class DAPOTrainer:
         self.step = 0
         self.version = 0
         self.history: list[dict[str, float]] = []
+        self.val_generations: list = []  # trainer.log_val_generations samples of the last validation
         self._initial_loader_state = self.loader.state_dict()
         self.counters = {"trainer/worker_restarts": 0.0, "trainer/nan_skipped_steps": 0.0}
         self._init_workers()
@@ -318,6 +319,11 @@ class DAPOTrainer:
             accs = [a for a, s in zip(batch.meta["acc"], sources) if s == source]
             metrics[f"val-core/{source}/acc/mean@{n}"] = float(np.mean(accs))
         metrics["val-core/acc"] = float(np.mean(batch.meta["acc"]))
+        if self.cfg.trainer.log_val_generations > 0:  # logged by fit() with the step's metrics
+            inputs = [self.tokenizer.decode(p[m.bool()].tolist(), skip_special_tokens=True)
+                      for p, m in zip(batch.prompts, batch.prompt_mask)]
+            self.val_generations = pick_generations(inputs, batch.meta["response_text"], batch.scores.tolist(),
+                                                    self.cfg.trainer.log_val_generations)
         return metrics
 
     # ---- the loop ------------------------------------------------------------------------
@@ -329,14 +335,14 @@ class DAPOTrainer:
         nan_streak = 0
         try:
             if self.val_set is not None and t.val_before_train and self.step == 0:
-                tracker.log(self.validate(), self.step)
+                self._log(tracker, self.validate())
             while self.step < self.total_steps:
                 try:
                     metrics = self._step_and_validate()
                 except WORKER_DEATHS as error:
                     self._recover(error)
                     continue
-                tracker.log(metrics, self.step)
+                self._log(tracker, metrics)
                 nan_streak = nan_streak + 1 if metrics.get("actor/nan_skipped_updates", 0) > 0 else 0
                 if nan_streak >= t.max_nan_steps:
                     raise NonFiniteLossError(
@@ -348,6 +354,11 @@ class DAPOTrainer:
         finally:
             tracker.close()
         return self.history
+
+    def _log(self, tracker: Tracker, metrics: dict[str, float]) -> None:
+        tracker.log(metrics, self.step)
+        tracker.log_generations(self.val_generations, self.step)
+        self.val_generations = []
 
     def _step_and_validate(self) -> dict[str, float]:
         t = self.cfg.trainer
