@@ -68,9 +68,9 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # K and V in one tensor, so a chunk's keys and values are written with one op (rollout.fast_model)
+        self.kv = torch.zeros((2, num_layers, num_slots, num_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
         self.max_len = max_len
 
     def view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, length: int,
@@ -135,6 +135,15 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(torch.softmax(scores, dim=-1).view(b, hkv, g * t, length), v).view(b, h, t, d)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A chunk's queries (B, H, T, D) over cached keys/values (B, Hkv, L, D): `grouped_attention` for the
+    decode, draft and verify chunks of a large batch, SDPA otherwise."""
+    b, h, t, _ = q.shape
+    if t <= 16 and b * t >= 24:
+        return grouped_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,8 +161,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)
-        if kv is not None and t <= 16 and b * t >= 24:  # decode, draft and verify chunks of a large batch
-            out = grouped_attention(q, k, v, mask)
+        if kv is not None:
+            out = cached_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  enable_gqa=self.num_heads != self.num_kv_heads)

@@ -28,6 +28,7 @@ import torch
 
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout.depth import DepthController
+from verl_mtp.rollout.fast_model import FastModel, inference_dtype
 from verl_mtp.rollout.sampling import SamplingParams, sample, speculative_accept, target_logprobs, warp_probs
 
 
@@ -140,10 +141,15 @@ class NativeEngine:
 
     speculative: default draft depth for `generate`: an int (0 = plain decoding; more steps than MTP
     layers reuse the last layer) or "auto" (depth chosen per round from measured acceptance and costs).
+    dtype: the inference dtype (`rollout.dtype`: "bfloat16", "float32", ... or a torch dtype); None keeps
+    the model's. The model's parameters stay the canonical weights (checksummed); the engine decodes with
+    a copy derived from them (`rollout.fast_model`), re-derived whenever they change. Returned log-probs
+    are float32 log-softmaxes of the inference dtype's logits.
     """
 
     def __init__(self, model: MTPCausalLM, tokenizer=None, max_batch_size: int = 64, max_seq_len: int = 1024,
-                 speculative: int | str = "auto", max_draft_depth: int | None = None):
+                 speculative: int | str = "auto", max_draft_depth: int | None = None,
+                 dtype: str | torch.dtype | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -154,10 +160,12 @@ class NativeEngine:
         self.max_draft_depth = max_draft_depth if max_draft_depth is not None else (k + 4 if k else 0)
         self.version: int | None = None
         p = model.lm_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device = p.device
+        self.dtype = inference_dtype(dtype, p.device, p.dtype)
         # one spare position past the end: padded chunk entries go there and are never read as valid
         self._scratch = max_seq_len + self.max_draft_depth + 1
-        self.cache = model.allocate_cache(max_batch_size, self._scratch + 1)
+        self.fast = FastModel(model, self.dtype, self._scratch + 1)
+        self.cache = self.fast.allocate_cache(max_batch_size)
         hidden = model.config.hidden_size
         self._hidden = torch.zeros(k + 1, max_batch_size, self._scratch + 1, hidden, dtype=self.dtype, device=self.device)
         self._tokens = torch.zeros(max_batch_size, self._scratch + 1, dtype=torch.long, device=self.device)
@@ -176,6 +184,8 @@ class NativeEngine:
         are produced (streaming); the n samples of a prompt share its index."""
         params = params or SamplingParams()
         self._on_tokens = on_tokens
+        if self.fast.stale():  # the model's weights changed in place since the copy was derived
+            self.fast.refresh()
         depth_setting = self.speculative if speculative is None else speculative
         self._check_request(prompt_token_ids, params, depth_setting)
         seed = params.seed if params.seed is not None else random.randrange(2**63)
@@ -221,6 +231,7 @@ class NativeEngine:
                 raise ValueError(f"update_weights: tensor '{name}' has shape {tuple(tensor.shape)}, "
                                  f"engine expects {tuple(state[name].shape)}")
             state[name].copy_(tensor)
+        self.fast.refresh()  # the inference copy, from the tensors just written, in this same call
         self.version = version
         # the acceptance estimate belongs to the old draft: a fresh (or stale) draft must be re-measured
         self.depth_controller.reset_acceptance()
@@ -269,9 +280,9 @@ class NativeEngine:
             chunk[row, : len(prompt)] = torch.tensor(prompt)
         positions = torch.arange(width, device=self.device).expand(len(admitted), width)
         self._tokens[slots, :width] = chunk
-        hidden = self.model.trunk_step(chunk, positions, self.cache, slots)
+        hidden = self.fast.trunk_step(chunk, positions, self.cache, slots)
         self._hidden[0][slots[:, None], positions] = hidden
-        logits = self.model.lm_logits(hidden[torch.arange(len(admitted)), lens - 1])
+        logits = self.fast.lm_logits(hidden[torch.arange(len(admitted)), lens - 1])
         token = sample(warp_probs(logits, params), gen)
         self._tokens[slots, lens] = token
         self._pos[slots] = lens
@@ -287,9 +298,9 @@ class NativeEngine:
         steps = torch.arange(depth + 1, device=self.device)
         positions = n[:, None] + steps
         chunk = self._tokens[slots[:, None], positions]  # x_n, d_1..d_S
-        hidden = self.model.trunk_step(chunk, positions, self.cache, slots)
+        hidden = self.fast.trunk_step(chunk, positions, self.cache, slots)
         self._hidden[0][slots[:, None], positions] = hidden
-        logits = self.model.lm_logits(hidden)  # (B, S+1, V)
+        logits = self.fast.lm_logits(hidden)  # (B, S+1, V)
         accepted, nxt = speculative_accept(warp_probs(logits, params), draft_probs, drafts, params.greedy, gen)
         rows = torch.arange(len(live), device=self.device)
         self._tokens[slots, n + accepted + 1] = nxt
@@ -328,7 +339,7 @@ class NativeEngine:
             self._push_draft(last, slots, n + i + 1, drafts, probs, params, gen)
         for j in range(k + 1, depth + 1):  # reuse the last layer, one position further per step
             pos = n - 1 + (j - k)
-            out = self.model.mtp_step(k - 1, self._hidden[k][slots, pos - 1][:, None],
+            out = self.fast.mtp_step(k - 1, self._hidden[k][slots, pos - 1][:, None],
                                       self._tokens[slots, pos + k][:, None], pos[:, None], self.cache, slots)
             self._hidden[k][slots, pos] = out[:, 0]
             self._push_draft(out[:, 0], slots, n + j, drafts, probs, params, gen)
@@ -340,14 +351,14 @@ class NativeEngine:
         width = int((stop - start).max())
         positions = start[:, None] + torch.arange(width, device=self.device)
         positions = torch.where(positions < stop[:, None], positions, self._scratch)
-        out = self.model.mtp_step(i, self._hidden[i][slots[:, None], positions],
+        out = self.fast.mtp_step(i, self._hidden[i][slots[:, None], positions],
                                   self._tokens[slots[:, None], (positions + i + 1).clamp(max=self._scratch)],
                                   positions, self.cache, slots, length=int(stop.max()))
         self._hidden[i + 1][slots[:, None], positions] = out
         return out
 
     def _push_draft(self, hidden, slots, at, drafts, probs, params, gen) -> None:
-        q = warp_probs(self.model.lm_logits(hidden), params)
+        q = warp_probs(self.fast.lm_logits(hidden), params)
         token = q.argmax(-1) if params.greedy else sample(q, gen)
         self._tokens[slots, at] = token
         drafts.append(token)
