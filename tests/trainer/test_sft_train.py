@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from verl_mtp.data.synthetic_math import write_rl_dataset
 from verl_mtp.models import MTPCausalLM
-from verl_mtp.trainer.sft import (SFTConfig, build_model, collate, evaluate_accuracy, load_corpus, lr_multiplier,
+from verl_mtp.trainer.sft import (SFTConfig, build_model, collate, evaluate_accuracy, load_corpus,
                                   prepare_tokenizer, sft_loss, train_sft)
 
 
@@ -136,14 +136,6 @@ def test_mtp_gradient_reaches_the_trunk_unless_detached(data_dir, tmp_path):
         mtp.backward()
         trunk_grad = model.model.layers[0].mlp.up_proj.weight.grad
         assert (trunk_grad is not None and trunk_grad.abs().sum() > 0) is not detach
-
-
-def test_lr_schedules():
-    assert lr_multiplier(0, 4, 20, "linear", 0.1) == 0.25
-    assert lr_multiplier(12, 4, 20, "linear", 0.1) == pytest.approx(0.55)
-    assert lr_multiplier(20, 4, 20, "linear", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(9, 4, 20, "constant", 0.1) == 1.0
 
 
 def test_resume_with_other_model_options_is_refused(data_dir, tmp_path):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from verl_mtp.algos import lr_lambda
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
+from verl_mtp.engines.core import (DTYPES, OptimConfig, apply_update, autocast, build_optimizer, clip_gradients,
+                                   clip_groups, clip_norm, compute_dtype, norm_metrics)
 from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM
 
@@ -30,17 +31,24 @@ class TorchEngine(TrainingEngine):
     """model: an MTPCausalLM already on its device. optim: the `actor.optim` config as a dict, or None
     for a frozen role (reference policy). num_mtp / mtp_detach decide what the forward computes.
     fsdp: the `actor.fsdp_config` dict; its `param_offload` (parameters and their grads) and
-    `optimizer_offload` (AdamW moments) say what `offload` moves to CPU. gradient_checkpointing:
+    `optimizer_offload` (AdamW moments) say what `offload` moves to CPU; `model_dtype` is the dtype of the
+    weights AdamW updates (the master copy) and `dtype` the compute dtype of the forward and backward
+    (torch.autocast), honoured where the device runs it natively (engines.core.compute_dtype: bf16 on a
+    GPU or a CPU with AVX512-BF16/AMX), else one warning and fp32. gradient_checkpointing:
     `model.enable_gradient_checkpointing` (see `checkpoint_layers`)."""
+
+    compute_dtype: torch.dtype | None = None  # autocast dtype of the forward and backward; None: the master dtype
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1,
                  num_mtp: int = 0, mtp_detach: bool = True, fsdp: dict | None = None,
                  gradient_checkpointing: bool = False):
         self.module = model
+        fsdp = fsdp or {}
+        self.precision_keys = {k: fsdp[k] for k in ("model_dtype", "dtype") if k in fsdp}
         if gradient_checkpointing and optim is not None:
             checkpoint_layers(model)
-        self.offload_params = bool((fsdp or {}).get("param_offload"))
-        self.offload_optimizer = bool((fsdp or {}).get("optimizer_offload"))
+        self.offload_params = bool(fsdp.get("param_offload"))
+        self.offload_optimizer = bool(fsdp.get("optimizer_offload"))
         self.moved = StorageOffload()
         self.num_mtp = num_mtp
         self.mtp_detach = mtp_detach
@@ -48,20 +56,28 @@ class TorchEngine(TrainingEngine):
         self.optimizer = self.scheduler = None
         self.clip_grad = None
         if optim is not None:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
-                                               weight_decay=optim["weight_decay"])
-            warmup = optim["lr_warmup_steps"]
-            if warmup is None or warmup < 0:
-                warmup = int(optim["lr_warmup_steps_ratio"] * total_steps)
-            schedule = functools.partial(lr_lambda, warmup_steps=warmup, total_steps=total_steps,
-                                         style=optim["lr_scheduler_type"], min_lr_ratio=optim["min_lr_ratio"])
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-            self.clip_grad = optim["clip_grad"]
+            config = OptimConfig.from_verl(optim, total_steps)
+            self.optimizer, self.scheduler = build_optimizer(model.parameters(), config)
+            self.clip_grad = config.clip_grad
         else:
             model.requires_grad_(False)
 
+    def _mixed_precision(self, model: MTPCausalLM) -> torch.dtype | None:
+        """Puts the master weights in `model_dtype` (as built when the key is absent); returns the autocast
+        dtype from `dtype` (None: compute in the master dtype)."""
+        key, keys = "actor_rollout_ref.actor.fsdp_config.", self.precision_keys
+        if "model_dtype" in keys:
+            if keys["model_dtype"] not in DTYPES:
+                raise ValueError(f"{key}model_dtype={keys['model_dtype']!r}: choose one of {'|'.join(DTYPES)}")
+            model.to(DTYPES[keys["model_dtype"]])
+        master = next(model.parameters())
+        dtype = compute_dtype(keys.get("dtype", "float32"), master.device, key + "dtype")
+        return None if dtype in (None, master.dtype) else dtype
+
     def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
-        """What runs the forward: DDP when training over several ranks, else the model itself."""
+        """What runs the forward: DDP when training over several ranks, else the model itself; the master and
+        compute dtypes are set here (an engine that shards the model does its own mixed precision)."""
+        self.compute_dtype = self._mixed_precision(model)
         if not (training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return model
         # MTP layers sit idle when MTP training is off: then DDP must tolerate unused parameters
@@ -71,8 +87,15 @@ class TorchEngine(TrainingEngine):
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=idle, broadcast_buffers=False)
 
     def _forward(self, micro: Batch, mtp: bool = True):
-        return self.model(micro.input_ids, attention_mask=micro.attention_mask, position_ids=micro.position_ids,
-                          num_mtp=self.num_mtp if mtp else 0, mtp_detach=self.mtp_detach)
+        forward = functools.partial(self.model, micro.input_ids, attention_mask=micro.attention_mask,
+                                    position_ids=micro.position_ids, num_mtp=self.num_mtp if mtp else 0,
+                                    mtp_detach=self.mtp_detach)
+        if self.compute_dtype is None:
+            return forward()
+        with autocast(micro.input_ids.device, self.compute_dtype):
+            out = forward()
+        # log-probs, entropies and the MTP loss are computed from fp32 logits, as in the fp32 path
+        return dataclasses.replace(out, logits=out.logits.float(), mtp_logits=[m.float() for m in out.mtp_logits])
 
     def forward_backward(self, micro_batches: list[Batch], loss_fn: MicroBatchFn) -> list[dict[str, float]]:
         self.reload()
@@ -92,27 +115,13 @@ class TorchEngine(TrainingEngine):
         """With a detached MTP loss the trunk and the MTP layers are clipped separately, so a large MTP
         gradient cannot shrink the policy's update either."""
         self.reload()
-        groups = self._clip_groups()
-        norms = {name: self._clip([p for p in params if p.grad is not None]) for name, params in groups.items()}
-        total = math.sqrt(sum(n * n for n in norms.values()))
-        if math.isfinite(total):
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"actor/grad_norm": total, **({f"actor/grad_norm_{k}": v for k, v in norms.items()}
-                                            if len(norms) > 1 else {})}
-
-    def _clip_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        named = list(self.module.named_parameters())
-        if not (self.mtp_detach and self.num_mtp):
-            return {"all": [p for _, p in named]}
-        return {"trunk": [p for n, p in named if ".mtp_layers." not in n],
-                "mtp": [p for n, p in named if ".mtp_layers." in n]}
+        groups = clip_groups(self.module.named_parameters(), split=bool(self.mtp_detach and self.num_mtp))
+        norms = clip_gradients(groups, self._clip)
+        apply_update(self.optimizer, self.scheduler, norms)
+        return norm_metrics(norms, "actor")
 
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
-        if not params:
-            return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad or math.inf))
+        return clip_norm(params, self.clip_grad)
 
     @torch.no_grad()
     def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:

@@ -47,8 +47,10 @@ import torch.nn.functional as F
 from verl_mtp.algos.kl import kl_penalty
 from verl_mtp.cli import OneLineParser
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
-from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.algos.tensor_ops import logprobs_from_logits
+from verl_mtp.engines import core
+from verl_mtp.engines.core import (OptimConfig, apply_update, clip_gradients, clip_groups, clip_norm, norm_metrics,
+                                   pad_batch)
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.models.moe import moe_metrics
 
@@ -230,16 +232,8 @@ def load_pairs(path: str, tokenizer, max_len: int, skip_bad_rows: bool = False
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device=None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt, response) pairs -> right-padded (B, T) input_ids, attention_mask, response_mask."""
-    width = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(sequences), width, dtype=torch.long)
-    response = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, (prompt, reply) in enumerate(sequences):
-        n = len(prompt) + len(reply)
-        ids[row, :n] = torch.tensor(prompt + reply)
-        attention[row, :n] = 1
-        response[row, len(prompt):n] = 1
-    return ids.to(device), attention.to(device), response.to(device)
+    return pad_batch([p + r for p, r in sequences], [[0] * len(p) + [1] * len(r) for p, r in sequences], pad_id,
+                     device)
 
 
 # ---- log-probabilities, the loss ---------------------------------------------------------------
@@ -357,15 +351,13 @@ def evaluate_dpo(policy: MTPCausalLM, pairs: list[PreferencePair], beta: float, 
 
 
 def build_optimizer(policy: MTPCausalLM, cfg: DPOConfig, total_steps: int):
-    """AdamW (weight decay on matrices and embeddings only) and linear warmup + cosine/constant LR."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = round(cfg.warmup_ratio * total_steps)
-    schedule = functools.partial(lr_lambda, warmup_steps=warmup, total_steps=total_steps, style=cfg.schedule,
-                                 min_lr_ratio=cfg.min_lr_ratio)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    """AdamW (default betas; weight decay on matrices and embeddings only) and linear warmup + cosine or
+    constant LR."""
+    return core.build_optimizer(
+        [p for p in policy.parameters() if p.requires_grad],
+        OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, decay_vectors=False, schedule=cfg.schedule,
+                    warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
+                    min_lr_ratio=cfg.min_lr_ratio, clip_grad=cfg.grad_clip))
 
 
 def plan_steps(num_pairs: int, cfg: DPOConfig) -> list[list[list[int]]]:
@@ -380,19 +372,6 @@ def plan_steps(num_pairs: int, cfg: DPOConfig) -> list[list[list[int]]]:
     return steps[:cfg.max_steps] if cfg.max_steps else steps
 
 
-def clip_gradients(policy: MTPCausalLM, max_norm: float, mtp_detach: bool) -> dict[str, float]:
-    """Clip to `max_norm` (0: off) and return the norms before clipping. With a detached MTP loss the
-    trunk and the MTP layers are clipped separately: under one joint norm the MTP gradient would shrink
-    the trunk's step, which detaching is meant to rule out."""
-    limit = max_norm or float("inf")
-    if not mtp_detach or policy.num_mtp_layers == 0:
-        return {"train/grad_norm": float(torch.nn.utils.clip_grad_norm_(policy.parameters(), limit))}
-    trunk = [p for n, p in policy.named_parameters() if ".mtp_layers." not in n]
-    mtp = [p for n, p in policy.named_parameters() if ".mtp_layers." in n]
-    return {"train/grad_norm": float(torch.nn.utils.clip_grad_norm_(trunk, limit)),
-            "train/mtp_grad_norm": float(torch.nn.utils.clip_grad_norm_(mtp, limit))}
-
-
 def train_step(policy, opt, sched, micro_batches: list[list[PreferencePair]], cfg: DPOConfig,
                pad_id: int) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation); per-pair means of the metrics.
@@ -405,15 +384,13 @@ def train_step(policy, opt, sched, micro_batches: list[list[PreferencePair]], cf
         loss.backward()
         for k, v in metrics.items():
             sums[k] += v
-    norms = clip_gradients(policy, cfg.grad_clip, cfg.mtp_detach)
-    skipped = not all(math.isfinite(v) for v in norms.values())
-    if not skipped:
-        opt.step()
     metrics = {k: v / num_pairs for k, v in sums.items()}
-    metrics.update(norms)
-    metrics.update({"train/lr": sched.get_last_lr()[0], "train/nan_skipped": float(skipped)})
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    metrics["train/lr"] = sched.get_last_lr()[0]
+    # with --mtp-detach the trunk and the MTP layers are clipped separately (see engines.core)
+    groups = clip_groups(policy.named_parameters(), split=cfg.mtp_detach and policy.num_mtp_layers > 0)
+    norms = clip_gradients(groups, functools.partial(clip_norm, max_norm=cfg.grad_clip))
+    metrics.update(norm_metrics(norms, "train"))
+    metrics["train/nan_skipped"] = float(not apply_update(opt, sched, norms))
     return metrics
 
 

@@ -25,42 +25,96 @@ COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/
 PASSES = 4  # generation passes per model: plain, depth 2 and adaptive greedy, then sampled
 
 
+def held_out(tok, test_parquet: Path | str, limit: int | None = None) -> tuple[list[dict], list[list[int]]]:
+    """The rows of a verl parquet (`prompt`, `reward_model.ground_truth`), at most `limit` (None: all), and
+    their chat-templated prompt ids."""
+    import pyarrow.parquet as pq
+
+    from verl_mtp.data.tokenizer import encode_chat
+
+    rows = pq.read_table(test_parquet).to_pylist()[: limit or None]
+    if not rows:
+        raise ValueError(f"{test_parquet}: no rows")
+    return rows, [encode_chat(tok, r["prompt"]) for r in rows]
+
+
+def held_out_engine(model, tok, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 64):
+    """The native rollout engine sized for `prompts` and `max_new_tokens`."""
+    from verl_mtp.rollout import NativeEngine
+
+    return NativeEngine(model, tok, max_batch_size=min(batch_size, len(prompts)),
+                        max_seq_len=max(map(len, prompts)) + max_new_tokens)
+
+
+def correct(row: dict, text: str) -> bool:
+    """Graded as the RL reward grades it (the grader is routed by the row's data source)."""
+    from verl_mtp.rewards.scorers import default_compute_score
+
+    result = default_compute_score(row.get("data_source", "synthetic_math"), text,
+                                   str(row["reward_model"]["ground_truth"]))
+    return bool(result["acc"]) if isinstance(result, dict) else result > 0
+
+
+def graded(tok, rows: list[dict], out) -> list[float]:
+    """1.0 / 0.0 per sample of a generation over `rows` (prompt-major, n samples each)."""
+    n = len(out.samples) // len(rows)
+    return [float(correct(rows[i // n], tok.decode(s.token_ids, skip_special_tokens=True)))
+            for i, s in enumerate(out.samples)]
+
+
+def accuracy(model, tok, test_parquet: Path | str, limit: int | None = None, speculative: int = 2,
+             max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, float]:
+    """Greedy accuracy on a held-out parquet, drafting `speculative` tokens per step with the MTP layers
+    (greedy speculation is exact, so the accuracy does not depend on it). Returns acc, acc/level_{l}
+    when rows carry `extra_info.level`, accept_length (tokens per target pass), tokens_per_s, seconds
+    and n. The model's train/eval mode is left as it was."""
+    from collections import defaultdict
+
+    from verl_mtp.rollout import SamplingParams
+
+    rows, prompts = held_out(tok, test_parquet, limit)
+    engine = held_out_engine(model, tok, prompts, max_new_tokens, batch_size)
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=[tok.eos_token_id])
+    was_training = model.training
+    out = engine.generate(prompts, params, speculative=speculative if model.num_mtp_layers else 0)
+    model.train(was_training)
+    scores, by_level = graded(tok, rows, out), defaultdict(list)
+    for score, row in zip(scores, rows):
+        level = (row.get("extra_info") or {}).get("level")
+        if level is not None:
+            by_level[f"level_{level}"].append(score)
+    result = {"acc": sum(scores) / len(rows)}
+    result.update({f"acc/{k}": sum(v) / len(v) for k, v in sorted(by_level.items())})
+    result.update(accept_length=out.stats.accept_length, tokens_per_s=out.tokens_per_s, seconds=out.seconds,
+                  n=float(len(rows)))
+    return result
+
+
 def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=lambda: None) -> dict[str, float]:
     """Held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length per depth at the
     rollout's settings, and generation speed with and without speculation (batch 64). `tick()` is
     called after each of the PASSES generation passes."""
-    import pyarrow.parquet as pq
-
-    from verl_mtp.data.tokenizer import encode_chat
     from verl_mtp.models import MTPCausalLM
-    from verl_mtp.rewards.scorers import default_compute_score
-    from verl_mtp.rollout import NativeEngine, SamplingParams
+    from verl_mtp.rollout import SamplingParams
 
     model = MTPCausalLM.from_pretrained(model_dir)
-    rows = pq.read_table(test_parquet).to_pylist()[:limit]
-    prompts = [encode_chat(tok, r["prompt"]) for r in rows]
-    truth = [str(r["reward_model"]["ground_truth"]) for r in rows]
-    sources = [r.get("data_source", "synthetic_math") for r in rows]
-    engine = NativeEngine(model, tok, max_batch_size=64, max_seq_len=max(map(len, prompts)) + 64)
+    rows, prompts = held_out(tok, test_parquet, limit)
+    engine = held_out_engine(model, tok, prompts)
     stop = [tok.eos_token_id]
-
-    def correct(i: int, text: str) -> bool:  # graded as the RL reward grades it (routing by data source)
-        result = default_compute_score(sources[i], text, truth[i])
-        return bool(result["acc"]) if isinstance(result, dict) else result > 0
-
-    def accuracy(out, n):
-        texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in out.samples]
-        return sum(correct(i // n, t) for i, t in enumerate(texts)) / len(texts)
 
     def generate(params, speculative):
         out = engine.generate(prompts, params, speculative=speculative)
         tick()
         return out
 
+    def mean(out) -> float:
+        scores = graded(tok, rows, out)
+        return sum(scores) / len(scores)
+
     result = {}
     greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
     plain = generate(greedy, 0)
-    result["acc/greedy"] = accuracy(plain, 1)
+    result["acc/greedy"] = mean(plain)
     result["tokens_per_s/plain"] = plain.tokens_per_s
     spec = generate(greedy, 2)
     result["tokens_per_s/speculative_2"] = spec.tokens_per_s
@@ -68,7 +122,7 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=la
     auto = generate(greedy, "auto")
     result["tokens_per_s/auto"] = auto.tokens_per_s
     sampled = generate(SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop, seed=0), 2)
-    result["acc/sampled"] = accuracy(sampled, 4)
+    result["acc/sampled"] = mean(sampled)
     result["accept_length/sampled"] = sampled.stats.accept_length
     for k in range(1, 3):
         result[f"accept_rate_{k}/sampled"] = sampled.stats.accept_rate(k)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from verl_mtp.data.tokenizer import copy_tokenizer_files
+from verl_mtp.engines.core import OptimConfig, apply_update, build_optimizer, clip_gradients, clip_norm
 from verl_mtp.trainer.mtp_warmup_data import (FORMATS, HIDDEN_DTYPES, CollectSettings, Document, OnTheFlySource,
                                               ShardSource, WarmupError, collect, corpus_digest, detect_format,
                                               prepare_documents, read_corpus, read_manifest, read_prompts,
@@ -223,10 +224,9 @@ def _copy_first_layer(model, start: int) -> None:
 
 def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, mask_embedding, n_train: int,
                      log) -> dict:
-    """AdamW over the MTP layers (and the mask embedding) with warmup + cosine. The trunk, embeddings
-    and LM head have requires_grad=False meanwhile, so no gradient is ever computed for them."""
-    from verl_mtp.algos.schedule import lr_lambda
-
+    """AdamW over the MTP layers (and the mask embedding) with warmup + cosine (the training core's). The
+    trunk, embeddings and LM head have requires_grad=False meanwhile, so no gradient is ever computed for
+    them. A non-finite loss or gradient norm skips the update (counted in nonfinite_skipped)."""
     k = model.num_mtp_layers
     total = cfg.steps or cfg.epochs * math.ceil(n_train / cfg.batch_size)
     chain = cfg.objective != "diffusion"
@@ -234,10 +234,10 @@ def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, 
     if trained_mtp_layers > 0:
         _copy_first_layer(model, trained_mtp_layers)
     params = list(model.model.mtp_layers.parameters()) + ([mask_embedding] if mask_embedding is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_lambda, warmup_steps=min(cfg.warmup_steps, total // 2), total_steps=total, style="cosine",
-        min_lr_ratio=cfg.min_lr_ratio))
+    opt, schedule = build_optimizer(params, OptimConfig(
+        lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, schedule="cosine",
+        warmup_steps=min(cfg.warmup_steps, total // 2), total_steps=total, min_lr_ratio=cfg.min_lr_ratio,
+        clip_grad=cfg.clip_grad))
     g = torch.Generator().manual_seed(cfg.seed)
     step, skipped, last = 0, 0, {}
     with _only_trainable(model, params):
@@ -253,16 +253,14 @@ def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, 
             else:
                 loss, metrics = diffusion_loss(model, mask_embedding, batch, cfg.block_length, cfg.labels,
                                                cfg.alpha_schedule, cfg.time_epsilon, cfg.loss_weight, g)
-            opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 skipped += 1
                 if skipped > 10:
                     raise WarmupError(f"{skipped} non-finite losses (last at step {step}); lower --lr")
                 continue
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
-            schedule.step()
+            norms = clip_gradients({"mtp": params}, functools.partial(clip_norm, max_norm=cfg.clip_grad))
+            skipped += not apply_update(opt, schedule, norms)
             step += 1
             last = {"loss": float(loss.detach()), **metrics}
             if step % cfg.log_every == 0 or step == total:

@@ -29,7 +29,6 @@ import copy
 import functools
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -45,10 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from verl_mtp.algos.mtp_loss import MTP_LOSS_TYPES, compute_mtp_loss
-from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.cli import OneLineParser
+from verl_mtp.engines import core
+from verl_mtp.engines.core import (CheckpointMismatch, OptimConfig, apply_update, autocast, clip_gradients, clip_groups,
+                                   clip_norm, compute_dtype, load_module_tensors, module_tensors,
+                                   norm_metrics, pad_batch, read_state, read_tensors)
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.moe import moe_metrics
+from verl_mtp.trainer.evaluate import accuracy as evaluate_accuracy
 
 METRICS_FILE = "sft_metrics.jsonl"
 MAX_NAN_STREAK = 10  # consecutive non-finite gradients before giving up
@@ -271,16 +274,7 @@ class BatchStream:
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) input_ids, attention_mask and loss_mask."""
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(examples), width, dtype=torch.long)
-    loss_mask = torch.zeros(len(examples), width, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.ids)
-        ids[row, :n] = torch.tensor(e.ids)
-        attention[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(e.loss_mask)
-    return ids, attention, loss_mask
+    return pad_batch([e.ids for e in examples], [e.loss_mask for e in examples], pad_id)
 
 
 # ---- model, loss, optimisation ---------------------------------------------------------------
@@ -313,7 +307,7 @@ def sft_loss(model: MTPCausalLM, ids: torch.Tensor, attention: torch.Tensor, los
     (the load-balancing loss is weighted by the micro-batch's share of the targets). `mtp_loss`: what each
     MTP depth is trained against (algos.mtp_loss); the metrics include the draft's expected acceptance
     against the model's own distribution sampled at T=1."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast(ids.device, compute_dtype("bfloat16" if bf16 else "float32", ids.device, "--bf16")):
         out = model(ids, attention, mtp_detach=mtp_detach)
     target_mask = loss_mask[:, 1:].float()
     ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
@@ -326,25 +320,15 @@ def sft_loss(model: MTPCausalLM, ids: torch.Tensor, attention: torch.Tensor, los
     return lm, mtp, metrics
 
 
-def lr_multiplier(step: int, warmup: int, total: int, style: str, min_lr_ratio: float) -> float:
-    """`algos.schedule.lr_lambda` (linear warmup, then constant or cosine), plus "linear": a straight
-    decay from 1 after warmup to `min_lr_ratio` at `total`."""
-    if style != "linear":
-        return lr_lambda(step, warmup, total, style, min_lr_ratio)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - (1.0 - min_lr_ratio) * progress
+def optim_config(cfg: SFTConfig) -> OptimConfig:
+    """AdamW with betas (0.9, 0.95), weight decay on matrices and embeddings only."""
+    return OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, decay_vectors=False,
+                       schedule=cfg.schedule, warmup_steps=cfg.warmup, total_steps=cfg.steps,
+                       min_lr_ratio=cfg.min_lr_ratio, clip_grad=cfg.grad_clip)
 
 
 def build_optimizer(model: MTPCausalLM, cfg: SFTConfig):
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                             {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    schedule = functools.partial(lr_multiplier, warmup=cfg.warmup, total=cfg.steps, style=cfg.schedule,
-                                 min_lr_ratio=cfg.min_lr_ratio)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return core.build_optimizer(model.parameters(), optim_config(cfg))
 
 
 class EMA:
@@ -366,68 +350,35 @@ class EMA:
 # ---- checkpoints -----------------------------------------------------------------------------
 
 
-def _params(model: MTPCausalLM) -> dict[str, torch.Tensor]:
-    """Parameters by name, each tensor once (tied embeddings appear under their first name only)."""
-    return {n: p.detach() for n, p in model.named_parameters()}
-
-
-def _load_params(model: MTPCausalLM, state: dict[str, torch.Tensor], where: Path) -> None:
-    own = dict(model.named_parameters())
-    if set(own) != set(state) or any(own[n].shape != t.shape for n, t in state.items()):
-        raise SFTError(f"{where}: tensors do not match this model (was it written with other model options?)")
-    with torch.no_grad():
-        for name, t in state.items():
-            own[name].copy_(t)
-
-
 def save_checkpoint(folder: Path, model, opt, sched, ema: EMA | None, progress: dict, cfg: SFTConfig) -> None:
-    """Written into a temporary folder, then swapped in: a crash at any point leaves a whole checkpoint."""
-    from safetensors.torch import save_file
-
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_params(model), str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(_params(ema.model), str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
-               tmp / "optimizer.pt")
+    """The core's atomic checkpoint: model (and EMA) tensors, AdamW, schedule, RNG, progress and options."""
+    tensors = {"model": module_tensors(model), **({"ema": module_tensors(ema.model)} if ema is not None else {})}
     state = {**progress, "ema_updates": ema.updates if ema else 0, "config": asdict(cfg)}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    core.save_checkpoint(folder, tensors, opt, sched, state)
 
 
 def find_checkpoint(out: Path) -> Path | None:
-    """`out/checkpoint`, or the previous one if a crash hit between the two renames of a save."""
-    for folder in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"):
-        if (folder / "trainer_state.json").is_file():
-            return folder
-    return None
+    return core.find_checkpoint(out / CHECKPOINT_DIR)
 
 
 def load_checkpoint(folder: Path, model, opt, sched, ema: EMA | None, cfg: SFTConfig) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "trainer_state.json").read_text())
-    saved, ema_updates = state.pop("config"), state.pop("ema_updates")
+    saved = read_state(folder)["config"]
     for key in RESUME_KEYS:
         if saved.get(key, getattr(SFTConfig, key, None)) != getattr(cfg, key):  # older checkpoints: the default
             flag = f"--{key.replace('_', '-')}"
             raise SFTError(f"{folder} was written with {flag} {saved.get(key)!r}, this run has {getattr(cfg, key)!r}: "
                            f"use the same options, another --out, or --no-resume to start over")
-    _load_params(model, load_file(str(folder / "model.safetensors")), folder)
+    try:
+        load_module_tensors(model, read_tensors(folder, "model"), folder)
+        if ema is not None:
+            load_module_tensors(ema.model, read_tensors(folder, "ema") or module_tensors(model), folder)
+    except CheckpointMismatch as e:
+        raise SFTError(str(e)) from None
+    state = core.load_checkpoint(folder, opt, sched)
+    state.pop("config")
+    ema_updates = state.pop("ema_updates")
     if ema is not None:
-        ema_file = folder / "ema.safetensors"
-        _load_params(ema.model, load_file(str(ema_file)) if ema_file.is_file() else _params(model), folder)
         ema.updates = ema_updates
-    rest = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(rest["optimizer"])
-    sched.load_state_dict(rest["scheduler"])
-    torch.set_rng_state(rest["torch_rng"])
     return state
 
 
@@ -479,44 +430,6 @@ def validation_loss(model: MTPCausalLM, batches: list[tuple[torch.Tensor, ...]],
             mtp_sums[k] += v * n
     model.train(was_training)
     return {"val/loss": lm_sum / total, **{f"val/{k}": v / total for k, v in mtp_sums.items()}}
-
-
-def evaluate_accuracy(model: MTPCausalLM, tokenizer, test_parquet: str, limit: int | None = None,
-                      speculative: int = 2, max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, float]:
-    """Greedy accuracy on a verl-format parquet (`prompt`, `reward_model.ground_truth`) with the native
-    engine, drafting `speculative` tokens per step with the MTP layers (greedy speculation is exact, so
-    the accuracy does not depend on it). Returns acc, acc/level_{l} when rows carry `extra_info.level`,
-    accept_length (tokens per target pass), tokens_per_s, seconds and n."""
-    import pyarrow.parquet as pq
-
-    from verl_mtp.data.tokenizer import encode_chat
-    from verl_mtp.rewards.scorers.math_dapo import compute_score
-    from verl_mtp.rollout import NativeEngine, SamplingParams
-
-    rows = pq.read_table(test_parquet).to_pylist()[: limit or None]
-    if not rows:
-        raise SFTError(f"{test_parquet}: no rows")
-    prompts = [encode_chat(tokenizer, r["prompt"]) for r in rows]
-    depth = speculative if model.num_mtp_layers else 0
-    engine = NativeEngine(model, tokenizer, max_batch_size=min(batch_size, len(prompts)),
-                          max_seq_len=max(map(len, prompts)) + max_new_tokens, speculative=depth)
-    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
-    was_training = model.training
-    out = engine.generate(prompts, params)
-    model.train(was_training)
-    by_level = defaultdict(list)
-    for sample, row in zip(out.samples, rows):
-        text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-        correct = float(compute_score(text, str(row["reward_model"]["ground_truth"]))["acc"])
-        by_level["all"].append(correct)
-        level = (row.get("extra_info") or {}).get("level")
-        if level is not None:
-            by_level[f"level_{level}"].append(correct)
-    result = {"acc": sum(by_level.pop("all")) / len(rows)}
-    result.update({f"acc/{k}": sum(v) / len(v) for k, v in sorted(by_level.items())})
-    result.update(accept_length=out.stats.accept_length, tokens_per_s=out.tokens_per_s, seconds=out.seconds,
-                  n=float(len(rows)))
-    return result
 
 
 def _test_path(cfg: SFTConfig) -> str | None:
@@ -603,14 +516,12 @@ def train_step(model, opt, sched, micro_batches: list[tuple[torch.Tensor, ...]],
         sums["train/loss"] += float(lm.detach())
         for k, v in metrics.items():
             sums[k] += v / len(micro_batches)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    skipped = not math.isfinite(grad_norm)
-    if not skipped:
-        opt.step()
-    sums.update({"train/lr": sched.get_last_lr()[0], "train/grad_norm": grad_norm, "train/nan_skipped": float(skipped)})
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    sums["train/lr"] = sched.get_last_lr()[0]
+    # with --mtp-detach the trunk and the MTP layers are clipped separately (see engines.core)
+    groups = clip_groups(model.named_parameters(), split=cfg.mtp_detach and model.num_mtp_layers > 0)
+    norms = clip_gradients(groups, functools.partial(clip_norm, max_norm=cfg.grad_clip))
+    sums.update(norm_metrics(norms, "train"))
+    sums["train/nan_skipped"] = float(not apply_update(opt, sched, norms))
     return dict(sums)
 
 
@@ -741,7 +652,10 @@ class SFTTrainer:
         if self.state["stopped_early"]:
             _say(f"early stop at step {self.state['step']}: no better val/loss in {self.cfg.patience} evaluations")
         if self.test_path:
-            test = evaluate_accuracy(self.eval_model, self.tokenizer, self.test_path, limit=self.cfg.eval_limit)
+            try:
+                test = evaluate_accuracy(self.eval_model, self.tokenizer, self.test_path, limit=self.cfg.eval_limit)
+            except ValueError as e:  # an empty test file
+                raise SFTError(str(e)) from None
             self.metrics.update({f"test/{k}": v for k, v in test.items()})
             self.log.write(self.state["step"], {f"test/{k}": v for k, v in test.items()})
         self.log.write(self.state["step"], {"final": True, **self.metrics})

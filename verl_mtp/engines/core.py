@@ -1,0 +1,289 @@
+"""The training core: what every stage that updates weights shares (SFT, DPO, the MTP warm start and the
+RL torch engine), so that each stage file keeps only what is specific to it.
+
+- `OptimConfig` -> `build_optimizer`: AdamW and a LambdaLR schedule (linear warmup, then constant,
+  cosine or linear decay) from one config shape; each stage's defaults are values of that shape
+  (SFT: betas (0.9, 0.95), no decay of norms and biases; DPO: AdamW's default betas; RL: verl's
+  `actor.optim` keys).
+- `clip_groups` / `clip_gradients` / `apply_update`: with a detached MTP loss the trunk and the MTP
+  layers are clipped separately (under one joint norm a large MTP gradient would shrink the trunk's
+  step, which detaching is meant to rule out); a non-finite norm skips the update, never the schedule.
+- `save_checkpoint` / `find_checkpoint` / `load_checkpoint`: one atomic checkpoint folder (tensors as
+  safetensors, optimizer + schedule + torch RNG, a JSON state) from which a resumed run continues
+  bit for bit.
+- `pad_batch`: right-padded input_ids / attention_mask / loss mask from token lists.
+- `compute_dtype` / `autocast`: the one rule for mixed precision (see `compute_dtype`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from verl_mtp.algos.schedule import lr_lambda
+
+MTP_PARAMS = ".mtp_layers."  # in a parameter's name: it belongs to an MTP layer
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ---- optimizer and LR schedule -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its LR schedule. `decay_vectors=False`: weight decay on matrices and embeddings only, not
+    on norms and biases (those go to a second parameter group)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    decay_vectors: bool = True
+    schedule: str = "constant"  # after linear warmup: constant | cosine | linear (to min_lr_ratio at total_steps)
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = None  # max gradient norm; 0 or None: no clipping (the norm is still reported)
+
+    @classmethod
+    def from_verl(cls, optim: dict, total_steps: int) -> "OptimConfig":
+        """From verl's `actor.optim` keys: a negative or missing lr_warmup_steps means
+        lr_warmup_steps_ratio of the total."""
+        warmup = optim.get("lr_warmup_steps")
+        if warmup is None or warmup < 0:
+            warmup = int(optim.get("lr_warmup_steps_ratio", 0.0) * total_steps)
+        return cls(lr=optim["lr"], betas=tuple(optim.get("betas", (0.9, 0.999))),
+                   weight_decay=optim.get("weight_decay", 0.0), schedule=optim.get("lr_scheduler_type", "constant"),
+                   warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=optim.get("min_lr_ratio", 0.0),
+                   clip_grad=optim.get("clip_grad"))
+
+
+def lr_multiplier(step: int, warmup: int, total: int, style: str, min_lr_ratio: float) -> float:
+    """`algos.schedule.lr_lambda` (linear warmup, then constant or cosine), plus "linear": a straight
+    decay from 1 after warmup to `min_lr_ratio` at `total`."""
+    if style != "linear":
+        return lr_lambda(step, warmup, total, style, min_lr_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown LR schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    params = list(params)
+    if cfg.decay_vectors:
+        groups: list = params
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    schedule = functools.partial(lr_multiplier, warmup=cfg.warmup_steps, total=cfg.total_steps, style=cfg.schedule,
+                                 min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ---- gradient clipping and the update ------------------------------------------------------------
+
+
+def clip_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], split: bool
+                ) -> dict[str, list[torch.nn.Parameter]]:
+    """{"all": every parameter}, or with `split` (a detached MTP loss) {"trunk": ..., "mtp": ...}."""
+    named = list(named_params)
+    if not split:
+        return {"all": [p for _, p in named]}
+    return {"trunk": [p for n, p in named if MTP_PARAMS not in n], "mtp": [p for n, p in named if MTP_PARAMS in n]}
+
+
+def clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients of `params` to `max_norm` (0 or None: no clipping); their norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf))
+
+
+def clip_gradients(groups: dict[str, list[torch.nn.Parameter]],
+                   clip: Callable[[list[torch.nn.Parameter]], float]) -> dict[str, float]:
+    """Each group clipped on its own by `clip` (e.g. `functools.partial(clip_norm, max_norm=1.0)`); their
+    norms before clipping."""
+    return {name: clip(params) for name, params in groups.items()}
+
+
+def norm_metrics(norms: dict[str, float], prefix: str) -> dict[str, float]:
+    """`{prefix}/grad_norm` over all parameters and, when clipped in groups, `{prefix}/grad_norm_{group}`."""
+    total = math.sqrt(sum(n * n for n in norms.values()))
+    return {f"{prefix}/grad_norm": total, **({f"{prefix}/grad_norm_{k}": v for k, v in norms.items()}
+                                            if len(norms) > 1 else {})}
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scheduler, norms: dict[str, float]) -> bool:
+    """Step the optimizer unless a gradient norm is not finite (the weights are never poisoned), advance
+    the schedule either way (it counts optimizer steps, as the stages do), zero the gradients. Returns
+    whether the update was applied."""
+    finite = all(math.isfinite(n) for n in norms.values())
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not fit the model they are loaded into."""
+
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name, each tensor once (tied embeddings appear under their first name only)."""
+    return {n: p.detach() for n, p in module.named_parameters()}
+
+
+def load_module_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path | str) -> None:
+    own = dict(module.named_parameters())
+    if set(own) != set(tensors) or any(own[n].shape != t.shape for n, t in tensors.items()):
+        raise CheckpointMismatch(f"{where}: tensors do not match this model (was it written with other model "
+                                 f"options?)")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], optimizer, scheduler,
+                    state: dict) -> None:
+    """`folder` holds `{name}.safetensors` per entry of `tensors` (e.g. model, ema), optimizer.pt (AdamW,
+    the schedule, the torch RNG) and trainer_state.json (`state`, JSON). Written into a temporary folder,
+    then swapped in: a crash at any point leaves a whole checkpoint (`find_checkpoint` finds it)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, named in tensors.items():
+        save_file({n: t.contiguous() for n, t in named.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """`folder`, or the previous checkpoint if a crash hit between the two renames of a save."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(f".{folder.name}.old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The `{name}.safetensors` of a checkpoint, None when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / f"{name}.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
+    """Restore AdamW, the schedule and the torch RNG from `folder`; returns its state. The caller loads
+    the tensors it saved (`read_tensors` + `load_module_tensors`)."""
+    rest = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(rest["optimizer"])
+    scheduler.load_state_dict(rest["scheduler"])
+    torch.set_rng_state(rest["torch_rng"])
+    return read_state(folder)
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+
+def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int, device=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists and their per-token 0/1 masks -> right-padded (B, T) input_ids, attention_mask and the
+    mask, long tensors on `device`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, (seq, m) in enumerate(zip(sequences, masks)):
+        n = len(seq)
+        ids[row, :n] = torch.tensor(seq)
+        attention[row, :n] = 1
+        mask[row, :n] = torch.tensor(m)
+    return ids.to(device), attention.to(device), mask.to(device)
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 arithmetic natively: CUDA's check, or on a CPU oneDNN's (AVX512-BF16
+    or AMX); elsewhere bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"verl-mtp: warning: {message}", file=sys.stderr, flush=True)
+
+
+def compute_dtype(name: str, device: torch.device, key: str) -> torch.dtype | None:
+    """The autocast dtype for a compute-dtype setting (`key`, e.g. actor_rollout_ref.actor.fsdp_config.dtype,
+    named in the warning), or None for the master dtype (float32: no autocast).
+
+    One rule for every training path: a lower precision is honoured where the device runs it natively
+    (bf16 on a CUDA GPU that has it or a CPU with AVX512-BF16/AMX; fp16 on CUDA); elsewhere the compute
+    stays in fp32 and one warning names the key."""
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r}: choose one of {'|'.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype == torch.float32:
+        return None
+    honoured = bf16_supported(device) if dtype == torch.bfloat16 else device.type == "cuda"
+    if not honoured:
+        _warn_once(f"{key}={name} is not honoured on this {device.type} (no native {name}): computing in float32")
+        return None
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` to `dtype` on `device`'s type; disabled (a no-op) for None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
