@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import verl_mtp.rollout.fast_model as fast_model
+from verl_mtp.algos.rollout_mismatch import rollout_mismatch_metrics
 from tests.conftest import toy_config
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.rollout import NativeEngine, SamplingParams
@@ -94,14 +95,23 @@ def test_bf16_rollout_close_to_fp32(good_draft_model):
     assert bf16.dtype == bf16.cache.k.dtype == bf16.fast.blocks[0].w_qkv.dtype == torch.bfloat16
     assert good_draft_model.lm_head.weight.dtype == torch.float32  # the canonical weights are untouched
     params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=3)
-    tokens, logprobs = _run(bf16, 2, params)
-    # the behaviour log-probs of bf16 samples, rescored by the fp32 model (what the trainer does)
-    for prompt, toks, lps in zip(PROMPTS, tokens, logprobs):
-        with torch.no_grad():
-            logits = good_draft_model(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1:-1]
-        fp32 = torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None]).squeeze(-1)
-        assert (fp32 - torch.tensor(lps)).abs().max() < 0.1
-    fp32_tokens, _ = _run(NativeEngine(good_draft_model, max_batch_size=4, max_seq_len=64), 2)
+    fp32_engine = NativeEngine(good_draft_model, max_batch_size=4, max_seq_len=64)
+    mismatch = {}
+    for name, engine in (("bf16", bf16), ("fp32", fp32_engine)):
+        # the behaviour log-probs of the samples vs the fp32 model's rescoring (what the trainer does)
+        tokens, logprobs = _run(engine, 2, params)
+        rescored = []
+        for prompt, toks in zip(PROMPTS, tokens):
+            with torch.no_grad():
+                logits = good_draft_model(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1:-1]
+            rescored.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None]).squeeze(-1))
+        flat = torch.tensor(sum(logprobs, []))[None]
+        mismatch[name] = rollout_mismatch_metrics(flat, torch.cat(rescored)[None], torch.ones_like(flat))
+    assert mismatch["fp32"]["training/rollout_probs_diff_max"] < 1e-5
+    assert 0 < mismatch["bf16"]["training/rollout_probs_diff_mean"] < 0.02
+    assert mismatch["bf16"]["training/rollout_probs_diff_max"] < 0.1
+    assert mismatch["bf16"]["training/rollout_actor_probs_pearson_corr"] > 0.99
+    fp32_tokens, _ = _run(fp32_engine, 2)
     assert _run(bf16, 2)[0] == fp32_tokens  # greedy: this confident toy model's argmax survives bf16
 
 

@@ -17,6 +17,7 @@ import torch
 from verl_mtp.algos import (LossAggregation, entropy_from_logits, epoch_orders, get_policy_loss, kl_penalty,
                             logprobs_from_logits, masked_mean, partition_by_token_budget, split_into_micro_batches)
 from verl_mtp.algos.mtp_loss import Warp, mtp_targets, mtp_token_losses, reduce_mtp_loss
+from verl_mtp.algos.rollout_mismatch import rollout_mismatch_metrics
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
 from verl_mtp.models import MTPOutput
@@ -154,6 +155,8 @@ class PolicyActor:
             pg = self.policy_loss(old, log_prob, micro.advantages, mask, a, aggregate)
             loss = pg["pg_loss"]
             metrics = {f"actor/{k}": float(v.detach()) for k, v in pg.items()}
+            if micro.rollout_log_probs is not None:  # the rollout's behaviour log-probs vs the actor's
+                metrics.update(rollout_mismatch_metrics(micro.rollout_log_probs, old, mask))
             if a.entropy_coeff:
                 loss = loss - a.entropy_coeff * aggregate(entropy, mask)
             metrics["actor/entropy"] = float(masked_mean(entropy.detach(), mask))

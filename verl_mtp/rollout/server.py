@@ -42,6 +42,7 @@ import torch
 
 from verl_mtp.models import MTPCausalLM, read_config
 from verl_mtp.rollout.engine import NativeEngine
+from verl_mtp.rollout.fast_model import DTYPES
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
                                        prompts_from_request, sample_to_json)
 from verl_mtp.rollout.sglang import DEFAULT_SGLANG_VERSION, MEMORY_TAGS, MTP_MARK, WEIGHT_GROUP_NAME, sglang_version
@@ -510,6 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sglang-version", default=DEFAULT_SGLANG_VERSION,
                     help="the SGLang version whose protocol this server speaks (and reports in /server_info)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                    help="inference dtype (rollout.dtype); auto: the checkpoint's (float32 as loaded here)")
     ap.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads")
     return ap.parse_args(argv)
 
@@ -542,7 +545,8 @@ def build_server(args: argparse.Namespace) -> RolloutServer:
         model = MTPCausalLM.from_pretrained(args.model_path, device=args.device)
     depth = speculative_depth(args, model.num_mtp_layers)
     context = args.context_length or model.config.max_position_embeddings
-    engine = NativeEngine(model, max_batch_size=args.max_running_requests, max_seq_len=context, speculative=depth)
+    engine = NativeEngine(model, max_batch_size=args.max_running_requests, max_seq_len=context, speculative=depth,
+                          dtype=None if args.dtype == "auto" else args.dtype)
     try:
         sglang_version(args.sglang_version)
     except ValueError as e:
