@@ -252,3 +252,36 @@ def test_main_end_to_end_saves_a_loadable_checkpoint_with_tokenizer(tmp_path, to
     from verl_mtp.trainer.setup import load_tokenizer
 
     assert load_tokenizer(str(out)).encode("What is 1 + 2?") == tokenizer.encode("What is 1 + 2?")
+
+
+def test_an_interrupted_run_resumes_bit_exactly_and_refuses_other_options(tokenizer, tmp_path):
+    from dataclasses import replace
+
+    cfg = config(out=str(tmp_path / "whole"), epochs=2, mtp_scale=0.2, schedule="cosine", warmup_ratio=0.2,
+                 weight_decay=0.1, save_every=2)
+    whole = tiny_model(tokenizer)
+    dpo.train_dpo(whole, tokenizer, load_toy(tokenizer, 12)[0], cfg, progress=False)
+
+    def stop(step, metrics):
+        if step == 3:  # one step past the checkpoint of step 2: lost, and redone on resume
+            raise KeyboardInterrupt
+
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], cut, progress=False, on_step=stop)
+    steps = []
+    resumed = tiny_model(tokenizer)  # the initial policy again: it scores the same reference log-probs
+    dpo.train_dpo(resumed, tokenizer, load_toy(tokenizer, 12)[0], cut, progress=False,
+                  on_step=lambda step, m: steps.append(step))
+    assert steps == [3, 4, 5, 6]
+    for name, t in whole.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+
+    def lines(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (tmp_path / folder / dpo.METRICS_FILE).read_text().splitlines()]
+
+    assert lines("cut") == lines("whole") and [r["step"] for r in lines("cut")] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(DPOError, match="written with --lr 0.003, this run has 0.001"):
+        dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], replace(cut, lr=1e-3),
+                      progress=False)

@@ -10,7 +10,7 @@ RL torch engine), so that each stage file keeps only what is specific to it.
   step, which detaching is meant to rule out); a non-finite norm skips the update, never the schedule.
 - `save_checkpoint` / `find_checkpoint` / `load_checkpoint`: one atomic checkpoint folder (tensors as
   safetensors, optimizer + schedule + torch RNG, a JSON state) from which a resumed run continues
-  bit for bit.
+  bit for bit; `MetricsLog`, the metrics file that a resume continues as one run.
 - `pad_batch`: right-padded input_ids / attention_mask / loss mask from token lists.
 - `compute_dtype` / `autocast`: the one rule for mixed precision (see `compute_dtype`).
 """
@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,26 @@ def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(rest["scheduler"])
     torch.set_rng_state(rest["torch_rng"])
     return read_state(folder)
+
+
+class MetricsLog:
+    """A stage's metrics JSONL: one object per logging event. On resume, lines past the checkpoint's step
+    (written by the interrupted run after its last save) are dropped, so the file reads as one run."""
+
+    def __init__(self, path: Path, keep_until_step: int):
+        kept = []
+        if keep_until_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.f = open(path, "a", buffering=1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: (v if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in metrics.items()}
+        self.f.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
 
 
 # ---- batches ---------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ towards; with --mtp-detach (default) its gradient reaches only the MTP layers, a
 the MTP layers' gradients are clipped separately, so the MTP term cannot shrink the trunk's step.
 
 `--out DIR` ends as an HF/MiMo folder with the tokenizer beside the weights. Metrics (TRL's names:
-rewards/margins, rewards/accuracies, logps/chosen, ...) go to DIR/dpo_metrics.jsonl.
+rewards/margins, rewards/accuracies, logps/chosen, ...) go to DIR/dpo_metrics.jsonl. DIR/checkpoint/
+(every --save-every steps and at the end; the training core's format) makes re-running the same command
+resume exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -49,13 +51,17 @@ from verl_mtp.cli import OneLineParser
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.tensor_ops import logprobs_from_logits
 from verl_mtp.engines import core
-from verl_mtp.engines.core import (OptimConfig, apply_update, clip_gradients, clip_groups, clip_norm, norm_metrics,
+from verl_mtp.engines.core import (CheckpointMismatch, MetricsLog, OptimConfig, apply_update, clip_gradients,
+                                   clip_groups, clip_norm, load_module_tensors, module_tensors, norm_metrics,
                                    pad_batch)
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.models.moe import moe_metrics
 
 METRICS_FILE = "dpo_metrics.jsonl"
 CONFIG_FILE = "dpo_config.json"
+CHECKPOINT_DIR = "checkpoint"
+# options that do not change the run's trajectory: a resume may change them
+FREE_ON_RESUME = ("out", "eval_data", "log_every", "save_every", "resume", "device")
 MAX_NAN_STREAK = 10  # consecutive non-finite gradients before giving up
 # files of an HF tokenizer folder, copied as they are (transformers versions disagree on how to re-save them)
 
@@ -93,6 +99,8 @@ class DPOConfig:
     weight_decay: float = 0.0  # matrices and embeddings only, not norms or biases
     grad_clip: float = 1.0  # 0: off
     log_every: int = 10
+    save_every: int = 100  # steps between checkpoints in `out`/checkpoint (0: none); the last step always saves
+    resume: bool = True  # continue from `out`/checkpoint when there is one
     seed: int = 0
     device: str = "auto"
 
@@ -110,6 +118,7 @@ class DPOConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("save_every", self.save_every >= 0, "must be >= 0"),
         ]
         for name, ok, requirement in rules:
             if not ok:
@@ -413,10 +422,11 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
     steps = plan_steps(len(pairs), cfg)
     opt, sched = build_optimizer(policy, cfg, len(steps))
     out = Path(cfg.out) if cfg.out else None
+    done = _restore(out, policy, opt, sched, cfg) if out else 0
     log = None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out / METRICS_FILE, "w", buffering=1)
+        log = MetricsLog(out / METRICS_FILE, done)
     policy.train()
     final: dict[str, float] = {}
     window: dict[str, float] = defaultdict(float)
@@ -424,9 +434,9 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
     from tqdm import tqdm
 
     try:
-        with tqdm(total=len(steps), desc="dpo", unit="step", disable=None if progress else True,
+        with tqdm(total=len(steps), initial=done, desc="dpo", unit="step", disable=None if progress else True,
                   dynamic_ncols=True) as bar:
-            for step, micro in enumerate(steps, 1):
+            for step, micro in enumerate(steps[done:], done + 1):
                 metrics = train_step(policy, opt, sched, [[pairs[i] for i in m] for m in micro], cfg, pad_id)
                 nan_streak = nan_streak + 1 if metrics["train/nan_skipped"] else 0
                 if nan_streak >= MAX_NAN_STREAK:
@@ -439,9 +449,12 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
                     final = {k: v / window_steps for k, v in window.items()}
                     window, window_steps = defaultdict(float), 0
                     if log:
-                        log.write(json.dumps({"step": step, **_finite(final)}) + "\n")
+                        log.write(step, final)
                     bar.set_postfix(loss=f"{final['loss/dpo']:.3f}", margin=f"{final['rewards/margins']:.3f}",
                                     acc=f"{final['rewards/accuracies']:.2f}")
+                if out and ((cfg.save_every and step % cfg.save_every == 0) or step == len(steps)):
+                    core.save_checkpoint(out / CHECKPOINT_DIR, {"model": module_tensors(policy)}, opt, sched,
+                                         {"step": step, "config": asdict(cfg)})
                 bar.update(1)
                 if on_step:
                     on_step(step, metrics)
@@ -457,8 +470,27 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
     return final
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+def _restore(out: Path, policy: MTPCausalLM, opt, sched, cfg: DPOConfig) -> int:
+    """The steps already done by an earlier run into `out` (0: none, or --no-resume), its weights, AdamW and
+    schedule restored. The reference log-probabilities are not in the checkpoint: the caller scores them
+    again with the same initial reference, which gives the same numbers."""
+    folder = core.find_checkpoint(out / CHECKPOINT_DIR) if cfg.resume else None
+    if folder is None:
+        if not cfg.resume:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        return 0
+    saved, now = core.read_state(folder)["config"], asdict(cfg)
+    for key in now.keys() - set(FREE_ON_RESUME):
+        if saved.get(key) != now[key]:
+            raise DPOError(f"{folder} was written with {_flag(key)} {saved.get(key)!r}, this run has {now[key]!r}: "
+                           f"use the same options, another --out, or --no-resume to start over")
+    try:
+        load_module_tensors(policy, core.read_tensors(folder, "model"), folder)
+    except CheckpointMismatch as e:
+        raise DPOError(str(e)) from None
+    done = core.load_checkpoint(folder, opt, sched)["step"]
+    _say(f"resuming from {folder} at step {done}")
+    return done
 
 
 def save_tokenizer(tokenizer, out: Path) -> None:
@@ -530,6 +562,8 @@ HELP = {
     "schedule": "LR decay after linear warmup", "warmup_ratio": "fraction of the steps spent warming up",
     "min_lr_ratio": "final LR as a fraction of --lr", "weight_decay": "AdamW weight decay (matrices only)",
     "grad_clip": "max gradient norm (0: off)", "log_every": "steps per metrics line",
+    "save_every": "steps between checkpoints in --out/checkpoint (0: only the last step)",
+    "resume": "resume from --out/checkpoint if present (same options)",
     "device": "auto, cpu or cuda", "lr": "peak learning rate", "seed": "data order",
 }
 CHOICES = {"schedule": ("cosine", "constant")}

@@ -28,7 +28,6 @@ import argparse
 import copy
 import functools
 import json
-import math
 import random
 import shutil
 import signal
@@ -47,7 +46,7 @@ from verl_mtp.algos.mtp_loss import MTP_LOSS_TYPES, compute_mtp_loss
 from verl_mtp.cli import OneLineParser
 from verl_mtp.engines import core
 from verl_mtp.engines.core import (CheckpointMismatch, OptimConfig, apply_update, autocast, clip_gradients, clip_groups,
-                                   clip_norm, compute_dtype, load_module_tensors, module_tensors,
+                                   MetricsLog, clip_norm, compute_dtype, load_module_tensors, module_tensors,
                                    norm_metrics, pad_batch, read_state, read_tensors)
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.moe import moe_metrics
@@ -463,26 +462,6 @@ class DeferredInterrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-class MetricsLog:
-    """`sft_metrics.jsonl`: one object per logging event. On resume, lines past the checkpoint's step
-    (written by the interrupted run after its last save) are dropped, so the file reads as one run."""
-
-    def __init__(self, path: Path, keep_until_step: int):
-        kept = []
-        if keep_until_step > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.f = open(path, "a", buffering=1)
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: (v if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in metrics.items()}
-        self.f.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
-
-    def close(self) -> None:
-        self.f.close()
 
 
 class _Window:
