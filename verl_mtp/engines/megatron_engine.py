@@ -139,8 +139,11 @@ class MegatronEngine(TrainingEngine):
     def _build_training(self, optim: dict, total_steps: int) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+        # the distributed optimizer makes DDP reduce-scatter: each rank's main_grad is then summed only in the
+        # shard that rank's optimizer steps, so the CPU optimizer (whole main_grads) needs the all-reduce
+        distributed = self.sizes.use_distributed_optimizer and rt.cuda_available()
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=self.sizes.use_distributed_optimizer)
+                                                   use_distributed_optimizer=distributed)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=self.gpt)
         self.clip_grad = optim["clip_grad"]
         # megatron's optimizers allocate on "cuda" unconditionally, so CPU gets plain AdamW (see class)
