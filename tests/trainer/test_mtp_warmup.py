@@ -309,3 +309,29 @@ def test_moe_mtp_layers_get_the_balance_loss_and_metrics():
     assert moe["moe/aux_loss"] > 0 and "moe/expert_load_0" in moe
     loss.backward()
     assert model.model.mtp_layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("objective", ["ce", "diffusion"])
+def test_interrupted_training_resumes_bit_exactly(chain, base_folder, tmp_path, objective):
+    """ce: layer 0 trains alone for 3 steps, then is copied (before the checkpoint of step 4); diffusion: the
+    mask embedding and the masking RNG come back too."""
+    settings = dict(FAST, objective=objective, steps=12, save_every=4, log_every=1, accept_prompts=2)
+
+    def interrupt_at_step_6(message):
+        if message.startswith("step 6/"):
+            raise KeyboardInterrupt
+
+    whole, _ = warm_start(_fresh(base_folder), None, chain[1], WarmupConfig(**settings), run_dir=tmp_path / "a",
+                          log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        warm_start(_fresh(base_folder), None, chain[1], WarmupConfig(**settings), run_dir=tmp_path / "b",
+                   log=interrupt_at_step_6)
+    messages = []
+    resumed, report = warm_start(_fresh(base_folder), None, chain[1], WarmupConfig(**settings),
+                                 run_dir=tmp_path / "b", log=messages.append)
+    assert any("at step 4" in m for m in messages) and report["train"]["steps"] == 12
+    for name, t in whole.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+    with pytest.raises(WarmupError, match=r"written with lr=0.003 \(--lr\), this run has 0.001"):
+        warm_start(_fresh(base_folder), None, chain[1], WarmupConfig(**{**settings, "lr": 1e-3}),
+                   run_dir=tmp_path / "b", log=lambda m: None)

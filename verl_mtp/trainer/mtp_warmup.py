@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 from verl_mtp.data.tokenizer import copy_tokenizer_files
-from verl_mtp.engines.core import OptimConfig, apply_update, build_optimizer, clip_gradients, clip_norm
+from verl_mtp.engines import core
+from verl_mtp.engines.core import (OptimConfig, apply_update, build_optimizer, clip_gradients, clip_norm,
+                                   load_module_tensors, module_tensors)
 from verl_mtp.trainer.mtp_warmup_data import (FORMATS, HIDDEN_DTYPES, CollectSettings, Document, OnTheFlySource,
                                               ShardSource, WarmupError, collect, corpus_digest, detect_format,
                                               prepare_documents, read_corpus, read_manifest, read_prompts,
@@ -45,6 +47,7 @@ from verl_mtp.trainer.mtp_warmup_objectives import (ALPHA_SCHEDULES, LABELS, LOS
                                                     diffusion_eval, diffusion_loss)
 
 REPORT_NAME = "mtp_warmup_report"
+CHECKPOINT_DIR = "checkpoint"
 SOFT_TARGETS = ("soft", "tv")  # objectives trained against the trunk's stored top-k distribution
 
 
@@ -104,6 +107,8 @@ class WarmupConfig:
     self_temperature: float = _opt(1.0, "--format self: temperature of the model's own answers", valid=">= 0")
     self_max_new_tokens: int = _opt(256, "--format self: longest answer", valid=">= 1")
     log_every: int = _opt(50, "print training metrics every this many steps", valid=">= 1")
+    save_every: int = _opt(200, "steps between checkpoints in OUT/checkpoint (0: only the last step); a re-run "
+                                "with the same settings resumes from it", valid=">= 0")
     seed: int = _opt(0, "seed of shuffling, masking and sampling")
 
     def __post_init__(self) -> None:
@@ -186,7 +191,8 @@ def _run(model, tokenizer, source, cfg: WarmupConfig, run_dir, trained_mtp_layer
               "accept": measure_accept_length(model, prompts, cfg, eos)}
     log(f"before: accept length {before['accept']['accept_length']:.3f}")
     t0 = time.perf_counter()
-    train = train_mtp_layers(model, source, cfg, trained_mtp_layers, mask_embedding, n_train, log)
+    checkpoint = Path(run_dir) / CHECKPOINT_DIR if run_dir is not None else None
+    train = train_mtp_layers(model, source, cfg, trained_mtp_layers, mask_embedding, n_train, log, checkpoint)
     train["seconds"] = round(time.perf_counter() - t0, 2)
     after = {"positions": evaluate(model, source, cfg, mask_embedding),
              "accept": measure_accept_length(model, prompts, cfg, eos)}
@@ -223,10 +229,12 @@ def _copy_first_layer(model, start: int) -> None:
 
 
 def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, mask_embedding, n_train: int,
-                     log) -> dict:
+                     log, checkpoint: Path | None = None) -> dict:
     """AdamW over the MTP layers (and the mask embedding) with warmup + cosine (the training core's). The
     trunk, embeddings and LM head have requires_grad=False meanwhile, so no gradient is ever computed for
-    them. A non-finite loss or gradient norm skips the update (counted in nonfinite_skipped)."""
+    them. A non-finite loss or gradient norm skips the update (counted in nonfinite_skipped). With
+    `checkpoint` (a folder) the training core's checkpoint is written there every `save_every` steps and at
+    the end, and a run with the same settings resumes from it bit for bit."""
     k = model.num_mtp_layers
     total = cfg.steps or cfg.epochs * math.ceil(n_train / cfg.batch_size)
     chain = cfg.objective != "diffusion"
@@ -239,9 +247,15 @@ def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, 
         warmup_steps=min(cfg.warmup_steps, total // 2), total_steps=total, min_lr_ratio=cfg.min_lr_ratio,
         clip_grad=cfg.clip_grad))
     g = torch.Generator().manual_seed(cfg.seed)
-    step, skipped, last = 0, 0, {}
+    progress = {"step": 0, "skipped": 0, "batches": 0}
+    if checkpoint is not None:
+        progress = _restore(checkpoint, model, mask_embedding, g, opt, schedule, cfg, log) or progress
+    step, skipped, consumed, last = progress["step"], progress["skipped"], progress["batches"], {}
+    # a resumed run continues the same endless stream after the batches it had consumed
+    stream = itertools.islice(_endless(source, cfg, model.lm_head.weight.device), consumed, None)
     with _only_trainable(model, params):
-        for batch in _endless(source, cfg, model.lm_head.weight.device):
+        for batch in stream if step < total else ():
+            consumed += 1
             if step == solo_steps and solo_steps:
                 _copy_first_layer(model, 1)  # layer 0 alone has trained so far; MiMo starts the rest from it
                 log(f"step {step}: layer 0 copied into layers 1..{k - 1} (MiMo init)")
@@ -263,12 +277,50 @@ def train_mtp_layers(model, source, cfg: WarmupConfig, trained_mtp_layers: int, 
             skipped += not apply_update(opt, schedule, norms)
             step += 1
             last = {"loss": float(loss.detach()), **metrics}
+            if checkpoint is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+                _save(checkpoint, model, mask_embedding, g, opt, schedule, cfg,
+                      {"step": step, "skipped": skipped, "batches": consumed})
             if step % cfg.log_every == 0 or step == total:
                 shown = " ".join(f"{key} {v:.4f}" for key, v in last.items() if isinstance(v, float))
                 log(f"step {step}/{total} lr {schedule.get_last_lr()[0]:.2e} {shown}")
             if step >= total:
                 break
     return {"steps": step, "solo_first_layer_steps": solo_steps, "nonfinite_skipped": skipped, "final": last}
+
+
+def _save(folder: Path, model, mask_embedding, g: torch.Generator, opt, schedule, cfg: WarmupConfig,
+          progress: dict) -> None:
+    tensors = {"mtp_layers": module_tensors(model.model.mtp_layers), "masking": {"generator": g.get_state()}}
+    if mask_embedding is not None:
+        tensors["masking"]["mask_embedding"] = mask_embedding.detach()
+    state = {**progress, "trunk": trunk_fingerprint(model), "config": dataclasses.asdict(cfg)}
+    core.save_checkpoint(folder, tensors, opt, schedule, state)
+
+
+def _restore(folder: Path, model, mask_embedding, g: torch.Generator, opt, schedule, cfg: WarmupConfig,
+             log) -> dict | None:
+    """The progress of the checkpoint in `folder` (None: there is none), its MTP layers, mask embedding,
+    masking RNG, AdamW and schedule restored; one that another trunk or other settings wrote is refused."""
+    found = core.find_checkpoint(folder)
+    if found is None:
+        return None
+    state, now = core.read_state(found), dataclasses.asdict(cfg)
+    if state["trunk"] != trunk_fingerprint(model):
+        raise WarmupError(f"{found} was trained on another trunk: use another run folder")
+    for key in now.keys() - {"log_every", "save_every"}:
+        if state["config"].get(key) != now[key]:
+            raise WarmupError(f"{found} was written with {key}={state['config'].get(key)!r} (--"
+                              f"{key.replace('_', '-')}), this run has {now[key]!r}: use the same settings or "
+                              f"another run folder")
+    load_module_tensors(model.model.mtp_layers, core.read_tensors(found, "mtp_layers"), found)
+    masking = core.read_tensors(found, "masking")
+    g.set_state(masking["generator"])
+    if mask_embedding is not None:
+        with torch.no_grad():
+            mask_embedding.copy_(masking["mask_embedding"])
+    progress = core.load_checkpoint(found, opt, schedule)
+    log(f"resuming the warm start from {found} at step {progress['step']}")
+    return progress
 
 
 @contextlib.contextmanager
