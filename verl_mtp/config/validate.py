@@ -541,6 +541,30 @@ def validate(cfg: Union[DictConfig, RLConfig]) -> None:
         raise from_omegaconf(err) from err
 
 
+# megatron keys the megatron engine cannot honour: key -> (allowed(value, tp), why). Refused at the start of a
+# run (check_runnable) and again when an engine is built (engines/megatron_runtime.ParallelSizes), never dropped.
+# Expert parallel would need megatron_convert to give each rank its experts and the load-balancing loss
+# (RouterTap) to see every expert's tokens; interleaved stages need megatron's pipeline schedules (CUDA).
+MEGATRON_UNSUPPORTED: dict[str, tuple[Callable[[Any, int], bool], str]] = {
+    "expert_model_parallel_size": (lambda v, tp: v in (None, 1),
+                                   "expert parallelism is not implemented (every rank holds all experts); use 1"),
+    "expert_tensor_parallel_size": (lambda v, tp: v in (None, tp),
+                                    "experts are split like the dense layers, over tensor_model_parallel_size; "
+                                    "leave it null"),
+    "virtual_pipeline_model_parallel_size": (lambda v, tp: v is None,
+                                             "interleaved pipeline stages are not implemented; leave it null"),
+}
+
+
+def megatron_refusal(megatron) -> tuple[str, Any, str] | None:
+    """(key, value, why) for the first key of a `megatron` section the engine cannot honour, else None."""
+    tp = megatron.get("tensor_model_parallel_size") or 1
+    for key, (ok, why) in MEGATRON_UNSUPPORTED.items():
+        if not ok(megatron.get(key), tp):
+            return key, megatron[key], why
+    return None
+
+
 def check_runnable(cfg: DictConfig) -> None:
     """At the start of a run (not when a config is read, so verl's scripts still parse): refuse what
     we would otherwise run as something else."""
@@ -548,6 +572,12 @@ def check_runnable(cfg: DictConfig) -> None:
     if r.name != "native" and r.mode != "server":
         raise ConfigError(f"key '{_ARR}rollout.mode': rollout.name={r.name} runs as HTTP server replicas here; set "
                           f"rollout.mode=server (mode={r.mode} would silently run the native in-process engine)")
+    if cfg.actor_rollout_ref.actor.strategy == "megatron":
+        for role in ("actor", "ref"):
+            refused = megatron_refusal(cfg.actor_rollout_ref[role].megatron)
+            if refused:
+                key, value, why = refused
+                raise ConfigError(f"key '{_ARR}{role}.megatron.{key}': {value!r}: {why}")
     if cfg.data.train_files is not None and model.path is None and model.tokenizer_path is None:
         raise ConfigError(f"key '{_ARR}model.path': own data (data.train_files) needs a model path (a Hugging Face "
                           "folder with its tokenizer), or model.tokenizer_path for a model built from scratch")

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from verl_mtp.config.validate import megatron_refusal
 from verl_mtp.models import ModelConfig
 from verl_mtp.models.moe import aux_loss_and_loads, load_balance, mtp_routing_mask
 from verl_mtp.net import free_port
@@ -75,28 +76,15 @@ class ParallelSizes:
     @classmethod
     def from_config(cls, megatron: dict | None) -> "ParallelSizes":
         megatron = megatron or {}
-        for key, (ok, why) in _UNSUPPORTED.items():
-            if not ok(megatron.get(key), megatron.get("tensor_model_parallel_size") or 1):
-                raise ValueError(f"actor_rollout_ref.actor.megatron.{key}={megatron[key]!r}: {why}")
+        refused = megatron_refusal(megatron)  # also refused at the start of a run (config.validate.check_runnable)
+        if refused:
+            key, value, why = refused
+            raise ValueError(f"actor_rollout_ref.actor.megatron.{key}={value!r}: {why}")
         return cls(**{k: v for k, v in megatron.items() if k in cls.__dataclass_fields__})
 
     @property
     def model_parallel(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-
-
-# megatron keys this engine cannot honour (value, tp) -> allowed?, and why: refused, never dropped.
-# Expert parallel would need megatron_convert to give each rank its experts and the load-balancing loss
-# (RouterTap) to see every expert's tokens; interleaved stages need megatron's pipeline schedules (CUDA).
-_UNSUPPORTED = {
-    "expert_model_parallel_size": (lambda v, tp: v in (None, 1),
-                                   "expert parallelism is not implemented (every rank holds all experts); use 1"),
-    "expert_tensor_parallel_size": (lambda v, tp: v in (None, tp),
-                                    "experts are split like the dense layers, over tensor_model_parallel_size; "
-                                    "leave it null"),
-    "virtual_pipeline_model_parallel_size": (lambda v, tp: v is None,
-                                             "interleaved pipeline stages are not implemented; leave it null"),
-}
 
 
 # ---------------------------------------------------------------- CPU workarounds
