@@ -389,14 +389,15 @@ def held_out_prompts(docs: Sequence[Document], limit: int) -> list[list[int]]:
 
 def measure_accept_length(model, prompts: Sequence[list[int]], cfg: WarmupConfig, eos_ids: Sequence[int]) -> dict:
     """Accept length (tokens per target pass) of speculative decoding with all K layers drafting."""
-    from verl_mtp.rollout import NativeEngine, SamplingParams
+    from verl_mtp.rollout import SamplingParams
+    from verl_mtp.trainer.evaluate import held_out_engine
 
     k = model.num_mtp_layers
     if not prompts:
         return {"accept_length": None, "accept_rate": [], "prompts": 0}
     limit = model.config.max_position_embeddings
     new_tokens = max(1, min(cfg.accept_max_new_tokens, limit - k - 1 - max(map(len, prompts))))
-    engine = NativeEngine(model, max_batch_size=min(16, len(prompts)), max_seq_len=max(map(len, prompts)) + new_tokens)
+    engine = held_out_engine(model, None, prompts, new_tokens, batch_size=16)
     params = SamplingParams(temperature=cfg.eval_temperature, max_new_tokens=new_tokens,
                             stop_token_ids=list(eos_ids), seed=cfg.seed)
     out = engine.generate([list(p) for p in prompts], params, speculative=k)
