@@ -262,13 +262,13 @@ def test_an_interrupted_run_resumes_bit_exactly_and_refuses_other_options(tokeni
     whole = tiny_model(tokenizer)
     dpo.train_dpo(whole, tokenizer, load_toy(tokenizer, 12)[0], cfg, progress=False)
 
-    def stop(step, metrics):
+    def crash(step, metrics):
         if step == 3:  # one step past the checkpoint of step 2: lost, and redone on resume
-            raise KeyboardInterrupt
+            raise RuntimeError("killed")
 
     cut = replace(cfg, out=str(tmp_path / "cut"))
-    with pytest.raises(KeyboardInterrupt):
-        dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], cut, progress=False, on_step=stop)
+    with pytest.raises(RuntimeError, match="killed"):
+        dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], cut, progress=False, on_step=crash)
     steps = []
     resumed = tiny_model(tokenizer)  # the initial policy again: it scores the same reference log-probs
     dpo.train_dpo(resumed, tokenizer, load_toy(tokenizer, 12)[0], cut, progress=False,
@@ -285,3 +285,21 @@ def test_an_interrupted_run_resumes_bit_exactly_and_refuses_other_options(tokeni
     with pytest.raises(DPOError, match="written with --lr 0.003, this run has 0.001"):
         dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], replace(cut, lr=1e-3),
                       progress=False)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tokenizer, tmp_path):
+    import os
+    import signal
+
+    cfg = config(out=str(tmp_path / "dpo"), epochs=2, save_every=0)
+
+    def ctrl_c(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], cfg, progress=False, on_step=ctrl_c)
+    steps = []
+    dpo.train_dpo(tiny_model(tokenizer), tokenizer, load_toy(tokenizer, 12)[0], cfg, progress=False,
+                  on_step=lambda step, m: steps.append(step))
+    assert steps == [4, 5, 6]  # resumed after the step the interrupt arrived in

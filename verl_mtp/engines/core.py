@@ -10,7 +10,8 @@ RL torch engine), so that each stage file keeps only what is specific to it.
   step, which detaching is meant to rule out); a non-finite norm skips the update, never the schedule.
 - `save_checkpoint` / `find_checkpoint` / `load_checkpoint`: one atomic checkpoint folder (tensors as
   safetensors, optimizer + schedule + torch RNG, a JSON state) from which a resumed run continues
-  bit for bit; `MetricsLog`, the metrics file that a resume continues as one run.
+  bit for bit; `MetricsLog`, the metrics file that a resume continues as one run; `DeferredInterrupt`,
+  Ctrl-C acted on at a step boundary, so the checkpoint written on the way out is consistent.
 - `pad_batch`: right-padded input_ids / attention_mask / loss mask from token lists.
 - `compute_dtype` / `autocast`: the one rule for mixed precision (see `compute_dtype`).
 """
@@ -22,7 +23,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -221,6 +224,27 @@ def load_checkpoint(folder: Path, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(rest["scheduler"])
     torch.set_rng_state(rest["torch_rng"])
     return read_state(folder)
+
+
+class DeferredInterrupt:
+    """Ctrl-C is remembered and acted on at the next step boundary, so the checkpoint written on the way
+    out is a consistent state (never half an optimizer update). A second Ctrl-C stops at once."""
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class MetricsLog:

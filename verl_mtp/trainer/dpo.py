@@ -51,9 +51,9 @@ from verl_mtp.cli import OneLineParser
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.algos.tensor_ops import logprobs_from_logits
 from verl_mtp.engines import core
-from verl_mtp.engines.core import (CheckpointMismatch, MetricsLog, OptimConfig, apply_update, clip_gradients,
-                                   clip_groups, clip_norm, load_module_tensors, module_tensors, norm_metrics,
-                                   pad_batch)
+from verl_mtp.engines.core import (CheckpointMismatch, DeferredInterrupt, MetricsLog, OptimConfig, apply_update,
+                                   clip_gradients, clip_groups, clip_norm, load_module_tensors, module_tensors,
+                                   norm_metrics, pad_batch)
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.models.moe import moe_metrics
 
@@ -434,8 +434,8 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
     from tqdm import tqdm
 
     try:
-        with tqdm(total=len(steps), initial=done, desc="dpo", unit="step", disable=None if progress else True,
-                  dynamic_ncols=True) as bar:
+        with DeferredInterrupt() as interrupt, tqdm(total=len(steps), initial=done, desc="dpo", unit="step",
+                                                    disable=None if progress else True, dynamic_ncols=True) as bar:
             for step, micro in enumerate(steps[done:], done + 1):
                 metrics = train_step(policy, opt, sched, [[pairs[i] for i in m] for m in micro], cfg, pad_id)
                 nan_streak = nan_streak + 1 if metrics["train/nan_skipped"] else 0
@@ -452,12 +452,15 @@ def train_dpo(policy: MTPCausalLM, tokenizer, pairs: list[PreferencePair], cfg: 
                         log.write(step, final)
                     bar.set_postfix(loss=f"{final['loss/dpo']:.3f}", margin=f"{final['rewards/margins']:.3f}",
                                     acc=f"{final['rewards/accuracies']:.2f}")
-                if out and ((cfg.save_every and step % cfg.save_every == 0) or step == len(steps)):
-                    core.save_checkpoint(out / CHECKPOINT_DIR, {"model": module_tensors(policy)}, opt, sched,
-                                         {"step": step, "config": asdict(cfg)})
                 bar.update(1)
                 if on_step:
                     on_step(step, metrics)
+                due = (cfg.save_every and step % cfg.save_every == 0) or step == len(steps) or interrupt.requested
+                if out and due:
+                    core.save_checkpoint(out / CHECKPOINT_DIR, {"model": module_tensors(policy)}, opt, sched,
+                                         {"step": step, "config": asdict(cfg)})
+                if interrupt.requested:  # Ctrl-C: stopped at a step boundary, the checkpoint written
+                    raise KeyboardInterrupt
     finally:
         if log:
             log.close()
@@ -595,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg, progress)
     except DPOError as e:
         raise SystemExit(f"verl-mtp dpo: error: {e}") from None
+    except KeyboardInterrupt:
+        where = f"; run the same command again to resume from {cfg.out}/{CHECKPOINT_DIR}" if cfg.out else ""
+        raise SystemExit(f"verl-mtp dpo: interrupted{where}") from None
     keys = ("loss/dpo", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "kl/chosen",
             "mtp/acc_1", "eval/rewards/margins", "eval/rewards/accuracies")
     summary = [f"{result['step']:.0f} steps", f"{result['seconds']:.0f}s"]

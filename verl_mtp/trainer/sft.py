@@ -30,9 +30,7 @@ import functools
 import json
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,9 +43,9 @@ import torch.nn.functional as F
 from verl_mtp.algos.mtp_loss import MTP_LOSS_TYPES, compute_mtp_loss
 from verl_mtp.cli import OneLineParser
 from verl_mtp.engines import core
-from verl_mtp.engines.core import (CheckpointMismatch, OptimConfig, apply_update, autocast, clip_gradients, clip_groups,
-                                   MetricsLog, clip_norm, compute_dtype, load_module_tensors, module_tensors,
-                                   norm_metrics, pad_batch, read_state, read_tensors)
+from verl_mtp.engines.core import (CheckpointMismatch, DeferredInterrupt, MetricsLog, OptimConfig, apply_update,
+                                   autocast, clip_gradients, clip_groups, clip_norm, compute_dtype, load_module_tensors,
+                                   module_tensors, norm_metrics, pad_batch, read_state, read_tensors)
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.models.moe import moe_metrics
 from verl_mtp.trainer.evaluate import accuracy as evaluate_accuracy
@@ -441,27 +439,6 @@ def _test_path(cfg: SFTConfig) -> str | None:
 
 
 # ---- the training loop -----------------------------------------------------------------------
-
-
-class DeferredInterrupt:
-    """Ctrl-C is remembered and acted on at the next step boundary, so the checkpoint written on the way
-    out is a consistent state (never half an optimizer update). A second Ctrl-C stops at once."""
-
-    def __enter__(self) -> "DeferredInterrupt":
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Window:
