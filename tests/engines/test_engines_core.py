@@ -93,7 +93,7 @@ def test_sft_step_with_mtp_detach_reports_and_clips_trunk_and_mtp_separately(tmp
         assert ("train/grad_norm_trunk" in metrics and "train/grad_norm_mtp" in metrics) is detach
 
 
-def test_non_finite_gradient_skips_the_update_but_not_the_schedule():
+def test_non_finite_gradient_skips_the_update_and_its_schedule_step():
     model = _model()
     opt, sched = build_optimizer(model.parameters(), OptimConfig(lr=1.0, warmup_steps=4, total_steps=8))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -102,7 +102,10 @@ def test_non_finite_gradient_skips_the_update_but_not_the_schedule():
     assert not apply_update(opt, sched, norms)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
-    assert sched.last_epoch == 1  # the schedule counts optimizer steps, skipped or not
+    assert sched.last_epoch == 0  # the schedule counts applied updates, as every RL engine does
+    _set_grads(model, trunk=1.0, mtp=1.0)
+    assert apply_update(opt, sched, {"all": 1.0}) and sched.last_epoch == 1
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def _train(model, opt, sched, steps: int) -> list[float]:

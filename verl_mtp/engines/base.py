@@ -58,9 +58,8 @@ class TrainingEngine(ABC):
         """Clip, step, advance the LR schedule and zero grads; returns the grad norms before clipping:
         `actor/grad_norm` (all parameters) and, when the trunk and the detached MTP layers are clipped
         separately, `actor/grad_norm_trunk` and `actor/grad_norm_mtp`. A non-finite norm skips the
-        update (grads are dropped; the LR schedule still advances, it counts optimizer steps) and is
-        returned as is, for the caller to count. The torch and FSDP2 engines do this with the training
-        core (engines/core.py)."""
+        update (grads are dropped, the LR schedule does not advance) and is returned as is, for the
+        caller to count. The torch and FSDP2 engines do this with the training core (engines/core.py)."""
 
     @abstractmethod
     def infer(self, micro_batches: list[Batch], fn: MicroBatchFn) -> list[Any]:

@@ -7,7 +7,7 @@ RL torch engine), so that each stage file keeps only what is specific to it.
   `actor.optim` keys).
 - `clip_groups` / `clip_gradients` / `apply_update`: with a detached MTP loss the trunk and the MTP
   layers are clipped separately (under one joint norm a large MTP gradient would shrink the trunk's
-  step, which detaching is meant to rule out); a non-finite norm skips the update, never the schedule.
+  step, which detaching is meant to rule out); a non-finite norm skips the update and its schedule step.
 - `save_checkpoint` / `find_checkpoint` / `load_checkpoint`: one atomic checkpoint folder (tensors as
   safetensors, optimizer + schedule + torch RNG, a JSON state) from which a resumed run continues
   bit for bit; `MetricsLog`, the metrics file that a resume continues as one run; `DeferredInterrupt`,
@@ -135,13 +135,13 @@ def norm_metrics(norms: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scheduler, norms: dict[str, float]) -> bool:
-    """Step the optimizer unless a gradient norm is not finite (the weights are never poisoned), advance
-    the schedule either way (it counts optimizer steps, as the stages do), zero the gradients. Returns
-    whether the update was applied."""
+    """Step the optimizer and the schedule unless a gradient norm is not finite (the weights are never
+    poisoned, and a skipped update does not count in the schedule, as in every RL engine), then zero the
+    gradients. Returns whether the update was applied."""
     finite = all(math.isfinite(n) for n in norms.values())
     if finite:
         optimizer.step()
-    scheduler.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
 
