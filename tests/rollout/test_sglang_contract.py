@@ -7,7 +7,8 @@ in its own subprocess (sglang_contract/worker.py), about what verl_mtp sends it:
     declaring its own request classes exactly as its http_server.py does, with no field it lacks;
   - our per-version protocol table (sglang.SGLANG_VERSIONS: session, selector, version recording,
     split-mode draft refresh, counter names, one-layer MTP draft) is what its source says;
-  - the meta_info fields we read are written by its output code.
+  - the meta_info fields we read are written by its output code;
+  - our colocated per-rank entry (sglang_tensor_payload, on CPU) opens with its serializer and bucket class.
 Without network or index the tests skip, naming the reason. First run ~1 min to install (~300 MB cached).
 """
 
@@ -26,8 +27,9 @@ from verl_mtp.config import load_config
 from verl_mtp.rollout.client import encode_native
 from verl_mtp.rollout.protocol import generate_body
 from verl_mtp.rollout.sampling import SamplingParams
-from verl_mtp.rollout.sglang import (DEFAULT_SGLANG_VERSION, MTP_DRAFT_LAYERS, SGLANG_VERSIONS, SLEEP_TAGS,
-                                     launch_command, sglang_server_args, weight_sync_plan, weight_update_group)
+from verl_mtp.rollout.sglang import (DEFAULT_SGLANG_VERSION, FLATTENED_BUCKET, MTP_DRAFT_LAYERS, SGLANG_VERSIONS,
+                                     SLEEP_TAGS, launch_command, sglang_server_args, weight_sync_plan,
+                                     weight_update_group)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "dapo_mimo_7b_mtp_megatron_sglang.sh"
@@ -57,11 +59,13 @@ def _requests(version: str) -> list[tuple[str, str, str, dict | None]]:
     """(what, method, path, body) of every call the client makes to an SGLang replica of `version`."""
     proto = SGLANG_VERSIONS[version]
     calls = [("detect", "GET", "/server_info", None)]
-    tensor = weight_sync_plan(NAMED, 3, "tensor", encode=encode_native, load_format=None, protocol=proto)
+    # colocated SGLang: one entry per TP rank of the recipe's replicas (4), flattened buckets
+    tensor = weight_sync_plan(NAMED, 3, "tensor", encode=lambda bucket: encode_native(bucket) * 4,
+                              load_format=FLATTENED_BUCKET, protocol=proto)
     group = weight_update_group("10.0.0.1", 29600, num_replicas=2, ranks_per_replica=4)
     split = weight_sync_plan(NAMED, 4, "distributed", init_group=group, protocol=proto)
     for mode, plan in (("tensor", tensor), ("distributed", split)):
-        calls += [(f"{mode} sync", c.method, c.path, c.body_for(1)) for c in plan]
+        calls += [(f"{mode} sync", c.method, c.path, c.resolved().body_for(1)) for c in plan]
     calls += [("sleep", "POST", "/release_memory_occupation", {"tags": list(SLEEP_TAGS)}),
               ("wake", "POST", "/resume_memory_occupation", {"tags": ["weights"]}),
               ("wake", "POST", "/resume_memory_occupation", {"tags": ["kv_cache"]}),
@@ -154,6 +158,15 @@ def test_our_protocol_table_is_what_sglangs_source_says(report):
         assert facts[key] == getattr(proto, key), f"SGLang {report['version']}: {key} is {facts[key]} in its source"
     assert facts["mimo_mtp_one_layer"] and MTP_DRAFT_LAYERS == 1
     assert facts["server_info_reports_version"]  # what detect_protocol reads
+
+
+def test_our_per_rank_payload_opens_with_that_versions_own_classes(report):
+    """The colocated entry (sglang_tensor_payload) passes the release's safe unpickler and rebuilds every
+    tensor exactly through its FlattenedTensorBucket; its scheduler ranks each open their own entry, and
+    its tensor update takes load_format flattened_bucket (so the list has one entry per TP rank)."""
+    payload = report["payload"]
+    assert payload["names"] == ["model.norm.weight", "model.mtp_layers.0.input_proj.weight"] and payload["equal"]
+    assert payload["opens_own_rank_entry"] and payload["takes_flattened_bucket"]
 
 
 def test_the_sync_sequence_is_what_the_version_requires(report):

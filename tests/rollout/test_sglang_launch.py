@@ -215,7 +215,8 @@ def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
     from verl_mtp.models import MTPCausalLM
     from verl_mtp.rollout import SamplingParams
     from verl_mtp.rollout.client import VERSION_CHECKED, ReplicaClient, push_weights
-    from verl_mtp.rollout.sglang import launch_sglang_replicas, sglang_tensor_payload
+    from verl_mtp.rollout.replica_payloads import ReplicaPayloads
+    from verl_mtp.rollout.sglang import FLATTENED_BUCKET, launch_sglang_replicas, sglang_tensor_payload, update_buckets
 
     torch.manual_seed(0)
     model = MTPCausalLM(toy_config(vocab_size=256, num_nextn_predict_layers=1))
@@ -230,37 +231,45 @@ def test_gpu_sglang_replica_speaks_the_protocol_and_takes_weights(tmp_path):
         client = ReplicaClient(replica.url, timeout=300)
         items = client.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8))
         assert "spec_verify_ct" in items[0]["meta_info"]
-        # CPU tensors, as Megatron's TP/PP gather leaves them: the payload moves them to this GPU itself
+        # CPU tensors, as Megatron's TP/PP gather leaves them: the payload moves them to this GPU itself;
+        # small buckets, so trunk and draft each take several flattened-bucket updates
         named = dict(model.state_dict())
-        held = push_weights([client], named, 1, encode=lambda part: sglang_tensor_payload(part, 1), load_format=None)
+        payloads = ReplicaPayloads(sglang_tensor_payload)  # TP 1: this process builds the only entry
+        held = push_weights([client], named, 1, encode=payloads.entries, load_format=FLATTENED_BUCKET,
+                            bucket_bytes=64 << 10)
+        payloads.finish(len(update_buckets(named.items(), 64 << 10)))
         assert held == [VERSION_CHECKED] and client.request("GET", "/model_info")["weight_version"] == "1"
     finally:
         replica.stop()
 
 
 def _open_like_the_scheduler(entry: str):
-    """What SGLang's scheduler rank does with its entry of serialized_named_tensors (its own process)."""
+    """What SGLang's scheduler rank does with its entry of serialized_named_tensors (its own process):
+    patch the reductions, deserialize, rebuild the flattened bucket's tensors."""
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     monkey_patch_torch_reductions()
-    return [(name, t.device.type, t.float().cpu().tolist()) for name, t in MultiprocessingSerializer.deserialize(entry)]
+    data = MultiprocessingSerializer.deserialize(entry)
+    tensors = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
+    return [(name, t.device.type, str(t.dtype), t.float().cpu().tolist()) for name, t in tensors.reconstruct_tensors()]
 
 
 @pytest.mark.gpu
 @needs_sglang
 def test_gpu_tensor_payload_moves_cpu_tensors_to_the_gpu_and_opens_in_another_process():
     """Megatron's TP/PP gather leaves CPU tensors, which no CUDA IPC handle can name: the payload puts them
-    on this rank's GPU first, one entry per tensor-parallel rank, each opened as SGLang's scheduler does."""
+    on this rank's GPU first, as one FlattenedTensorBucket whose CUDA IPC handle another process opens as
+    SGLang's scheduler does, while the sender keeps the flat tensor alive."""
     import multiprocessing
 
     from verl_mtp.rollout.sglang import sglang_tensor_payload
 
     named = [("model.norm.weight", torch.arange(6.0).reshape(2, 3)),
              ("model.mtp_layers.0.input_proj.weight", torch.ones(4, dtype=torch.bfloat16))]
-    payload = sglang_tensor_payload(named, tp_size=2)
-    assert len(payload) == 2
+    entry, keep = sglang_tensor_payload(named)
+    assert keep.is_cuda and all(not t.is_cuda for _, t in named)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        opened = [pool.apply(_open_like_the_scheduler, (entry,)) for entry in payload]
-    expected = [(name, "cuda", t.float().tolist()) for name, t in named]
-    assert opened == [expected, expected]
+        opened = pool.apply(_open_like_the_scheduler, (entry,))
+    assert opened == [(name, "cuda", str(t.dtype), t.float().tolist()) for name, t in named]

@@ -14,8 +14,8 @@ from verl_mtp.rollout.client import (VERSION_CHECKED, ReplicaClient, ReplicaErro
                                     run_plan)
 from verl_mtp.rollout.engine import SpecStats
 from verl_mtp.rollout.sampling import SamplingParams
-from verl_mtp.rollout.sglang import (SGLANG_VERSIONS, StaleDraftError, StaleDraftGuard, weight_sync_plan,
-                                     weight_update_group)
+from verl_mtp.rollout.sglang import (SGLANG_VERSIONS, StaleDraftError, StaleDraftGuard, update_buckets,
+                                     weight_sync_plan, weight_update_group)
 
 NAMED = [("model.embed_tokens.weight", torch.ones(4, 2)), ("model.layers.0.mlp.up_proj.weight", torch.ones(3, 2)),
          ("model.mtp_layers.0.input_proj.weight", torch.ones(2, 4, dtype=torch.bfloat16)),
@@ -42,8 +42,9 @@ def test_tensor_plan_pauses_sends_trunk_then_draft_then_flushes():
                             load_format="fmt")
     assert [c.path for c in plan] == ORDER and plan[0].body == {"mode": "abort"} and plan[-1].method == "GET"
     assert all(c.body is not None for c in plan if c.method == "POST")  # SGLang declares a body on each
+    assert encoded == []  # a bucket is serialized only when its call is sent
+    trunk, draft = plan[2].resolved().body, plan[3].resolved().body
     assert encoded == [TRUNK, MTP]
-    trunk, draft = plan[2].body, plan[3].body
     # the version moves only with the last part, so a half-synced replica never claims the new version
     assert trunk["weight_version"] is None and draft["weight_version"] == "5"
     for body in (trunk, draft):
@@ -52,9 +53,22 @@ def test_tensor_plan_pauses_sends_trunk_then_draft_then_flushes():
     assert all(not c.broadcast for c in plan)
 
 
+def test_buckets_bound_the_bytes_of_each_update_and_never_mix_trunk_and_draft():
+    named = [(f"model.layers.{i}.w", torch.zeros(256 // 4)) for i in range(5)]  # 256 bytes each
+    named += [("model.mtp_layers.0.a", torch.zeros(64)), ("model.mtp_layers.0.b", torch.zeros(1000))]
+    buckets = [names_of(b) for b in update_buckets(named, 600)]
+    assert buckets == [["model.layers.0.w", "model.layers.1.w"], ["model.layers.2.w", "model.layers.3.w"],
+                       ["model.layers.4.w"], ["model.mtp_layers.0.a"], ["model.mtp_layers.0.b"]]  # 4000 B alone
+    assert [names_of(b) for b in update_buckets(named)] == [names_of(named[:5]), names_of(named[5:])]
+    plan = weight_sync_plan(named, 3, "tensor", encode=lambda b: [",".join(names_of(b))], bucket_bytes=600)
+    updates = [c.resolved().body for c in plan if c.path == "/update_weights_from_tensor"]
+    assert [u["serialized_named_tensors"] for u in updates] == [[",".join(b)] for b in buckets]
+    assert [u["weight_version"] for u in updates] == [None] * 4 + ["3"]  # only the last one
+
+
 def test_plan_speaks_each_versions_dialect():
     old = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: ["blob"], protocol=SGLANG_VERSIONS["0.5.6"])
-    assert [c.path for c in old] == ORDER_0_5_6 and "selector" not in old[1].body
+    assert [c.path for c in old] == ORDER_0_5_6 and "selector" not in old[1].resolved().body
     assert old[3].body == {"new_version": "5", "abort_all_requests": False}
     post2 = weight_sync_plan(NAMED, 5, "tensor", encode=lambda part: ["blob"],
                              protocol=SGLANG_VERSIONS["0.5.6.post2"])
@@ -64,7 +78,7 @@ def test_plan_speaks_each_versions_dialect():
 def test_plan_of_a_model_without_mtp_layers_has_one_update_with_the_version():
     plan = weight_sync_plan(NAMED[:2], 1, "tensor", encode=lambda part: ["blob"])
     updates = [c for c in plan if c.path.startswith("/update")]
-    assert len(updates) == 1 and updates[0].body["weight_version"] == "1"
+    assert len(updates) == 1 and updates[0].resolved().body["weight_version"] == "1"
 
 
 def test_distributed_plan_initialises_the_group_once_and_lists_what_to_broadcast():
@@ -102,10 +116,12 @@ def test_plan_argument_errors():
 
 class FakeSGLang:
     """Records every call; answers like SGLang (no weights checksum). /update_weights_from_distributed
-    blocks, as SGLang's does, until the trainer's broadcast has happened."""
+    blocks, as SGLang's does, until the trainer's broadcast has happened. `fail_path` answers 400 once
+    `fail_after` calls of it went through."""
 
-    def __init__(self, arrived: threading.Event, broadcast_done: threading.Event, fail_path: str | None = None):
-        self.calls, self.version, self.fail_path = [], "default", fail_path
+    def __init__(self, arrived: threading.Event, broadcast_done: threading.Event, fail_path: str | None = None,
+                 fail_after: int = 0):
+        self.calls, self.version, self.fail_path, self.fail_after = [], "default", fail_path, fail_after
         self.reported = "0.5.23"
         self.arrived, self.broadcast_done = arrived, broadcast_done
         fake = self
@@ -137,8 +153,10 @@ class FakeSGLang:
 
     def handle(self, path, body):
         self.calls.append((path, body))
-        if path == self.fail_path:
-            return 400, {"success": False, "message": "boom"}
+        if path == self.fail_path:  # after `fail_after` calls of that path went through
+            if self.fail_after == 0:
+                return 400, {"success": False, "message": "boom"}
+            self.fail_after -= 1
         if path == "/update_weights_from_distributed":
             self.arrived.set()
             if not self.broadcast_done.wait(5):

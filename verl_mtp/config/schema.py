@@ -325,6 +325,7 @@ class RolloutConfig:
     tensor_model_parallel_size: int = 2
     enforce_eager: bool = False
     free_cache_engine: bool = True  # release the KV cache between rollouts (colocated mode)
+    update_weights_bucket_megabytes: int = 512  # most tensor bytes per weight-update call (tensor sync)
     load_format: str = "dummy"  # weights arrive by sync from the actor
     ignore_eos: bool = False
     disable_log_stats: bool = True

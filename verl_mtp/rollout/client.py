@@ -114,24 +114,24 @@ class ServerRollout:
     """Rollout replicas behind HTTP, shaped like a rollout WorkerGroup for the driver.
 
     sampling_params(validate, seed) -> SamplingParams, as PolicyWorker.sampling_params.
-    sync_mode, encode, load_format, broadcast, init_group, join_group: how weights travel (see
-    push_weights); the defaults are our CPU server's tensor transport.
+    sync_mode, encode, load_format, bucket_bytes, broadcast, init_group, join_group: how weights travel
+    (see push_weights); the defaults are our CPU server's tensor transport, one update call per part.
     guard: judges the first training batch after each sync (None = off).
     """
 
     def __init__(self, urls: list[str], sampling_params: Callable[[bool, int | None], SamplingParams], *,
                  processes: list[ServerProcess] = (), timeout: float = DEFAULT_TIMEOUT_S,
                  sync_mode: str = "tensor", encode: Callable | None = None,
-                 load_format: str | None = TENSOR_LOAD_FORMAT, broadcast: Callable | None = None,
-                 init_group: dict | None = None, join_group: Callable | None = None,
-                 guard: StaleDraftGuard | None = None):
+                 load_format: str | None = TENSOR_LOAD_FORMAT, bucket_bytes: int | None = None,
+                 broadcast: Callable | None = None, init_group: dict | None = None,
+                 join_group: Callable | None = None, guard: StaleDraftGuard | None = None):
         if not urls:
             raise ValueError("ServerRollout needs at least one replica URL")
         self.clients = [ReplicaClient(u, timeout) for u in urls]
         self.sampling_params = sampling_params
         self.processes = list(processes)
-        self.sync = dict(mode=sync_mode, encode=encode or encode_native, load_format=load_format, broadcast=broadcast,
-                         join_group=join_group)
+        self.sync = dict(mode=sync_mode, encode=encode or encode_native, load_format=load_format,
+                         bucket_bytes=bucket_bytes, broadcast=broadcast, join_group=join_group)
         self.init_group = init_group  # distributed mode: sent with the first sync only
         self.guard = guard
         self._protocol: SGLangVersion | None = None
@@ -165,6 +165,8 @@ class ServerRollout:
         sampling = _sampling_for(cfg, eos_token_id)
         kwargs.setdefault("guard", _guard_for(cfg))
         kwargs["sync_mode"] = server_sync_mode(r)
+        if kwargs["sync_mode"] == "tensor":  # a distributed sync gathers the model once per update call: unbucketed
+            kwargs.setdefault("bucket_bytes", bucket_bytes(r))
         if r.name == "sglang":  # refused before anything starts, then again with the version that answers
             check_sglang_support(cfg, installed_sglang_version() or DEFAULT_SGLANG_VERSION)
             check_model_folder(cfg, model_path)
@@ -297,10 +299,8 @@ class ServerRollout:
         return samples, stats, metrics
 
     def protocol_info(self) -> dict:
-        """The first replica's /server_info (SGLang: its ServerArgs and version), asked once."""
-        if not hasattr(self, "_server_info"):
-            self._server_info = self.clients[0].request("GET", "/server_info")
-        return self._server_info
+        """The first replica's /server_info (SGLang: its ServerArgs and version), as its client cached it."""
+        return self.clients[0].server_info()
 
     def _sync(self, named_tensors: dict, version) -> list[str]:
         held = push_weights(self.clients, named_tensors, version, init_group=self.init_group,
@@ -324,14 +324,31 @@ def _guard_for(cfg) -> StaleDraftGuard | None:
     return StaleDraftGuard() if mtp.enable and mtp.enable_rollout else None
 
 
+def bucket_bytes(rollout) -> int:
+    """rollout.update_weights_bucket_megabytes (verl's key) in bytes: the most tensor bytes one update call
+    of a tensor sync carries."""
+    megabytes = rollout.update_weights_bucket_megabytes
+    if not isinstance(megabytes, int) or isinstance(megabytes, bool) or megabytes < 1:
+        raise ValueError(f"key 'actor_rollout_ref.rollout.update_weights_bucket_megabytes': expected an integer "
+                         f">= 1, got {megabytes!r}")
+    return megabytes << 20
+
+
 def encode_native(named) -> list[str]:
     """serialized_named_tensors for our CPU server: one rank, base64 safetensors."""
     return [encode_tensors(named)]
 
 
+def native_entry(bucket) -> tuple[str, None]:
+    """One actor rank's entry for our CPU server (replica_payloads' encoder): the data itself, nothing to
+    keep alive."""
+    return encode_tensors(bucket), None
+
+
 def detect_protocol(clients: list[ReplicaClient]) -> SGLangVersion:
-    """The SGLang version every replica reports in GET /server_info ("version"); they must agree."""
-    versions = {c.url: str(c.request("GET", "/server_info").get("version")) for c in clients}
+    """The SGLang version every replica reports in GET /server_info ("version", asked once per replica
+    client); they must agree."""
+    versions = {c.url: str(c.server_info().get("version")) for c in clients}
     if len(set(versions.values())) > 1:
         raise ReplicaError(f"rollout replicas run different SGLang versions: {versions}")
     (version,) = set(versions.values())
@@ -343,21 +360,22 @@ def detect_protocol(clients: list[ReplicaClient]) -> SGLangVersion:
 
 def push_weights(clients: list[ReplicaClient], named_tensors: dict, version, *, mode: str = "tensor",
                  encode: Callable = encode_native, load_format: str | None = TENSOR_LOAD_FORMAT,
-                 broadcast: Callable | None = None, init_group: dict | None = None,
+                 bucket_bytes: int | None = None, broadcast: Callable | None = None, init_group: dict | None = None,
                  join_group: Callable | None = None, protocol: SGLangVersion | None = None) -> list[str]:
     """Trunk, then MTP tensors to every replica (sglang.weight_sync_plan, in the dialect of `protocol`,
     asked from the replicas when not given); -> what each replica holds: its weights' checksum when it
     reports one (our server), else VERSION_CHECKED (SGLang: the new weight_version was checked).
 
-    mode "tensor": the tensors travel in the request, serialized by `encode` (colocated; on GPUs run it
-    in the process that owns them, with sglang_tensor_payload). mode "distributed": `broadcast(names)`
+    mode "tensor": the tensors travel in the requests, one per bucket of at most `bucket_bytes`, each
+    serialized by `encode(bucket)` right before it is sent (colocated SGLang: replica_payloads, in the
+    actor ranks that own the tensors). mode "distributed": `broadcast(names)`
     sends them over the weight group that `init_group` describes and `join_group()` joins as rank 0
     (split); `named_tensors` then only needs dtypes and shapes. The sender's checksum is not an argument:
     what a replica answers is never the sender's own checksum echoed back.
     """
     protocol = protocol or detect_protocol(clients)
     plan = weight_sync_plan(list(named_tensors.items()), version, mode, encode=encode, load_format=load_format,
-                            init_group=init_group, protocol=protocol)
+                            init_group=init_group, bucket_bytes=bucket_bytes, protocol=protocol)
     infos = run_plan(clients, plan, broadcast, join_group)
     held = []
     for client, info in zip(clients, infos):
@@ -373,8 +391,9 @@ def run_plan(clients: list[ReplicaClient], plan: list[SyncCall], broadcast: Call
     """Send each call of the plan to every replica at once and wait for all before the next call. While a
     call is in flight the trainer's side runs next to it: `join_group()` for the group's init call,
     `broadcast(names)` for a call listing tensors (the replicas wait to receive them). The first failure
-    ends the sync with its own message, without waiting for parties blocked on the failed one. Returns the
-    replicas' answers to the last call."""
+    ends the sync with its own message, without waiting for parties blocked on the failed one. A call's
+    payload (a bucket's serialized tensors) is built just before it is sent. Returns the replicas'
+    answers to the last call."""
     for call in plan:  # checked first: replicas would otherwise wait for a trainer that never comes
         if call.broadcast and broadcast is None:
             raise ValueError(f"{call.path} needs the trainer to broadcast tensors; pass broadcast=")
@@ -386,6 +405,7 @@ def run_plan(clients: list[ReplicaClient], plan: list[SyncCall], broadcast: Call
     pool = ThreadPoolExecutor(max_workers=len(clients) + 1, thread_name_prefix="weight-sync")
     try:
         for call in plan:
+            call = call.resolved()
             futures = [pool.submit(c.request, call.method, call.path, call.body_for(i)) for i, c in enumerate(clients)]
             trainer = [pool.submit(join_group)] if call.joins_group else \
                 [pool.submit(broadcast, list(call.broadcast))] if call.broadcast else []

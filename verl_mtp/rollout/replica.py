@@ -42,6 +42,14 @@ class ReplicaClient:
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._server_info: dict | None = None
+
+    def server_info(self) -> dict:
+        """GET /server_info (SGLang: its version and ServerArgs), asked once and kept until the replica
+        stops answering (a replica that comes back may be another version or another launch)."""
+        if self._server_info is None:
+            self._server_info = self.request("GET", "/server_info")
+        return self._server_info
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -54,6 +62,7 @@ class ReplicaClient:
             raise ReplicaError(f"rollout server {self.url}: {method} {path} failed with HTTP {e.code}: "
                                f"{_error_message(e.read())}") from None
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, closed mid-answer
+            self._server_info = None
             reason = getattr(e, "reason", None) or str(e) or type(e).__name__
             raise ReplicaUnreachable(f"rollout server {self.url} did not answer {method} {path} ({reason}); "
                                      "is the replica still running?") from None
@@ -118,7 +127,7 @@ def native_server_args(cfg) -> list[str]:
     r, mtp = arr.rollout, arr.model.mtp
     args = ["--context-length", r.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
             "--max-running-requests", r.max_batch_size, "--random-seed", cfg.trainer.seed,
-            "--load-format", "dummy" if r.load_format == "dummy" else "auto"]
+            "--load-format", "dummy" if r.load_format == "dummy" else "auto", "--dtype", r.dtype]
     if mtp.enable and mtp.enable_rollout:
         args += ["--speculative-algorithm", mtp.speculative_algorithm, "--speculative-num-steps",
                  mtp.speculative_num_steps, "--speculative-eagle-topk", mtp.speculative_eagle_topk]

@@ -37,6 +37,8 @@ so the KV cache is never allocated while the actor's tensors and the replica's w
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ SYNC_MODES = ("tensor", "distributed")
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 SLEEP_TAGS = ("kv_cache", "weights")
 WEIGHT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
+FLATTENED_BUCKET = "flattened_bucket"  # load_format of a FlattenedTensorBucket payload (all pinned versions)
 
 
 # ---- supported versions ---------------------------------------------------------------------------
@@ -253,9 +256,10 @@ def launch_sglang_replicas(cfg, num_replicas: int, *, host: str = "127.0.0.1", b
 @dataclass(frozen=True)
 class SyncCall:
     """One HTTP call of a weight sync, sent to every replica at once. `per_replica` holds body fields that
-    differ between replicas (one dict per replica, e.g. each replica's rank_offset). While the call is in
-    flight the trainer joins the weight group (`joins_group`) or broadcasts the listed tensors over it
-    (`broadcast`); distributed mode only."""
+    differ between replicas (one dict per replica, e.g. each replica's rank_offset). `payload` builds the
+    body fields that carry tensors only when the call is sent (`resolved`), so one bucket's serialization
+    exists at a time. While the call is in flight the trainer joins the weight group (`joins_group`) or
+    broadcasts the listed tensors over it (`broadcast`); distributed mode only."""
 
     method: str
     path: str
@@ -263,9 +267,16 @@ class SyncCall:
     broadcast: tuple[str, ...] = ()
     per_replica: tuple[dict, ...] = ()
     joins_group: bool = False
+    payload: Callable[[], dict] | None = None
 
     def body_for(self, replica: int) -> dict | None:
         return {**self.body, **self.per_replica[replica]} if self.per_replica else self.body
+
+    def resolved(self) -> "SyncCall":
+        """This call with its payload fields built into the body (run_plan does it right before sending)."""
+        if self.payload is None:
+            return self
+        return dataclasses.replace(self, body={**self.payload(), **self.body}, payload=None)
 
 
 def weight_update_group(master_address: str, master_port: int, num_replicas: int, ranks_per_replica: int,
@@ -282,13 +293,35 @@ def split_trunk_and_mtp(named_tensors) -> tuple[list, list]:
     return [(n, t) for n, t in named if MTP_MARK not in n], [(n, t) for n, t in named if MTP_MARK in n]
 
 
+def update_buckets(named_tensors, bucket_bytes: int | None = None) -> list[list]:
+    """The tensors of one sync, grouped into the update calls that carry them, in sending order: the trunk's,
+    then the MTP layers' (never mixed), each cut into consecutive buckets of at most `bucket_bytes` (a
+    larger tensor travels alone); None: one bucket per part. Every rank of a replica's group derives the
+    same buckets from the same (name, dtype, shape) list, so their per-bucket payloads line up."""
+    buckets = []
+    for part in split_trunk_and_mtp(named_tensors):
+        bucket, size = [], 0
+        for name, t in part:
+            nbytes = t.numel() * t.element_size()
+            if bucket and bucket_bytes is not None and size + nbytes > bucket_bytes:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append((name, t))
+            size += nbytes
+        if bucket:
+            buckets.append(bucket)
+    return buckets
+
+
 def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | None = None,
                      load_format: str | None = None, init_group: dict | None = None,
-                     group_name: str = WEIGHT_GROUP_NAME,
+                     group_name: str = WEIGHT_GROUP_NAME, bucket_bytes: int | None = None,
                      protocol: SGLangVersion = SGLANG_VERSIONS[DEFAULT_SGLANG_VERSION]) -> list[SyncCall]:
-    """The ordered calls of one sync for `protocol`'s SGLang version (see the module docstring).
+    """The ordered calls of one sync for `protocol`'s SGLang version (see the module docstring); one update
+    call per bucket of `update_buckets(named_tensors, bucket_bytes)`.
 
-    mode "tensor": `encode(named) -> serialized_named_tensors` (one entry per tensor-parallel rank).
+    mode "tensor": `encode(bucket) -> serialized_named_tensors` (one entry per tensor-parallel rank), called
+    when the bucket's call is sent (SyncCall.payload).
     mode "distributed": tensors travel over the weight group; `init_group` (weight_update_group: address,
     port, world_size, backend, one rank_offset per replica) is sent first when given, i.e. on the first
     sync only. Only dtypes and shapes of the tensors are read in this mode (meta tensors will do).
@@ -297,7 +330,7 @@ def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | No
         raise ValueError(f"sync mode must be one of {SYNC_MODES}, got {mode!r}")
     if mode == "tensor" and encode is None:
         raise ValueError("tensor sync needs an encoder for serialized_named_tensors")
-    parts = [p for p in split_trunk_and_mtp(named_tensors) if p]
+    parts = update_buckets(named_tensors, bucket_bytes)
     plan = [_init_call(init_group, group_name)] if init_group and mode == "distributed" else []
     plan.append(SyncCall("POST", "/pause_generation", {"mode": "abort"}))
     if protocol.update_session:
@@ -308,8 +341,8 @@ def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | No
         if protocol.selector:
             common["selector"] = "all"  # never target-only: the draft must follow
         if mode == "tensor":
-            body = {"serialized_named_tensors": encode(part), "load_format": load_format, **common}
-            plan.append(SyncCall("POST", "/update_weights_from_tensor", body))
+            plan.append(SyncCall("POST", "/update_weights_from_tensor", {"load_format": load_format, **common},
+                                 payload=functools.partial(_serialized, encode, part)))
         else:
             body = {"names": [n for n, _ in part], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in part],
                     "shapes": [list(t.shape) for _, t in part], "group_name": group_name, **common}
@@ -324,6 +357,10 @@ def weight_sync_plan(named_tensors, version, mode: str, *, encode: Callable | No
     return plan
 
 
+def _serialized(encode: Callable, bucket: list) -> dict:
+    return {"serialized_named_tensors": encode(bucket)}
+
+
 def _init_call(init_group: dict, group_name: str) -> SyncCall:
     group = {"group_name": group_name, "backend": "nccl", **init_group}
     offsets = group.pop("rank_offsets", None)
@@ -331,26 +368,31 @@ def _init_call(init_group: dict, group_name: str) -> SyncCall:
     return SyncCall("POST", "/init_weights_update_group", group, per_replica=per_replica, joins_group=True)
 
 
-def sglang_tensor_payload(named_tensors, tp_size: int, device=None) -> list[str]:
-    """serialized_named_tensors for SGLang on the same GPUs: CUDA IPC handles in SGLang's own serializer,
-    one entry per tensor-parallel rank of the replica. GPU image only; call it in the process that owns
-    the tensors.
+def sglang_tensor_payload(bucket, device=None):
+    """One tensor-parallel rank's entry of serialized_named_tensors (load_format FLATTENED_BUCKET), built in
+    the actor rank that sits on that SGLang rank's GPU; -> (entry, the flat tensor it points to). GPU image
+    only. The caller keeps the flat tensor alive until the replica answered the update: the entry holds
+    only a CUDA IPC handle to it.
 
-    IPC handles exist only for CUDA tensors, so every tensor is first put on `device` (this rank's GPU,
-    default the current one): Megatron's TP/PP gather leaves CPU tensors, which SGLang's scheduler cannot
-    open. SGLang's `monkey_patch_torch_reductions` makes the handles name the device by UUID, so a
-    receiver with another CUDA_VISIBLE_DEVICES order opens the right GPU. Each rank gets its own entry
-    (its own serialization), as SGLang's scheduler rank r deserializes entry r only.
+    The bucket's tensors are put on `device` (this rank's GPU, default the current one; Megatron's TP/PP
+    gather leaves CPU tensors, which no IPC handle can name), flattened into SGLang's FlattenedTensorBucket
+    (one handle per bucket) and serialized by its MultiprocessingSerializer after its
+    monkey_patch_torch_reductions(), so the handle names the GPU by UUID and the scheduler rank opens it
+    under its own CUDA_VISIBLE_DEVICES order. (device="cpu" builds the same structure with shared-memory
+    handles and no patch: what the CPU contract test opens with each release's own classes.)
     """
     import torch
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
-    monkey_patch_torch_reductions()
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    on_gpu = [(name, t.detach().to(device, non_blocking=True)) for name, t in named_tensors]
-    torch.cuda.current_stream(device).synchronize()  # the copies must land before a receiver maps them
-    return [MultiprocessingSerializer.serialize(on_gpu, output_str=True) for _ in range(tp_size)]
+    flat = FlattenedTensorBucket(named_tensors=[(n, t.detach().to(device)) for n, t in bucket])
+    if device.type == "cuda":  # the patch rewrites CUDA handles only (it breaks CPU tensors' reduction)
+        monkey_patch_torch_reductions()
+        torch.cuda.current_stream(device).synchronize()  # the copies must land before a receiver maps them
+    entry = {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()}
+    return MultiprocessingSerializer.serialize(entry, output_str=True), flat.get_flattened_tensor()
 
 
 # ---- stale-draft guard -----------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class PolicyWorker:
         self.actor = self.rollout = None
         self.weight_group = self.weight_group_backend = None  # rank 0 of the replicas' weight group (split sync)
         self.server_host = self.server_client = None  # the colocated replica this rank started, if any
+        self.payload_group = None  # (ranks, group): the actor ranks that build one replica's payloads
         # colocated: the rollout holds its own copy, taken before an engine shards `model` in place (fsdp2)
         rollout_model = copy.deepcopy(model) if role == "actor_rollout" else model
         if role in ("actor", "actor_rollout", "ref"):
@@ -77,7 +78,7 @@ class PolicyWorker:
             self.speculative = mtp.speculative_num_steps if (mtp.enable and mtp.enable_rollout) else 0
             self.rollout = NativeEngine(rollout_model, self.tokenizer, max_batch_size=arr.rollout.max_batch_size,
                                         max_seq_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
-                                        speculative=self.speculative)
+                                        speculative=self.speculative, dtype=arr.rollout.dtype)
 
     # ---- rollout -------------------------------------------------------------------------
 
@@ -146,10 +147,13 @@ class PolicyWorker:
 
     # ---- split weight sync over a process group (rollout.server.sync_mode=distributed) --------------
 
-    def weights_meta(self, hashed: bool = True) -> tuple[list[tuple[str, str, list[int]]], str | None]:
+    def weights_meta(self, hashed: bool = True) -> tuple[list[tuple[str, str, list[int]]], str | None] | None:
         """(name, dtype, shape) of every tensor a sync sends, and their checksum (if `hashed`): what the
-        driver needs to plan a broadcast sync without pulling the tensors through itself."""
-        named = self._full_tensors(keep=True)  # every rank answers (the tests compare the ranks' checksums)
+        driver needs to plan a broadcast sync without pulling the tensors through itself. Rank 0 answers
+        (its result is the one used); the others join the engine's gathers and answer None."""
+        named = self._full_tensors(keep=self.rank == 0)
+        if named is None:
+            return None
         meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
         return meta, state_checksum(named) if hashed else None
 
@@ -213,21 +217,41 @@ class PolicyWorker:
             self.server_host.stop()
         self.server_host = self.server_client = None
 
-    def push_rollout_weights(self, version: int, encode: Callable, load_format: str | None,
-                             hashed: bool = True) -> tuple[str | None, str] | None:
-        """Every rank: gather the full tensors (a collective for sharded engines); a rank hosting a replica
-        sends them to it in the sync's order (weight_sync_plan) from this process, the owner of the tensors
-        (SGLang: CUDA IPC handles; our CPU server: base64 safetensors). Then the trainer's offload keys free
-        the device for generation again. `encode` and `load_format`: the replica's tensor serialization
-        (rollout_backends.push_encoding). -> (sent, held) checksums on hosting ranks, else None."""
+    def push_rollout_weights(self, version: int, encode: Callable, load_format: str | None, ranks: int,
+                             bucket_bytes: int | None = None, hashed: bool = True) -> tuple[str | None, str] | None:
+        """Every rank: gather the full tensors (a collective for sharded engines). The sync goes in buckets of
+        at most `bucket_bytes` (sglang.update_buckets); a replica's serialized_named_tensors has one entry
+        per rank of its group of `ranks` consecutive actor ranks, each built by that rank from its own
+        tensors (SGLang: CUDA IPC handles on the rank's GPU, opened by the SGLang TP rank on that GPU) and
+        gathered to the group's first rank, which hosts the replica and sends the sync plan
+        (weight_sync_plan) from this process (replica_payloads). With ranks=1 (our CPU server, one entry)
+        the hosting rank alone encodes. Then the trainer's offload keys free the device for generation
+        again. `encode`, `load_format`, `ranks`: the replica's serialization (rollout_backends.push_encoding).
+        -> (sent, held) checksums on hosting ranks (sent only when `hashed`), else None."""
         from verl_mtp.rollout.client import push_weights
+        from verl_mtp.rollout.replica_payloads import ReplicaPayloads, replica_group
+        from verl_mtp.rollout.sglang import update_buckets
 
-        named = self._full_tensors(keep=self.server_client is not None)
+        if self.payload_group is None or self.payload_group[0] != ranks:  # created collectively, once
+            self.payload_group = (ranks, replica_group(self.rank, self.world_size, ranks))
+        group = self.payload_group[1]
+        named = self._full_tensors(keep=self.server_client is not None or group is not None)
         result = None
         if named is not None:
-            sent = state_checksum(named) if hashed else None
-            (held,) = push_weights([self.server_client], dict(named), version, encode=encode, load_format=load_format)
-            result = (sent, held)
+            payloads = ReplicaPayloads(encode, group)
+            buckets = update_buckets(named, bucket_bytes)  # what the hosting rank's plan sends, call by call
+            if self.server_client is None:
+                payloads.follow(buckets)
+            else:
+                sent = state_checksum(named) if hashed else None
+                try:
+                    (held,) = push_weights([self.server_client], dict(named), version, encode=payloads.entries,
+                                           load_format=load_format, bucket_bytes=bucket_bytes)
+                except BaseException as error:
+                    payloads.finish(len(buckets), error)
+                    raise
+                payloads.finish(len(buckets))
+                result = (sent, held)
         del named
         self.actor.engine.offload()
         return result

@@ -17,7 +17,6 @@ workers/ because two backends are Ray worker groups of PolicyWorker.
 
 from __future__ import annotations
 
-import functools
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ import ray
 import torch
 
 from verl_mtp.models.factory import build_policy_model
-from verl_mtp.rollout.client import (ServerRollout, colocated_replica_groups, encode_native, server_launcher,
-                                     server_sync_mode, weight_update_group_for)
+from verl_mtp.rollout.client import (ServerRollout, bucket_bytes, colocated_replica_groups, native_entry,
+                                     server_launcher, server_sync_mode, weight_update_group_for)
 from verl_mtp.rollout.protocol import TENSOR_LOAD_FORMAT
 from verl_mtp.rollout.replica import ReplicaError
-from verl_mtp.rollout.sglang import SLEEP_TAGS, WEIGHT_GROUP_NAME, sglang_tensor_payload
+from verl_mtp.rollout.sglang import FLATTENED_BUCKET, SLEEP_TAGS, WEIGHT_GROUP_NAME, sglang_tensor_payload
 from verl_mtp.workers.group import WorkerGroup, mean_metrics
 
 Samples = list[tuple[int, list[int], list[float], str]]
@@ -224,13 +223,14 @@ class SplitServer(_Servers):
         return cfg.actor_rollout_ref.rollout.server.num_replicas if server_launcher(cfg) == "ray" else 0
 
 
-def push_encoding(rollout_cfg) -> tuple[Callable, str | None]:
-    """How an actor rank serializes tensors for its colocated replica, and the load_format to name:
-    SGLang takes CUDA IPC handles that every tensor-parallel rank of the replica opens; our server
-    base64 safetensors."""
+def push_encoding(rollout_cfg) -> tuple[Callable, str | None, int]:
+    """How actor ranks serialize tensors for their colocated replica: (encode(bucket) -> (entry,
+    keep-alive), the load_format to name, how many actor ranks build a replica's entries). SGLang: one
+    entry per tensor-parallel rank, each a FlattenedTensorBucket of CUDA IPC handles built on that rank's
+    GPU by the actor rank sharing it; our CPU server: one entry, base64 safetensors, from the hosting rank."""
     if rollout_cfg.name == "sglang":
-        return functools.partial(sglang_tensor_payload, tp_size=rollout_cfg.tensor_model_parallel_size), None
-    return encode_native, TENSOR_LOAD_FORMAT
+        return sglang_tensor_payload, FLATTENED_BUCKET, rollout_cfg.tensor_model_parallel_size
+    return native_entry, TENSOR_LOAD_FORMAT, 1
 
 
 class ColocatedServer(_Servers):
@@ -249,6 +249,7 @@ class ColocatedServer(_Servers):
         self.hashed = r.name == "native"
         self.sleeps = bool(r.free_cache_engine)
         self.encoding = push_encoding(r)
+        self.bucket_bytes = bucket_bytes(r)
         self.released: set[str] = set()  # memory the replicas gave the actor (SGLang tags)
         log_dir = os.path.join(ctx.run_dir, "rollout_servers")
         commands, ports, _ = replica_commands(ctx.cfg, rollout_model_path(ctx), log_dir)
@@ -269,7 +270,8 @@ class ColocatedServer(_Servers):
         """The replicas take their weights memory back, the ranks hosting them send the tensors from their
         own process (the driver never holds them), then the KV cache comes back."""
         self._wake(("weights",))
-        pairs = [p for p in actor.call("push_rollout_weights", version, *self.encoding, self.hashed) if p is not None]
+        pairs = [p for p in actor.call("push_rollout_weights", version, *self.encoding, self.bucket_bytes, self.hashed)
+                 if p is not None]
         self.server.weights_synced(version)
         self._wake(("kv_cache",))
         return pairs

@@ -7,6 +7,8 @@ answers, as JSON on stdout, the questions test_sglang_contract.py asks about wha
             entrypoints/http_server.py does (read with ast), plus the body fields the class lacks
   source    facts read from that release's source: the ones our per-version protocol table rests on,
             and whether each meta_info field we read is ever written
+  payload   our colocated per-rank entry (sglang_tensor_payload, built on CPU) opened as that release's
+            scheduler opens one: its MultiprocessingSerializer (safe unpickler), its FlattenedTensorBucket
 
 Only imports that cannot load on a CPU-only machine are stubbed (STUBBED, here and nowhere else); no
 SGLang code is replaced. Input: a JSON spec on stdin (see test_sglang_contract.contract_spec).
@@ -196,6 +198,34 @@ def source_facts(root: Path, meta_fields: list[str]) -> dict:
     }
 
 
+def payload_roundtrip(root: Path) -> dict:
+    """Our entry of serialized_named_tensors, built by verl_mtp's own sglang_tensor_payload with this
+    release's classes (on CPU: shared-memory handles where a GPU gives CUDA IPC ones), deserialized and
+    rebuilt with this release's classes; and whether its scheduler opens entry [tp_rank] only and its
+    update_weights_from_tensor takes load_format flattened_bucket."""
+    import torch
+
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+    from verl_mtp.rollout.sglang import FLATTENED_BUCKET, sglang_tensor_payload
+
+    named = [("model.norm.weight", torch.arange(6.0).reshape(2, 3)),
+             ("model.mtp_layers.0.input_proj.weight", torch.full((2, 2), 0.5, dtype=torch.bfloat16))]
+    entry, _keep = sglang_tensor_payload(named, device="cpu")
+    opened = MultiprocessingSerializer.deserialize(entry)
+    rebuilt = FlattenedTensorBucket(flattened_tensor=opened["flattened_tensor"],
+                                    metadata=opened["metadata"]).reconstruct_tensors()
+    srt = root / "sglang" / "srt"
+    sources = "\n".join(p.read_text() for p in srt.rglob("*.py"))
+    runners = "\n".join(p.read_text() for p in (srt / "model_executor").rglob("*.py"))
+    return {"names": [n for n, _ in rebuilt],
+            "equal": len(rebuilt) == len(named) and all(
+                a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(rebuilt, named)),
+            "opens_own_rank_entry": bool(re.search(
+                r"serialized_named_tensors\[\s*(self\.tp_rank|get_parallel\(\)\.tp_rank)\s*\]", sources)),
+            "takes_flattened_bucket": f'load_format == "{FLATTENED_BUCKET}"' in runners}
+
+
 def main() -> None:
     # transformers decides at import whether torchvision is installed: before the stubs, so it says no
     import transformers.utils.import_utils  # noqa: F401
@@ -216,7 +246,7 @@ def main() -> None:
     report = {"version": __version__, "routes": table,
               "argv": [check_argv(a["argv"], a["expected"]) for a in spec["argv"]],
               "requests": check_requests(table, spec["requests"]),
-              "source": source_facts(root, spec["meta_fields"])}
+              "source": source_facts(root, spec["meta_fields"]), "payload": payload_roundtrip(root)}
     print("CONTRACT-REPORT " + json.dumps(report, default=repr))
 
 
