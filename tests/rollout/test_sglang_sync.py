@@ -120,7 +120,7 @@ class FakeSGLang:
     `fail_after` calls of it went through."""
 
     def __init__(self, arrived: threading.Event, broadcast_done: threading.Event, fail_path: str | None = None,
-                 fail_after: int = 0):
+                 fail_after: int = 0, port: int = 0):
         self.calls, self.version, self.fail_path, self.fail_after = [], "default", fail_path, fail_after
         self.reported = "0.5.23"
         self.arrived, self.broadcast_done = arrived, broadcast_done
@@ -146,7 +146,7 @@ class FakeSGLang:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -335,6 +335,29 @@ def test_connect_refuses_what_the_replicas_version_cannot_do(fakes):
                                          "SGLang 0.5.6 updates the target only"):
         ServerRollout.connect(cfg, [replicas[0].url], eos_token_id=2)
     assert [p for p, _ in replicas[0].calls] == ["/server_info"]
+
+
+def test_server_info_is_asked_once_per_replica_until_it_stops_answering(fakes):
+    """The version (detect_protocol, every replica) and the first replica's ServerArgs (protocol_info) come
+    from one /server_info per replica, however many syncs and generations follow."""
+    replicas, _, _ = fakes(2)
+    rollout = ServerRollout([f.url for f in replicas], lambda validate, seed: SamplingParams(seed=seed),
+                            encode=lambda bucket: ["blob"], load_format=None)
+    try:
+        for version in (1, 2):
+            rollout.generate([], seed=3)
+            assert rollout.update_rollout_weights(dict(NAMED), version) == VERSION_CHECKED
+    finally:
+        rollout.shutdown()
+    assert [[p for p, _ in f.calls].count("/server_info") for f in replicas] == [1, 1]
+    # a replica that stopped answering may come back as another launch: its client asks again
+    client, port = rollout.clients[0], replicas[0].httpd.server_address[1]
+    replicas[0].close()
+    with pytest.raises(ReplicaError, match="is the replica still running"):
+        client.request("GET", "/health", timeout=2)
+    (relaunched,), _, _ = fakes(1, port=port)
+    relaunched.reported = "0.5.6"
+    assert client.server_info()["version"] == "0.5.6"
 
 
 def test_a_seed_sglang_would_ignore_is_warned_about_once(fakes, caplog):

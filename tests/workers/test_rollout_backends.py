@@ -68,3 +68,25 @@ def test_training_expectation_reaches_in_process_engines_and_not_servers():
             model=SimpleNamespace(mtp=SimpleNamespace(speculative_num_steps=steps)))))
         DAPOTrainer._pass_acceptance_prior(driver, metrics)
         assert backend.generators.calls == calls
+
+
+def test_colocated_payloads_follow_the_rollout_config():
+    """SGLang: one flattened-bucket entry per tensor-parallel rank, each built by the actor rank on that
+    rank's GPU; our CPU server: one base64 safetensors entry from the hosting rank. Buckets: verl's key."""
+    from verl_mtp.config import load_config
+    from verl_mtp.rollout.client import bucket_bytes, native_entry
+    from verl_mtp.rollout.sglang import sglang_tensor_payload
+    from verl_mtp.workers.rollout_backends import push_encoding
+
+    from tests.rollout.test_sglang_launch import CLUSTER_RECIPE, recipe_overrides
+
+    r = "actor_rollout_ref.rollout."
+    sglang = load_config(recipe_overrides(CLUSTER_RECIPE) + [f"{r}update_weights_bucket_megabytes=64"],
+                         config_name="ppo_megatron_trainer").actor_rollout_ref.rollout  # TP 4
+    assert push_encoding(sglang) == (sglang_tensor_payload, "flattened_bucket", 4)
+    assert bucket_bytes(sglang) == 64 << 20
+    native = load_config([f"{r}tensor_model_parallel_size=2"]).actor_rollout_ref.rollout
+    assert push_encoding(native) == (native_entry, "safetensors_base64", 1) and bucket_bytes(native) == 512 << 20
+    with pytest.raises(ValueError, match="key 'actor_rollout_ref.rollout.update_weights_bucket_megabytes': "
+                                         "expected an integer >= 1, got 0"):
+        bucket_bytes(load_config([f"{r}update_weights_bucket_megabytes=0"]).actor_rollout_ref.rollout)
