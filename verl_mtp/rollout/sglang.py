@@ -12,16 +12,18 @@ is refused with one line. Weight sync, per replica, in this order (`weight_sync_
   1. POST /pause_generation {"mode": "abort"}        no sample may span two weight versions
   2. POST /begin_weight_update {"selector": "all"}   0.5.23 only: updates outside a session answer 400
   3. POST /update_weights_from_*  trunk tensors      flush_cache=false, no weight_version yet
-  4. POST /update_weights_from_*  MTP tensors        the draft; carries weight_version, so the version only
-                                                     advances once trunk *and* draft are in
+  4. POST /update_weights_from_*  MTP tensors        the draft; the last update carries weight_version, so
+                                                     the version only advances once trunk *and* draft are in
+  (tensor sync: 3 and 4 one call per bucket of at most rollout.update_weights_bucket_megabytes)
   5. POST /end_weight_update {}                      0.5.23 only
   6. POST /update_weight_version {"new_version"}     0.5.6 only: it drops weight_version while paused
   7. POST /flush_cache {}                            cached prefixes were computed by the old weights
   8. POST /continue_generation {}                    SGLang declares a body here (422 without one)
   9. GET  /model_info                                weight_version (and, on our server, weights_checksum)
-"_tensor" when colocated (CUDA IPC handles, or base64 safetensors on our CPU server); "_distributed"
-when split (the trainer broadcasts each listed tensor over the weight group while the call is in flight;
-NCCL for SGLang, gloo for our CPU server). A distributed sync first sends POST /init_weights_update_group
+"_tensor" when colocated (SGLang: one FlattenedTensorBucket of CUDA IPC handles per tensor-parallel rank,
+built by the actor rank on that rank's GPU, see replica_payloads; our CPU server: base64 safetensors);
+"_distributed" when split (the trainer broadcasts each listed tensor over the weight group while the call
+is in flight; NCCL for SGLang, gloo for our CPU server). A distributed sync first sends POST /init_weights_update_group
 once, while the trainer joins the same group as rank 0. On 0.5.23 updates carry `selector: "all"` (target
 and draft runners); 0.5.6's tensor path loads the draft runner and then the target, its distributed path
 the target only, so split-mode speculation needs 0.5.23 (`check_sglang_support` refuses it otherwise).
