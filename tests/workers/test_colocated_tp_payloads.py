@@ -140,3 +140,84 @@ def test_a_failure_on_either_side_ends_the_sync_on_every_rank_and_the_next_sync_
     # every collective was entered by every rank: the group is still in step for the next sync
     assert leader["outcomes"][3] == ["ok", [None, "version-checked + acceptance guard"]]
     assert member["outcomes"][3] == ["ok", None]
+
+
+# ---- the CUDA path (GPU image, two GPUs): SGLang's own classes, CUDA IPC handles --------------------------
+
+
+def _open_on_scheduler_rank(entry: str):
+    """What SGLang's scheduler rank does with its entry (its own process, all GPUs visible)."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    monkey_patch_torch_reductions()
+    data = MultiprocessingSerializer.deserialize(entry)
+    tensors = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
+    # plain lists back: with the reductions patched, this process cannot pickle a CPU tensor
+    return [(name, str(torch.cuda.get_device_properties(t.device).uuid), t.float().cpu().tolist()) for name, t in
+            tensors.reconstruct_tensors()]
+
+
+def _gpu_rank_main(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from verl_mtp.rollout.replica_payloads import ReplicaPayloads, replica_group
+    from verl_mtp.rollout.sglang import sglang_tensor_payload, update_buckets
+
+    report = {}
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        # CPU tensors, as Megatron's TP/PP gather leaves them, different on each rank
+        named = [(f"model.layers.{i}.w", torch.full((256,), float(10 * rank + i))) for i in range(6)]
+        named.append(("model.mtp_layers.0.w", torch.full((8,), rank - 1.0, dtype=torch.bfloat16)))
+        buckets = update_buckets(named, 2048)  # two 1 KiB tensors per bucket
+        payloads = ReplicaPayloads(sglang_tensor_payload, replica_group(rank, 2, 2))
+        if rank == 0:
+            ctx = multiprocessing.get_context("spawn")
+            opened = []
+            with ctx.Pool(1) as pool:
+                for bucket in buckets:
+                    entries = payloads.entries(bucket)
+                    opened.append([pool.apply(_open_on_scheduler_rank, (e,)) for e in entries])
+            payloads.finish(len(buckets))
+            uuids = [str(torch.cuda.get_device_properties(r).uuid) for r in range(2)]
+            report["opened"] = [[[[name, uuid == uuids[r], values] for name, uuid, values in entry]
+                                 for r, entry in enumerate(per_update)] for per_update in opened]
+        else:
+            report["followed"] = payloads.follow(buckets)
+        dist.destroy_process_group()
+    except BaseException:
+        report["crash"] = traceback.format_exc()
+    with open(os.path.join(out, f"gpu_rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_each_scheduler_rank_opens_its_own_entry_on_its_own_gpu(tmp_path):
+    """TP 2 on two GPUs: rank r's CPU tensors go to GPU r as one FlattenedTensorBucket per update; the
+    gathered list holds entry r at index r, and a separate process (SGLang's scheduler rank) opens it with
+    SGLang's classes on GPU r (by UUID), values intact, while the ranks keep the buckets alive."""
+    pytest.importorskip("sglang")
+    ctx, port = multiprocessing.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_gpu_rank_main, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert not any(p.is_alive() for p in procs), "a rank is still blocked in a collective"
+    reports = [json.loads((tmp_path / f"gpu_rank{r}.json").read_text()) for r in range(2)]
+    assert all("crash" not in r for r in reports), [r.get("crash") for r in reports]
+    leader, member = reports
+    assert [len(per_update) for per_update in leader["opened"]] == [2, 2, 2, 2] and member["followed"] == 4
+    expected = [{f"model.layers.{i}.w": [float(10 * r + i)] * 256 for i in range(6)}
+                | {"model.mtp_layers.0.w": [r - 1.0] * 8} for r in range(2)]
+    got = [{}, {}]
+    for per_update in leader["opened"]:
+        for rank, entry in enumerate(per_update):  # entry r: rank r's tensors, opened on rank r's GPU
+            for name, on_own_gpu, values in entry:
+                assert on_own_gpu, (rank, name)
+                got[rank][name] = values
+    assert got == expected
