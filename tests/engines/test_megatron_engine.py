@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -203,25 +202,54 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     arr = _arr()
     engine = _engine("megatron", _model(), arr, megatron={"tensor_model_parallel_size": world})
     result = train_once(engine, arr, _batch())
+    engine.save_checkpoint(os.path.join(out_dir, "dist"))  # megatron's dist_checkpointing, every rank its shards
+    own = {k: v for k, v in engine.state_dict().items() if k != "model"}  # gathers the model: every rank
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "tp.pt"))
+        torch.save(own, os.path.join(out_dir, "rank0.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_tensor_parallel_2_matches_the_torch_engine():
+@pytest.fixture(scope="module")
+def tensor_parallel_2(tmp_path_factory):
+    """One TP=2 run over gloo (two processes): its results, dist checkpoint and rank 0's optimizer file."""
     from verl_mtp.net import free_port
 
-    world, port = 2, free_port()
+    world, port, out = 2, free_port(), tmp_path_factory.mktemp("tp2")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as out:
-        procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), out], env=env, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-        model, arr, b = _model(), _arr(), _batch()
-        ref = train_once(_engine("torch", model, arr), arr, b)  # meanwhile, the reference
-        logs = [p.communicate(timeout=240)[0].decode() for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-        tp = torch.load(os.path.join(out, "tp.pt"), weights_only=False)
-    _assert_same_training(tp, ref)
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return out
+
+
+def test_tensor_parallel_2_matches_the_torch_engine(tensor_parallel_2):
+    model, arr, b = _model(), _arr(), _batch()
+    _assert_same_training(torch.load(tensor_parallel_2 / "tp.pt", weights_only=False),
+                          train_once(_engine("torch", model, arr), arr, b))
+
+
+def test_dist_checkpoint_saved_at_tp_2_resumes_at_tp_1_and_per_rank_files_are_refused(tensor_parallel_2):
+    """megatron's dist_checkpointing reshards: a TP=1 engine reads the TP=2 run's model and Adam moments and
+    takes the same next step as a TP=1 engine that ran the first step itself. Our per-rank optimizer files
+    cannot be resharded: loading one at another TP size is refused in one line naming the key and both sizes."""
+    model, arr, b = _model(), _arr(), _batch()
+    tp = torch.load(tensor_parallel_2 / "tp.pt", weights_only=False)
+    resumed = _engine("megatron", model, arr)
+    resumed.load_checkpoint(str(tensor_parallel_2 / "dist"))
+    assert all(torch.equal(v, tp["weights"][k]) for k, v in resumed.named_tensors())
+    assert resumed.lr == pytest.approx(arr.actor.optim.lr)
+    ran = _engine("megatron", model, arr)
+    train_once(ran, arr, b)
+    before = {k: v.clone() for k, v in ran.named_tensors()}
+    after = [train_once(e, arr, _batch(seed=1))["weights"] for e in (resumed, ran)]
+    for k in before:  # the step itself (not the weights it starts from) agrees: moments and step count read back
+        assert torch.allclose(after[0][k] - tp["weights"][k], after[1][k] - before[k], atol=1e-5), k
+    per_rank = torch.load(tensor_parallel_2 / "rank0.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"^actor_rollout_ref\.actor\.megatron\.tensor_model_parallel_size=1, but "
+                                         r"the checkpoint's optimizer shards were saved at 2: [^\n]+$"):
+        _engine("megatron", model, arr).load_state_dict({"model": tp["weights"], **per_rank})
 
 
 # ---------------------------------------------------------------- GPU only

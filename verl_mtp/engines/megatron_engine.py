@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,18 +423,73 @@ class MegatronEngine(TrainingEngine):
         own = self._megatron_tensors()
         return self._gather_hf({k: grads.get(k, torch.zeros_like(v)) for k, v in own.items()})
 
+    @property
+    def layout(self) -> dict[str, int]:
+        """The model-parallel sizes this rank's optimizer shard belongs to."""
+        return {"tensor_model_parallel_size": self.tp,
+                "pipeline_model_parallel_size": self.ps.get_pipeline_model_parallel_world_size(),
+                "context_parallel_size": self.cp}
+
     def state_dict(self) -> dict[str, Any]:
+        """Full weights in HF names and this rank's optimizer shard (only valid at the same layout)."""
         self.reload()
         state = {"model": dict(self.named_tensors())}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
-            state["scheduler"] = {"steps": self.steps}
+            state["scheduler"] = {"steps": self.steps, "layout": self.layout}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None:
+            saved = state["scheduler"].get("layout", self.layout)
+            for key, size in self.layout.items():
+                if saved[key] != size:
+                    raise ValueError(f"actor_rollout_ref.actor.megatron.{key}={size}, but the checkpoint's optimizer "
+                                     f"shards were saved at {saved[key]}: per-rank optimizer files cannot be "
+                                     f"resharded; resume with {key}={saved[key]}, or save with "
+                                     "megatron.use_dist_checkpointing=true")
         self.load_hf(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            self.steps = state["scheduler"]["steps"]
+            self._set_lr()
+
+    # ---- sharded checkpoints (megatron.use_dist_checkpointing) -----------------------------
+
+    def _sharded_state(self, loading: bool, model_only: bool = False) -> dict[str, Any]:
+        model = self.gpt.sharded_state_dict()
+        if self.optimizer is None or model_only:
+            return {"model": model}
+        return {"model": model, "optimizer": self.optimizer.sharded_state_dict(model, is_loading=loading),
+                "scheduler": {"steps": self.steps}}
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Every rank: megatron's dist_checkpointing writes each rank's model and optimizer shards
+        (replicas once) with their global offsets, so `load_checkpoint` can read them at any TP/PP/CP."""
+        from megatron.core import dist_checkpointing
+
+        self.reload()
+        os.makedirs(folder, exist_ok=True)
+        dist_checkpointing.save(self._sharded_state(loading=False), folder)
+
+    def load_checkpoint(self, folder: str, model_only: bool = False) -> None:
+        """Every rank: this rank's shards of a `save_checkpoint` folder, resharded to this layout (the
+        optimizer's too, unless `model_only`: initial weights, verl's dist_checkpointing_path)."""
+        from megatron.core import dist_checkpointing
+
+        if not os.path.isfile(os.path.join(folder, "metadata.json")):
+            raise FileNotFoundError(f"{folder}: not a megatron dist_checkpointing folder (no metadata.json)")
+        self.reload()
+        state = dist_checkpointing.load(self._sharded_state(loading=True, model_only=model_only), folder)
+        missing = [k for k in self.gpt.load_state_dict(state["model"], strict=False).missing_keys
+                   if not k.endswith("_extra_state")]
+        if missing:
+            raise KeyError(f"{folder}: no tensor for {missing[:3]} (of {len(missing)})")
+        if self.optimizer is not None and not model_only:  # (the result also holds the saved common state)
+            if isinstance(self.optimizer, _AdamWOverMainGrads):
+                self.optimizer.load_sharded_state_dict(state["optimizer"], state["scheduler"]["steps"])
+            else:  # megatron's optimizer reads back what its sharded_state_dict described
+                self.optimizer.load_state_dict(state["optimizer"])
             self.steps = state["scheduler"]["steps"]
             self._set_lr()
 
@@ -552,4 +608,25 @@ class _AdamWOverMainGrads:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
+        """AdamW's moments as dist_checkpointing tensors sharded like their parameters (megatron's own
+        FP32Optimizer does the same). AdamW keeps a per-parameter `step`, the engine's step count, which
+        travels as the scheduler's instead. Loading: zero moments give the structure to read into."""
+        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                               optim_state_to_sharding_state)
+
+        if is_loading:
+            for p in self.params:
+                self.optimizer.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+        state = self.optimizer.state_dict()
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, self.params),
+                                      exclude_keys=("step",))
+        return state
+
+    def load_sharded_state_dict(self, state: dict, steps: int) -> None:
+        for moments in state["state"].values():
+            moments["step"] = torch.tensor(float(steps))
         self.optimizer.load_state_dict(state)

@@ -7,7 +7,8 @@ engine and `megatron_convert.py` stays pure tensor code. megatron-core is import
 
 CPU workarounds (all in `apply_cpu_workarounds`, applied only when CUDA is absent):
   1. megatron allocates many buffers with ``device=torch.cuda.current_device()``; on a CPU-only
-     torch that call raises, so it is made to answer ``"cpu"``.
+     torch that call raises, so it is made to answer ``"cpu"``; and ``torch.cuda.synchronize``, which
+     dist_checkpointing's file writer calls unconditionally, does nothing.
   2. ``model_parallel_cuda_manual_seed`` forks CUDA RNG states; on CPU the RNG tracker is created
      with ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` instead, whose
      ``fork()`` is a no-op context (dropout is 0 in RL fine-tuning, so no RNG stream is needed).
@@ -104,6 +105,8 @@ def apply_cpu_workarounds() -> None:
 
     current_device._verl_mtp_cpu = True
     torch.cuda.current_device = current_device
+    # dist_checkpointing's writer (FileSystemWriterAsync.preload_tensors) waits for CUDA before writing
+    torch.cuda.synchronize = lambda device=None: None
 
 
 def seed_rng_tracker(seed: int) -> None:
