@@ -1,7 +1,8 @@
 """Wall time of one RL (GRPO) step: verl_mtp vs TRL's GRPOTrainer, same model, prompts and lengths.
 
     pip install -e '.[bench]'
-    python bench/rl_step.py [--steps 6] [--prompts 8] [--n 8] [--max-new 64] [--threads 2] [--out bench/results/rl_step.json]
+    python bench/rl_step.py [--steps 6] [--prompts 8] [--n 8] [--max-new 64] [--threads 2] [--dtypes float32,bfloat16]
+                            [--out bench/results/rl_step.json]
 
 Both sides start from the same tiny model folder (written by this script: random init, our MiMo
 layout which transformers' Qwen2ForCausalLM loads), the same synthetic-math prompts, group size n,
@@ -10,6 +11,9 @@ of each side is warm-up and not counted; the table reports the median of the res
 verl_mtp the share of step time per phase. It then times the step's fp32 arithmetic alone (decode
 matrix multiplies and KV reads for the mean response length, one forward + backward of the batch;
 bench/floors.py): TRL's step over that floor bounds what any trainer could gain over TRL here.
+--dtypes runs every side once per dtype: for bfloat16 ours sets rollout.dtype and the actor's and
+reference's fsdp_config.dtype (verl's keys), TRL its `bf16` flag; the floor stays fp32 (the reference).
+Prints the issue's targets (RL step >= 2x TRL; generation phase <= 2x its floor) with PASS/MISS.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def build_assets(work: Path, hidden: int, layers: int, mtp_layers: int) -> tuple
     return model_dir, Path(paths["train"])
 
 
-def run_trl(model_dir: Path, train_file: Path, args) -> dict:
+def run_trl(model_dir: Path, train_file: Path, args, dtype: str = "float32") -> dict:
     import pandas as pd
     from datasets import Dataset
     from transformers import AutoTokenizer, Qwen2ForCausalLM, TrainerCallback
@@ -73,7 +77,7 @@ def run_trl(model_dir: Path, train_file: Path, args) -> dict:
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.n,
                         num_generations=args.n, max_completion_length=args.max_new, max_steps=args.steps,
-                        learning_rate=1e-5, use_cpu=True, bf16=False, logging_steps=1, report_to=[],
+                        learning_rate=1e-5, use_cpu=True, bf16=dtype == "bfloat16", logging_steps=1, report_to=[],
                         save_strategy="no", beta=0.0, temperature=1.0, top_p=1.0, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
@@ -83,13 +87,13 @@ def run_trl(model_dir: Path, train_file: Path, args) -> dict:
     return {"step_s": steps, "mean_response_length": statistics.mean(lengths) if lengths else None}
 
 
-def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path) -> dict:
+def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path, dtype: str = "float32") -> dict:
     import ray
 
     from verl_mtp.config import load_config
     from verl_mtp.trainer.ray_trainer import DAPOTrainer
 
-    name = "mtp" if mtp else "plain"
+    name = f"{'mtp' if mtp else 'plain'}_{dtype}"
     overrides = [
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train_file}", "data.val_files=null",
         f"data.train_batch_size={args.prompts}", f"actor_rollout_ref.rollout.n={args.n}",
@@ -104,6 +108,8 @@ def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path) -> 
         f"actor_rollout_ref.model.mtp.enable_train={mtp}", f"actor_rollout_ref.model.mtp.enable_rollout={mtp}",
         f"actor_rollout_ref.model.mtp.num_layers={args.mtp_layers}",
         f"actor_rollout_ref.rollout.max_batch_size={args.prompts * args.n}",
+        f"actor_rollout_ref.rollout.dtype={dtype}", f"actor_rollout_ref.actor.fsdp_config.dtype={dtype}",
+        f"actor_rollout_ref.ref.fsdp_config.dtype={dtype}",
     ]
     cfg = load_config(overrides)
     if not ray.is_initialized():
@@ -119,7 +125,10 @@ def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path) -> 
             "mean_response_length": statistics.mean(h["response_length/mean"] for h in history),
             "accept_length": statistics.mean(h["rollout/accept_length"] for h in history),
             "phase_share": {p: statistics.mean(h.get(f"timing_s/{p}", 0.0) / h["timing_s/step"] for h in timed)
-                            for p in phases}}
+                            for p in phases},
+            "gen_s": statistics.median(h.get("timing_s/gen", 0.0) for h in timed),
+            "rollout_probs_diff_mean": statistics.mean(h.get("training/rollout_probs_diff_mean", float("nan"))
+                                                       for h in timed)}
 
 
 def step_floor(model_dir: Path, train_file: Path, args, response_length: float) -> dict:
@@ -155,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp-layers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for TRL and for our workers (VERL_MTP_THREADS)")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--dtypes", default="float32", help="comma list of float32|bfloat16: each side runs once per dtype")
     ap.add_argument("--out", default="bench/results/rl_step.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -165,26 +175,46 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rl_step_"))
     model_dir, train_file = build_assets(work, args.hidden, args.layers, args.mtp_layers)
     results = {"config": vars(args), "torch": torch.__version__, "cpus": os.cpu_count()}
-    results["verl_mtp_plain"] = run_ours(model_dir, train_file, args, mtp=False, work=work)
-    results["verl_mtp_mtp"] = run_ours(model_dir, train_file, args, mtp=True, work=work)
-    if not args.skip_trl:
-        results["trl"] = run_trl(model_dir, train_file, args)
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        ap.error(f"--dtypes {args.dtypes}: choose from float32, bfloat16")
+    for dtype in dtypes:  # each dtype's sides back to back, so load hits them alike
+        tag = "" if dtype == "float32" else "_bf16"
+        results[f"verl_mtp_plain{tag}"] = run_ours(model_dir, train_file, args, mtp=False, work=work, dtype=dtype)
+        results[f"verl_mtp_mtp{tag}"] = run_ours(model_dir, train_file, args, mtp=True, work=work, dtype=dtype)
+        if not args.skip_trl:
+            results[f"trl{tag}"] = run_trl(model_dir, train_file, args, dtype)
     median = {k: statistics.median(v["step_s"][1:]) for k, v in results.items() if isinstance(v, dict) and "step_s" in v}
     results["median_step_s"] = median
-    length = results["trl" if "trl" in results else "verl_mtp_plain"]["mean_response_length"]
+    length = results["trl" if "trl" in results else next(iter(median))]["mean_response_length"]
     results["floor"] = floor = step_floor(model_dir, train_file, args, length)
     print(f"\none GRPO step: {args.prompts} prompts x n={args.n}, <= {args.max_new} new tokens, "
           f"hidden {args.hidden}, {args.layers} layers; median of steps 2..{args.steps}")
-    print(f"{'system':<18}{'step s':>10}{'vs TRL':>10}{'resp len':>10}")
+    print(f"{'system':<22}{'step s':>10}{'vs TRL':>10}{'resp len':>10}")
     for k, s in median.items():
-        speedup = f"{median['trl'] / s:.2f}x" if "trl" in median else "-"
-        print(f"{k:<18}{s:>10.3f}{speedup:>10}{results[k]['mean_response_length'] or 0:>10.1f}")
+        trl = "trl_bf16" if k.endswith("_bf16") and "trl_bf16" in median else "trl"
+        speedup = f"{median[trl] / s:.2f}x" if trl in median else "-"
+        print(f"{k:<22}{s:>10.3f}{speedup:>10}{results[k]['mean_response_length'] or 0:>10.1f}")
     bound = f"; TRL / floor = {median['trl'] / floor['step_s']:.2f}x, the most any trainer could gain" if "trl" in median else ""
     print(f"floor (fp32 arithmetic alone: {floor['response_tokens']} decode steps + one forward/backward): "
           f"gen {floor['gen_s']:.3f} s + update {floor['update_s']:.3f} s = {floor['step_s']:.3f} s{bound}")
-    for k in ("verl_mtp_plain", "verl_mtp_mtp"):
+    ours = [k for k in median if k.startswith("verl_mtp")]
+    for k in ours:
         shares = ", ".join(f"{p} {100 * v:.0f}%" for p, v in results[k]["phase_share"].items())
-        print(f"{k} phase shares: {shares}; accept length {results[k]['accept_length']:.2f}")
+        print(f"{k} phase shares: {shares}; gen {results[k]['gen_s']:.3f} s; accept length "
+              f"{results[k]['accept_length']:.2f}; rollout_probs_diff_mean {results[k]['rollout_probs_diff_mean']:.2g}")
+    results["targets"] = targets = []
+    for k in ours:
+        trl = "trl_bf16" if k.endswith("_bf16") else "trl"
+        if trl in median:
+            targets.append({"target": f"{k} step >= 2x {trl}", "value": median[trl] / median[k], "need": 2.0})
+        targets.append({"target": f"{k} generation phase <= 2x its fp32 floor",
+                        "value": results[k]["gen_s"] / floor["gen_s"], "need": 2.0, "at_most": True})
+    print("\n| target | measured | need | status |\n|---|---:|---:|---|")
+    for t in targets:
+        ok = t["value"] <= t["need"] if t.get("at_most") else t["value"] >= t["need"]
+        t["status"] = "PASS" if ok else "MISS"
+        print(f"| {t['target']} | {t['value']:.2f}x | {'<=' if t.get('at_most') else '>='} {t['need']}x | {t['status']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

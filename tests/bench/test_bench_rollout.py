@@ -30,5 +30,7 @@ def test_quick_rollout_bench_arms_agree_and_report_is_complete(tmp_path):
                                              for f in floors.values())
     names = [t["target"] for t in result["targets"]]
     assert names.count("(b) >= 3x (a)") == 2 and names.count("(d) >= 0.97x (b)") == 3
+    assert names.count("(d) auto >= 0.95x best fixed depth") == 3
+    assert {"(b) step <= 1.5x its floor", "(b) step <= 2.0x its floor"} <= set(names)
     assert {"(c) depth 2 >= 1.8x (b) if accept >= 2.5", "(c) depth 3 >= 1.8x (b) if accept >= 2.5"} <= set(names)
     assert "| batch | (a) ms/step |" in run.stdout and "| target |" in run.stdout
