@@ -376,8 +376,6 @@ ERROR_CASES = [
     (["reward_model.num_workers=-1"], "reward_model.num_workers"),
     (["trainer.resume_mode=resume_path"], "trainer.resume_from_path"),
     (["trainer.logger=[console,mlflow]"], "trainer.logger"),
-    (["trainer.device=cpu", ACTOR + "strategy=megatron", ACTOR + "megatron.pipeline_model_parallel_size=2",
-      "trainer.n_gpus_per_node=2"], ACTOR + "megatron.pipeline_model_parallel_size"),
     (["trainer.device=cpu", ROLLOUT + "name=sglang"], ROLLOUT + "name"),
     (
         [ACTOR + "strategy=megatron", "trainer.n_gpus_per_node=8", ACTOR + "megatron.tensor_model_parallel_size=3"],

@@ -4,6 +4,7 @@ depths), equal policy/MTP losses and gradients through PolicyActor, detached MTP
 context parallel is in test_megatron_context_parallel.py, offload in test_engines_offload.py."""
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -197,36 +198,51 @@ def test_weights_checkpoint_and_resume_round_trip(tmp_path):
 # ---------------------------------------------------------------- TP=2 over gloo, in subprocesses
 
 
-def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, megatron: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     arr = _arr()
-    engine = _engine("megatron", _model(), arr, megatron={"tensor_model_parallel_size": world})
+    engine = _engine("megatron", _model(), arr, megatron=json.loads(megatron))
     result = train_once(engine, arr, _batch())
     engine.save_checkpoint(os.path.join(out_dir, "dist"))  # megatron's dist_checkpointing, every rank its shards
     own = {k: v for k, v in engine.state_dict().items() if k != "model"}  # gathers the model: every rank
     if rank == 0:
-        torch.save(result, os.path.join(out_dir, "tp.pt"))
+        torch.save(result, os.path.join(out_dir, "result.pt"))
         torch.save(own, os.path.join(out_dir, "rank0.pt"))
     torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def tensor_parallel_2(tmp_path_factory):
-    """One TP=2 run over gloo (two processes): its results, dist checkpoint and rank 0's optimizer file."""
+def run_two_ranks(out: Path, megatron: dict) -> Path:
+    """One PPO update on 2 ranks over gloo (two processes): rank 0's results, the run's dist checkpoint
+    and rank 0's optimizer file, in `out`."""
     from verl_mtp.net import free_port
 
-    world, port, out = 2, free_port(), tmp_path_factory.mktemp("tp2")
+    world, port = 2, free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out), json.dumps(megatron)],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
     logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return out
 
 
+@pytest.fixture(scope="module")
+def tensor_parallel_2(tmp_path_factory):
+    return run_two_ranks(tmp_path_factory.mktemp("tp2"), {"tensor_model_parallel_size": 2})
+
+
 def test_tensor_parallel_2_matches_the_torch_engine(tensor_parallel_2):
     model, arr, b = _model(), _arr(), _batch()
-    _assert_same_training(torch.load(tensor_parallel_2 / "tp.pt", weights_only=False),
+    _assert_same_training(torch.load(tensor_parallel_2 / "result.pt", weights_only=False),
+                          train_once(_engine("torch", model, arr), arr, b))
+
+
+def test_pipeline_parallel_2_on_cpu_matches_the_torch_engine(tmp_path):
+    """megatron's 1F1B schedule over gloo: the trunk split over two stages, the MTP layers (and their copy of
+    the word embeddings) on the last, p2p activations both ways; log-probs (forward-only schedule),
+    losses, grad norms, gradients and the stepped weights equal the torch engine's."""
+    out = run_two_ranks(tmp_path, {"pipeline_model_parallel_size": 2})
+    model, arr, b = _model(), _arr(), _batch()
+    _assert_same_training(torch.load(out / "result.pt", weights_only=False),
                           train_once(_engine("torch", model, arr), arr, b))
 
 
@@ -235,7 +251,7 @@ def test_dist_checkpoint_saved_at_tp_2_resumes_at_tp_1_and_per_rank_files_are_re
     takes the same next step as a TP=1 engine that ran the first step itself. Our per-rank optimizer files
     cannot be resharded: loading one at another TP size is refused in one line naming the key and both sizes."""
     model, arr, b = _model(), _arr(), _batch()
-    tp = torch.load(tensor_parallel_2 / "tp.pt", weights_only=False)
+    tp = torch.load(tensor_parallel_2 / "result.pt", weights_only=False)
     resumed = _engine("megatron", model, arr)
     resumed.load_checkpoint(str(tensor_parallel_2 / "dist"))
     assert all(torch.equal(v, tp["weights"][k]) for k, v in resumed.named_tensors())
@@ -280,4 +296,4 @@ def assert_megatron_trains_like_torch_on_gpus(megatron: dict) -> None:
 
 
 if __name__ == "__main__":
-    _tp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -299,12 +299,7 @@ def _check_parallel(cfg: DictConfig) -> None:
 
 
 def _check_backends(cfg: DictConfig) -> None:
-    strategy, rollout = cfg.actor_rollout_ref.actor.strategy, cfg.actor_rollout_ref.rollout.name
-    if strategy == "megatron":
-        m = cfg.actor_rollout_ref.actor.megatron
-        if cfg.trainer.device == "cpu" and m.pipeline_model_parallel_size > 1:
-            raise ConfigError(f"key '{_ARR}actor.megatron.pipeline_model_parallel_size': pipeline parallelism "
-                              "needs CUDA (megatron's schedules); trainer.device=cpu")
+    rollout = cfg.actor_rollout_ref.rollout.name
     if cfg.trainer.device == "cpu" and rollout != "native":
         raise ConfigError(f"key '{_ARR}rollout.name': {rollout} needs CUDA but trainer.device=cpu")
     if rollout != "native" and cfg.actor_rollout_ref.model.path is None:

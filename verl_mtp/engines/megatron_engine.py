@@ -246,8 +246,8 @@ class MegatronEngine(TrainingEngine):
         return collected
 
     def _run_pipelined(self, micro_batches: list[Batch], fn: MicroBatchFn, forward_only: bool) -> list[Any]:
-        """GPU only (megatron's pipeline schedules allocate on "cuda"): megatron's 1F1B schedule; the
-        last stage's results are broadcast to the other stages."""
+        """megatron's 1F1B schedule (on CPU with megatron_runtime's workarounds); the last stage's results
+        are broadcast to the other stages."""
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -258,8 +258,11 @@ class MegatronEngine(TrainingEngine):
         def step_fn(data_iterator, _model):
             micro = next(data_iterator)
             layout = self._layout(micro)
+            out = self._model_forward(micro, layout, fn.mtp)
+            if not isinstance(out, MTPOutput):  # an earlier stage: hidden states for the next one
+                return out, None
 
-            def loss_func(out, non_loss_data=False):
+            def loss_func(_logits, non_loss_data=False):
                 if forward_only:
                     return self._apply(fn, out, micro, layout)
                 loss, metrics = self._apply(fn, out, micro, layout)
@@ -268,7 +271,9 @@ class MegatronEngine(TrainingEngine):
                 # already sums the CP ranks' identical losses): undo both
                 return loss * n / self.cp, metrics
 
-            return self._model_forward(micro, layout, fn.mtp), loss_func
+            # the schedule reads `.device` of what the step returns (forward-only: after loss_func), so the
+            # last stage hands it a tensor and loss_func reads the whole MTPOutput from here
+            return out.logits, loss_func
 
         first = self._layout(micro_batches[0])
         collected = get_forward_backward_func()(
@@ -457,7 +462,9 @@ class MegatronEngine(TrainingEngine):
     # ---- sharded checkpoints (megatron.use_dist_checkpointing) -----------------------------
 
     def _sharded_state(self, loading: bool, model_only: bool = False) -> dict[str, Any]:
-        model = self.gpt.sharded_state_dict()
+        # the replicas' group (TE layers, and the last stage's copy of the word embeddings under PP, ask for it)
+        model = self.gpt.sharded_state_dict(
+            metadata={"dp_cp_group": self.ps.get_data_parallel_group(with_context_parallel=True)})
         if self.optimizer is None or model_only:
             return {"model": model}
         return {"model": model, "optimizer": self.optimizer.sharded_state_dict(model, is_loading=loading),
@@ -478,7 +485,8 @@ class MegatronEngine(TrainingEngine):
         from megatron.core import dist_checkpointing
 
         if not os.path.isfile(os.path.join(folder, "metadata.json")):
-            raise FileNotFoundError(f"{folder}: not a megatron dist_checkpointing folder (no metadata.json)")
+            raise FileNotFoundError(f"{folder}: no megatron dist checkpoint here (was it saved without "
+                                    "actor_rollout_ref.actor.megatron.use_dist_checkpointing=true?)")
         self.reload()
         state = dist_checkpointing.load(self._sharded_state(loading=True, model_only=model_only), folder)
         missing = [k for k in self.gpt.load_state_dict(state["model"], strict=False).missing_keys

@@ -9,7 +9,11 @@ CPU workarounds (all in `apply_cpu_workarounds`, applied only when CUDA is absen
   1. megatron allocates many buffers with ``device=torch.cuda.current_device()``; on a CPU-only
      torch that call raises, so it is made to answer ``"cpu"``; and ``torch.cuda.synchronize``, which
      dist_checkpointing's file writer calls unconditionally, does nothing.
-  2. ``model_parallel_cuda_manual_seed`` forks CUDA RNG states; on CPU the RNG tracker is created
+  2. pipeline parallel: megatron's 1F1B schedule counts tokens in a ``torch.zeros(device="cuda")``, so
+     the schedules module gets a ``torch`` whose ``zeros`` puts "cuda" on the CPU; and building a GPTModel
+     with PP > 1 calls ``Tensor.cuda()`` on the stages' word embeddings, which returns the tensor itself
+     while the model is built.
+  3. ``model_parallel_cuda_manual_seed`` forks CUDA RNG states; on CPU the RNG tracker is created
      with ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)`` instead, whose
      ``fork()`` is a no-op context (dropout is 0 in RL fine-tuning, so no RNG stream is needed).
 
@@ -29,6 +33,7 @@ CUDA streams, so the allgather one is used; and megatron-core 0.16's router GEMM
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -107,6 +112,38 @@ def apply_cpu_workarounds() -> None:
     torch.cuda.current_device = current_device
     # dist_checkpointing's writer (FileSystemWriterAsync.preload_tensors) waits for CUDA before writing
     torch.cuda.synchronize = lambda device=None: None
+    # forward_backward_pipelining_without_interleaving counts tokens in torch.zeros(..., device="cuda")
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuZerosTorch()
+
+
+class _CpuZerosTorch:
+    """`torch` as megatron's pipeline schedules module sees it on a CPU-only build: the same module,
+    except that `zeros(device="cuda")` (which could only raise there) allocates on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+@contextlib.contextmanager
+def _tensor_cuda_stays_on_cpu():
+    """While a GPTModel is built on a CPU-only torch: `Tensor.cuda()` returns the tensor itself. With PP > 1
+    `LanguageModule.setup_embeddings_and_output_layer` moves the word embeddings of the first and last
+    stage (tied output layer, MTP layers) with `.cuda()` before all-reducing them over the two stages."""
+    if cuda_available():
+        yield
+        return
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
 
 
 def seed_rng_tracker(seed: int) -> None:
@@ -196,7 +233,7 @@ def transformer_config(cfg: ModelConfig, sizes: ParallelSizes, params_dtype: tor
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
         context_parallel_size=sizes.context_parallel_size,
         sequence_parallel=sizes.sequence_parallel and te and sizes.tensor_model_parallel_size > 1,
-        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         # our ModelConfig has K layers; 0 means "no MTP block" to megatron, which spells that None
         mtp_num_layers=cfg.num_nextn_predict_layers or None,
         # the fused kernels need CUDA (and TE / apex); the reference path is exact and runs anywhere
@@ -301,10 +338,11 @@ def build_gpt_model(cfg: ModelConfig, config, vocab_size: int):
         mtp_layer = layer_spec(te, cfg.n_routed_experts if cfg.mtp_layers_are_moe else None, context_parallel=cp)
         mtp_spec = get_gpt_mtp_block_spec(config, mtp_layer, use_transformer_engine=te)
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
-                    max_sequence_length=cfg.max_position_embeddings, pre_process=pre, post_process=post,
-                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-                    rotary_base=cfg.rope_theta, mtp_block_spec=mtp_spec)
+    with _tensor_cuda_stays_on_cpu():
+        return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                        max_sequence_length=cfg.max_position_embeddings, pre_process=pre, post_process=post,
+                        share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+                        rotary_base=cfg.rope_theta, mtp_block_spec=mtp_spec)
 
 
 def layer_offset(config) -> int:
