@@ -42,9 +42,13 @@ def _megatron(role: str) -> dict[str, Ignored]:
             _NOT_MEGATRON),
         m + "expert_tensor_parallel_size": Ignored(None, "only the megatron strategy shards experts", True,
                                                    _NOT_MEGATRON),
-        m + "use_dist_checkpointing": Ignored(
-            False, "weights load from model.path (Hugging Face folder), not a Megatron dist checkpoint", True),
-        m + "dist_checkpointing_path": Ignored(None, "weights load from model.path", True),
+        m + "use_dist_checkpointing": (
+            Ignored(False, "only the megatron strategy writes run checkpoints with megatron's dist_checkpointing",
+                    strategies=_NOT_MEGATRON) if role == "actor" else
+            Ignored(False, "the reference policy is frozen: it is never checkpointed")),
+        m + "dist_checkpointing_path": Ignored(
+            None, "initial weights load from model.path (a Hugging Face folder); a run's own sharded checkpoints "
+                  "(use_dist_checkpointing) resume from trainer.default_local_dir", True),
         m + "use_mbridge": Ignored(False, "Hugging Face <-> Megatron weights are converted here; same weights"),
         m + "vanilla_mbridge": Ignored(True, "no mbridge (see use_mbridge)"),
         m + "use_remove_padding": Ignored(True, "padding is masked rather than removed; same result"),

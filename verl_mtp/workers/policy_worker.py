@@ -30,6 +30,9 @@ from verl_mtp.net import free_port
 from verl_mtp.rollout.sampling import rollout_sampling_params
 
 
+DIST_CHECKPOINT = "dist_ckpt"  # megatron.use_dist_checkpointing: the actor's model + optimizer shards
+
+
 def optimizer_file(rank: int) -> str:
     return f"optimizer_rank{rank}.pt"
 
@@ -256,22 +259,36 @@ class PolicyWorker:
         self.actor.engine.offload()
         return result
 
+    def _dist_checkpointing(self) -> bool:
+        actor = self.cfg.actor_rollout_ref.actor
+        return actor.strategy == "megatron" and actor.megatron.use_dist_checkpointing
+
     def save_checkpoint(self, folder: str) -> None:
         """Every rank: an HF/MiMo folder (weights, config, tokenizer) gathered collectively and written by
-        rank 0, and this rank's own optimizer and LR-schedule state (its shard, under model parallelism)."""
+        rank 0, and this rank's own optimizer and LR-schedule state (its shard, under model parallelism);
+        with megatron.use_dist_checkpointing, the model and optimizer shards in megatron's dist_checkpointing
+        format instead (`dist_ckpt/`, which a run at another TP/PP/CP size can resume from)."""
         os.makedirs(folder, exist_ok=True)
         self.actor.engine.save_hf(folder)
         if self.rank == 0:
             self.tokenizer.save_pretrained(folder)
+        if self._dist_checkpointing():
+            self.actor.engine.save_checkpoint(os.path.join(folder, DIST_CHECKPOINT))
+            return
         state = {k: v for k, v in self.actor.engine.state_dict().items() if k != "model"}
         torch.save(state, os.path.join(folder, optimizer_file(self.rank)))
 
     def load_checkpoint(self, folder: str) -> None:
-        """Every rank: the HF weights and its own optimizer shard."""
+        """Every rank: the HF weights and its own optimizer shard (or its shards of `dist_ckpt/`)."""
+        if self._dist_checkpointing():
+            self.actor.engine.load_checkpoint(os.path.join(folder, DIST_CHECKPOINT))
+            return
         path = os.path.join(folder, optimizer_file(self.rank))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no optimizer state for actor rank {self.rank} of {self.world_size} "
-                                    f"(was the checkpoint saved with fewer actor ranks?)")
+            saved_dist = os.path.isdir(os.path.join(folder, DIST_CHECKPOINT))
+            raise FileNotFoundError(f"{path}: no optimizer state for actor rank {self.rank} of {self.world_size} " + (
+                "(the checkpoint was saved with actor_rollout_ref.actor.megatron.use_dist_checkpointing=true: set it)"
+                if saved_dist else "(was the checkpoint saved with fewer actor ranks?)"))
         named = MTPCausalLM.from_pretrained(folder).state_dict()
         # weights_only: a checkpoint is data, never code
         state = torch.load(path, map_location=self.device, weights_only=True)
