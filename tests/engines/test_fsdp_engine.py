@@ -17,6 +17,7 @@ from verl_mtp.batch import from_samples
 from verl_mtp.config import load_config
 from verl_mtp.engines.actor import PolicyActor
 from verl_mtp.engines.base import MicroBatchFn, build_engine
+from verl_mtp.engines.core import bf16_supported
 from verl_mtp.models import MTPCausalLM
 from tests.conftest import toy_config
 
@@ -115,8 +116,10 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                                 **torch.load(os.path.join(out, f"opt{rank}.pt"), weights_only=True)})
     results["resume"] = {"lr": (engine.lr, resumed.lr, from_files.lr),
                          "after": [_next_step(e, mine) for e in (engine, resumed, from_files)]}
-    # bf16 compute on CPU: parameters gathered in bf16, master weights and gradients stay fp32
-    mixed = _engine("fsdp2", arr, mixed_precision=True, fsdp={"dtype": "bf16"})
+    # fsdp_config.dtype=bf16 under the training core's rule: bf16 where this CPU runs it natively (else fp32
+    # and a warning); parameters gathered in bf16, master weights and gradients stay fp32
+    mixed = _engine("fsdp2", arr, mixed_precision=None if bf16_supported(torch.device("cpu")) else True,
+                    fsdp={"dtype": "bf16"})
     logits_dtype = mixed.infer([mine], MicroBatchFn(lambda out, _: {}, lambda v, out, _: out.logits.dtype))[0]
     results["bf16"] = {"logits_dtype": logits_dtype, **train_once(mixed, arr, mine)}
     try:

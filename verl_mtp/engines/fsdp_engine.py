@@ -8,9 +8,10 @@ schedule. What this engine adds:
 
 - `fsdp_config.fsdp_size`: -1 (or the world size) shards over every rank; a divisor d of the world
   builds a 2-D mesh (world/d replicas x d shards, HSDP); anything else is refused.
-- Mixed precision on CUDA: `fsdp_config.dtype` for the all-gathered parameters and the compute,
-  `model_dtype` for the sharded master weights and AdamW, gradients reduced in fp32. On CPU the
-  compute runs in the master dtype (fp32 by default) unless `mixed_precision=True`.
+- Mixed precision: `fsdp_config.dtype` for the all-gathered parameters and the compute, `model_dtype`
+  for the sharded master weights and AdamW, gradients reduced in fp32. The compute dtype follows the
+  training core's rule (`engines.core.compute_dtype`, as the torch engine): honoured where the device
+  runs it natively (a GPU, or a CPU with AVX512-BF16/AMX), else one warning naming the key and fp32.
 - `model.enable_gradient_checkpointing` as in the torch engine (`checkpoint_layers`), applied before
   sharding so that each layer's FSDP hooks wrap its recomputed forward.
 - `param_offload` on CUDA: `CPUOffloadPolicy` (sharded parameters, gradients and the optimizer step
@@ -38,12 +39,11 @@ from torch.utils._pytree import tree_map_only
 
 from verl_mtp.batch import Batch
 from verl_mtp.engines.base import MicroBatchFn, write_hf
+from verl_mtp.engines.core import DTYPES, compute_dtype
 from verl_mtp.engines.torch_engine import TorchEngine
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.net import free_port
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 KEY = "actor_rollout_ref.actor.fsdp_config."
 
 
@@ -77,18 +77,19 @@ def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 class FSDPEngine(TorchEngine):
     """Arguments as the torch engine's, plus: fsdp: the `actor.fsdp_config` dict (see the module
-    docstring); mixed_precision: compute in `fsdp_config.dtype` (None: on CUDA only)."""
+    docstring); mixed_precision: compute in `fsdp_config.dtype` (True), in the master dtype (False), or
+    where the device runs that dtype natively (None, the training core's rule)."""
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
                  mtp_detach: bool = True, fsdp: dict | None = None, gradient_checkpointing: bool = False,
                  mixed_precision: bool | None = None):
-        self.fsdp = {"fsdp_size": -1, "reshard_after_forward": True, "dtype": "bfloat16", "model_dtype": "fp32",
+        self.fsdp = {"fsdp_size": -1, "reshard_after_forward": True, "dtype": "float32", "model_dtype": "fp32",
                      **(fsdp or {})}
         for key in ("dtype", "model_dtype"):
             if self.fsdp[key] not in DTYPES:
                 raise ValueError(f"{KEY}{key}={self.fsdp[key]!r}: choose one of {'|'.join(DTYPES)}")
         self.device = next(model.parameters()).device
-        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.mixed_precision = mixed_precision
         self.bytes_logged = False
         super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp, gradient_checkpointing)
 
@@ -96,7 +97,10 @@ class FSDPEngine(TorchEngine):
         ensure_process_group(self.device)
         mesh = data_parallel_mesh(self.fsdp["fsdp_size"], self.device.type)
         model.to(DTYPES[self.fsdp["model_dtype"]])
-        compute = DTYPES[self.fsdp["dtype"]] if self.mixed_precision else None  # None: the master dtype
+        if self.mixed_precision is None:
+            compute = compute_dtype(self.fsdp["dtype"], self.device, KEY + "dtype")  # None: the master dtype
+        else:
+            compute = DTYPES[self.fsdp["dtype"]] if self.mixed_precision else None
         offload = self.offload_params and self.device.type == "cuda"
         shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=self.fsdp["reshard_after_forward"],
                                   mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),
