@@ -21,7 +21,7 @@ pytest.importorskip("accelerate")
 from tests.models.tiny_llama_gguf import write_tiny_llama_gguf  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_cpu.sh"
-TINY = dict(N_TRAIN="64", N_TEST="8", WARM_DOCS="24", WARM_STEPS="4", RL_STEPS="1", EVAL_LIMIT="8", THREADS="1")
+TINY = dict(N_TRAIN="64", N_TEST="8", WARM_DOCS="24", WARM_EPOCHS="1", RL_STEPS="1", EVAL_LIMIT="8", THREADS="1")
 FAST = ["trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.logger=[jsonl]",
         "data.train_batch_size=4", "data.gen_batch_size=4", "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=4", "algorithm.filter_groups.enable=false",
@@ -67,6 +67,8 @@ def test_recipe_end_to_end_on_a_tied_embedding_chat_model(site, tmp_path):
     steps = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     step = [s for s in steps if "rollout/accept_length" in s][-1]
     assert step["rollout/accept_length"] >= 1.0 and step["actor/grad_norm_mtp"] > 0  # the MTP layers trained
+    stages = [line.split("\t")[0] for line in (run / "stage_times.tsv").read_text().splitlines()]
+    assert stages == ["import-gguf", "data", "mtp-warmup", "dapo", "eval"]  # each timed once, in order
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert set(summary["models"]) == {"warm", "rl"}
     assert 0.0 <= summary["models"]["rl"]["acc/greedy"] <= 1.0

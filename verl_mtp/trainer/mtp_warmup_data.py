@@ -237,7 +237,9 @@ def trunk_fingerprint(model) -> str:
         if ".mtp_layers." in name:
             continue
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1024), device=flat.device).long()
+        # integer spacing: a float32 linspace over a 49k x 576 embedding rounds its last index past the end
+        m = min(flat.numel(), 1024)
+        idx = torch.arange(m, device=flat.device) * (flat.numel() - 1) // max(m - 1, 1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()
