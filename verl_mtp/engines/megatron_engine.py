@@ -429,7 +429,7 @@ class MegatronEngine(TrainingEngine):
         return self._gather_hf({k: grads.get(k, torch.zeros_like(v)) for k, v in own.items()})
 
     @property
-    def layout(self) -> dict[str, int]:
+    def model_parallel_sizes(self) -> dict[str, int]:
         """The model-parallel sizes this rank's optimizer shard belongs to."""
         return {"tensor_model_parallel_size": self.tp,
                 "pipeline_model_parallel_size": self.ps.get_pipeline_model_parallel_world_size(),
@@ -441,13 +441,13 @@ class MegatronEngine(TrainingEngine):
         state = {"model": dict(self.named_tensors())}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
-            state["scheduler"] = {"steps": self.steps, "layout": self.layout}
+            state["scheduler"] = {"steps": self.steps, "layout": self.model_parallel_sizes}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is not None:
-            saved = state["scheduler"].get("layout", self.layout)
-            for key, size in self.layout.items():
+            saved = state["scheduler"].get("layout", self.model_parallel_sizes)
+            for key, size in self.model_parallel_sizes.items():
                 if saved[key] != size:
                     raise ValueError(f"actor_rollout_ref.actor.megatron.{key}={size}, but the checkpoint's optimizer "
                                      f"shards were saved at {saved[key]}: per-rank optimizer files cannot be "
@@ -461,11 +461,11 @@ class MegatronEngine(TrainingEngine):
 
     # ---- sharded checkpoints (megatron.use_dist_checkpointing) -----------------------------
 
-    def _sharded_state(self, loading: bool, model_only: bool = False) -> dict[str, Any]:
+    def _sharded_state(self, loading: bool) -> dict[str, Any]:
         # the replicas' group (TE layers, and the last stage's copy of the word embeddings under PP, ask for it)
         model = self.gpt.sharded_state_dict(
             metadata={"dp_cp_group": self.ps.get_data_parallel_group(with_context_parallel=True)})
-        if self.optimizer is None or model_only:
+        if self.optimizer is None:
             return {"model": model}
         return {"model": model, "optimizer": self.optimizer.sharded_state_dict(model, is_loading=loading),
                 "scheduler": {"steps": self.steps}}
@@ -479,21 +479,21 @@ class MegatronEngine(TrainingEngine):
         os.makedirs(folder, exist_ok=True)
         dist_checkpointing.save(self._sharded_state(loading=False), folder)
 
-    def load_checkpoint(self, folder: str, model_only: bool = False) -> None:
-        """Every rank: this rank's shards of a `save_checkpoint` folder, resharded to this layout (the
-        optimizer's too, unless `model_only`: initial weights, verl's dist_checkpointing_path)."""
+    def load_checkpoint(self, folder: str) -> None:
+        """Every rank: this rank's shards of a `save_checkpoint` folder, model and optimizer, resharded to
+        this layout."""
         from megatron.core import dist_checkpointing
 
         if not os.path.isfile(os.path.join(folder, "metadata.json")):
             raise FileNotFoundError(f"{folder}: no megatron dist checkpoint here (was it saved without "
                                     "actor_rollout_ref.actor.megatron.use_dist_checkpointing=true?)")
         self.reload()
-        state = dist_checkpointing.load(self._sharded_state(loading=True, model_only=model_only), folder)
+        state = dist_checkpointing.load(self._sharded_state(loading=True), folder)
         missing = [k for k in self.gpt.load_state_dict(state["model"], strict=False).missing_keys
                    if not k.endswith("_extra_state")]
         if missing:
             raise KeyError(f"{folder}: no tensor for {missing[:3]} (of {len(missing)})")
-        if self.optimizer is not None and not model_only:  # (the result also holds the saved common state)
+        if self.optimizer is not None:
             if isinstance(self.optimizer, _AdamWOverMainGrads):
                 self.optimizer.load_sharded_state_dict(state["optimizer"], state["scheduler"]["steps"])
             else:  # megatron's optimizer reads back what its sharded_state_dict described
