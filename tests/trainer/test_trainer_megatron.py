@@ -44,6 +44,8 @@ LAYOUTS = {
             f"{ACTOR}megatron.tensor_model_parallel_size=2", f"{ACTOR}megatron.use_dist_checkpointing=true"),
     # colocated (each rank's rollout copy is refreshed from the gathered weights); per-rank optimizer files
     "cp2": ("trainer.n_gpus_per_node=2", f"{ACTOR}megatron.context_parallel_size=2"),
+    # colocated, megatron's 1F1B schedule: the trunk over two stages, the MTP layers on the last
+    "pp2": ("trainer.n_gpus_per_node=2", f"{ACTOR}megatron.pipeline_model_parallel_size=2"),
 }
 
 
@@ -53,6 +55,9 @@ def _assert_each_rank_saved_its_shards(actor, layout):
         assert not list(actor.glob("optimizer_rank*.pt"))
         return
     shards = [torch.load(actor / f"optimizer_rank{r}.pt", weights_only=True)["optimizer"]["state"] for r in range(2)]
+    if layout == "pp2":  # each stage steps its own layers: the first has no MTP layers, the last holds them
+        assert 0 < len(shards[0]) < len(shards[1])
+        return
     # the CP ranks' Adam moments are replicas: equal, as their gradients are all-reduced over the CP group
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(*(s.values() for s in shards)))
 

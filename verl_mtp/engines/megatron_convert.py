@@ -199,8 +199,9 @@ def to_megatron(hf: Tensors, cfg: ModelConfig, tp: int = 1, rank: int = 0, vocab
     layers = range(cfg.num_hidden_layers) if layers is None else layers
     embed = _pad_rows(hf["model.embed_tokens.weight"], vocab_padded).chunk(tp, dim=0)[rank]
     out = {"embedding.word_embeddings.weight": embed, "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], vocab_padded).chunk(tp, dim=0)[rank]
+    # tied: the last pipeline stage holds its own copy of the embedding as output layer (PP > 1)
+    out["output_layer.weight"] = (embed if cfg.tie_word_embeddings else
+                                  _pad_rows(hf["lm_head.weight"], vocab_padded).chunk(tp, dim=0)[rank])
     for local, i in enumerate(layers):
         out.update(_layer_to_megatron(hf, f"model.layers.{i}.", f"decoder.layers.{local}.", cfg, tp, rank, fused_norms))
     for k in range(cfg.num_nextn_predict_layers):
