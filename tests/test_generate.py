@@ -1,10 +1,11 @@
 """`verl-mtp generate`: streamed output equals the engine's, prompts files go through the engine as one
-batch, the chat loop keeps and clears history, logits processors (and the plain decoding path they
-run on), incremental detokenization, the accept-length line and one-line errors."""
+batch, the chat loop keeps and clears history, the engine's penalties (decoded plainly, checked against
+a step-by-step loop), incremental detokenization, the accept-length line and one-line errors."""
 
 import io
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ from verl_mtp import generate as gen_cli
 from verl_mtp.algos.mtp_loss import compute_mtp_loss
 from verl_mtp.data.synthetic_math import iter_corpus_text
 from verl_mtp.data.tokenizer import encode_chat, train_tokenizer
-from verl_mtp.generate import Generator, SamplingParams, banned_ngram_tokens, encode_prompt
+from verl_mtp.generate import Generator, SamplingParams, encode_prompt
 from verl_mtp.models import MTPCausalLM, ModelConfig
 from verl_mtp.rollout import NativeEngine
+from verl_mtp.rollout.sampling import apply_penalties, banned_ngram_tokens
 
 QUESTIONS = ["What is 2 + 3?", "Tom has 5 apples. He buys 3. How many apples does Tom have now?", "What is 17 - 9?"]
 
@@ -211,14 +213,16 @@ def test_no_prompt_without_a_terminal_is_an_error(model_dir):
         gen_cli.main([model_dir], stdin=io.StringIO("hi\n"))
 
 
-# ---- logits processors -------------------------------------------------------------------------
+# ---- penalties (SamplingParams options of the engine) -----------------------------------------
 
 
-def test_repetition_penalty_matches_hand_computed_logits():
+def test_penalties_match_hand_computed_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    out = gen_cli.repetition_penalty(2.0)(logits, [[0, 1, 1]])
+    out = apply_penalties(logits, [[0, 1, 1]], SamplingParams(repetition_penalty=2.0))
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
     assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # input untouched
+    out = apply_penalties(logits, [[0, 1, 1]], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert out.tolist() == [[2.0 - 0.75, -1.0 - 1.0, 0.5, 3.0]]
 
 
 def test_banned_ngram_tokens():
@@ -226,17 +230,30 @@ def test_banned_ngram_tokens():
     assert banned_ngram_tokens([1, 2, 3, 1, 2, 4, 1, 2], 3) == {3, 4}
     assert banned_ngram_tokens([5, 6], 3) == set()
     assert banned_ngram_tokens([5, 6, 5], 1) == {5, 6}
-    out = gen_cli.no_repeat_ngram(2)(torch.zeros(2, 8), [[1, 2, 1], []])
+    out = apply_penalties(torch.zeros(2, 8), [[1, 2, 1], []], SamplingParams(no_repeat_ngram_size=2))
     assert torch.isinf(out[0, 2]) and torch.isfinite(out[0]).sum() == 7 and torch.isfinite(out[1]).all()
 
 
-def test_plain_decoding_path_equals_the_engine_without_processors(loaded):
+def test_penalised_engine_equals_a_plain_loop_over_the_model(loaded):
+    """The engine's penalised decoding (ragged batch, continuous batching) against step-by-step greedy
+    decoding of the full model with the penalty applied by hand."""
     model, tokenizer = loaded
-    prompts = [encode_prompt(tokenizer, q) for q in QUESTIONS] + [encode_prompt(tokenizer, "Hi", raw=True)]
-    results = gen_cli.decode_with_processors(model, prompts, greedy(tokenizer), [])
-    _, out = engine_text(model, tokenizer, prompts)
-    assert [tokens for tokens, _ in results] == [s.token_ids for s in out.samples]  # ragged batch, one prefill
-    assert [reason for _, reason in results] == [s.finish_reason for s in out.samples]
+    prompts = [encode_prompt(tokenizer, q) for q in QUESTIONS]
+    params = replace(greedy(tokenizer, 24), repetition_penalty=1.3, frequency_penalty=0.2)
+    engine = NativeEngine(model, tokenizer, max_batch_size=2, max_seq_len=256)
+    out = engine.generate(prompts, params, speculative=2)
+    assert set(out.depth_histogram) == {0}  # penalties: plain decoding
+    plain = engine.generate(prompts, greedy(tokenizer, 24), speculative=2)
+    assert [s.token_ids for s in plain.samples] != [s.token_ids for s in out.samples]  # the penalties bite
+    for prompt, sample in zip(prompts, out.samples):
+        tokens = []
+        with torch.no_grad():
+            for _ in sample.token_ids:
+                logits = model(torch.tensor([prompt + tokens])).logits[:, -1]
+                tokens.append(int(apply_penalties(logits, [tokens], params).argmax(-1)))
+                if tokens[-1] in params.stop_token_ids:
+                    break
+        assert tokens == sample.token_ids
 
 
 def repeated_ngrams(tokens, n):
@@ -249,7 +266,7 @@ def test_repetition_penalty_changes_the_output(model_dir, capsys):
     _, plain, _ = run_main(argv, capsys)
     _, penalised, err = run_main(argv + ["--repetition-penalty", "1.5"], capsys)
     assert penalised != plain
-    assert "speculative decoding is off" in err and "speculative decoding off (logits processors" in err
+    assert "speculative decoding is off" in err and "speculative decoding off (penalties active" in err
 
 
 def test_no_repeat_ngram_forbids_repeats(loaded):
@@ -258,13 +275,13 @@ def test_no_repeat_ngram_forbids_repeats(loaded):
     plain = Generator(model, tokenizer, greedy(tokenizer, 60), max_batch_size=3, max_seq_len=256).generate(prompts)
     assert any(repeated_ngrams(c.token_ids, 3) for c in plain)  # the model does repeat itself
     for n in (2, 3):
-        generator = Generator(model, tokenizer, greedy(tokenizer, 60), processors=gen_cli.build_processors(ngram=n),
+        generator = Generator(model, tokenizer, replace(greedy(tokenizer, 60), no_repeat_ngram_size=n),
                               max_batch_size=3, max_seq_len=256)
         assert generator.depth == 0
         for completion in generator.generate(prompts):
             assert repeated_ngrams(completion.token_ids, n) == 0
-    sampled = Generator(model, tokenizer, SamplingParams(temperature=1.0, max_new_tokens=60, seed=0),
-                        processors=gen_cli.build_processors(ngram=2), max_seq_len=256)
+    sampled = Generator(model, tokenizer, SamplingParams(temperature=1.0, max_new_tokens=60, seed=0,
+                                                         no_repeat_ngram_size=2), max_seq_len=256)
     assert repeated_ngrams(sampled.stream(prompts[0], lambda _: None).token_ids, 2) == 0
 
 

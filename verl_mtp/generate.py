@@ -12,11 +12,13 @@ stream as they are produced; in chat, `clear` resets the history and `exit` (or 
 Decoding is greedy at --temperature 0 (the default), else sampled with --top-k/--top-p. When the
 model has MTP layers the engine drafts with them (`--speculative auto|0|N`) and the measured accept
 length (tokens per target forward) is printed at the end. Speculation is lossless only when the
-target p and the draft q are warped identically; --repetition-penalty and --no-repeat-ngram reshape
-p from the text generated so far, which the engine's drafts do not see, so with either of them on
-decoding is plain (non-speculative) and they are applied here, to every step's logits.
+target p and the draft q are warped identically; --repetition-penalty, --presence-penalty,
+--frequency-penalty and --no-repeat-ngram reshape p from the text generated so far, which the drafts do
+not see, so with any of them on the engine decodes plainly (they are SamplingParams options of the
+engine, applied to the generated tokens only).
 
-Streaming uses the engine's `on_tokens` callback: text is written as drafts are accepted.
+Everything decodes through the rollout engine (NativeEngine); streaming uses its `on_tokens` callback:
+text is written as drafts are accepted.
 """
 
 from __future__ import annotations
@@ -35,10 +37,7 @@ import torch
 from verl_mtp.cli import OneLineParser
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.rollout.engine import NativeEngine, SpecStats
-from verl_mtp.rollout.sampling import SamplingParams, sample, warp_probs
-
-# (B, V) logits, the tokens generated so far per row -> processed (B, V) logits
-LogitsProcessor = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
+from verl_mtp.rollout.sampling import SamplingParams
 
 
 class GenerateError(ValueError):
@@ -50,102 +49,6 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" | "length"
-
-
-# ---- logits processors -----------------------------------------------------------------------
-# They see only the tokens generated in this reply, not the prompt: over the prompt, the chat markup
-# and the question itself would be penalised (a math answer must be able to repeat the numbers asked).
-
-
-def repetition_penalty(penalty: float) -> LogitsProcessor:
-    """CTRL's penalty: a token already generated has its logit divided by `penalty` if positive,
-    multiplied if negative, so it always becomes less likely."""
-
-    def process(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
-        logits = logits.clone()
-        for row, tokens in enumerate(generated):
-            if tokens:
-                seen = torch.tensor(sorted(set(tokens)), device=logits.device)
-                picked = logits[row, seen]
-                logits[row, seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-        return logits
-
-    return process
-
-
-def no_repeat_ngram(n: int) -> LogitsProcessor:
-    """Ban every token that would complete an n-gram already present in the generated tokens."""
-
-    def process(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
-        logits = logits.clone()
-        for row, tokens in enumerate(generated):
-            banned = banned_ngram_tokens(tokens, n)
-            if banned:
-                logits[row, sorted(banned)] = float("-inf")
-        return logits
-
-    return process
-
-
-def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
-    """Tokens t such that tokens[-(n-1):] + [t] already occurs as an n-gram of `tokens`."""
-    if len(tokens) < n:
-        return set()
-    prefix = tuple(tokens[len(tokens) - n + 1:])
-    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
-
-
-def build_processors(repetition: float = 1.0, ngram: int = 0) -> list[LogitsProcessor]:
-    processors = []
-    if repetition != 1.0:
-        processors.append(repetition_penalty(repetition))
-    if ngram > 0:
-        processors.append(no_repeat_ngram(ngram))
-    return processors
-
-
-@torch.no_grad()
-def decode_with_processors(model: MTPCausalLM, prompts: list[list[int]], params: SamplingParams,
-                           processors: Sequence[LogitsProcessor],
-                           on_tokens: Callable[[int, list[int]], None] | None = None
-                           ) -> list[tuple[list[int], str]]:
-    """Plain KV-cached decoding of a batch, with `processors` applied to each step's logits before
-    warping and sampling. Returns (tokens, finish_reason) per prompt; `on_tokens(row, tokens)` is called
-    as tokens are produced. Ragged prompts share one prefill: a shorter row's padding writes cache
-    entries past its length, which its next token overwrites before any query can read them."""
-    device = model.lm_head.weight.device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    width, rows = int(lens.max()), torch.arange(len(prompts), device=device)
-    cache = model.allocate_cache(len(prompts), width + params.max_new_tokens + 1)
-    chunk = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        chunk[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    hidden = model.trunk_step(chunk, torch.arange(width, device=device).expand_as(chunk), cache, rows)
-    last = hidden[rows, lens - 1]
-    seed = params.seed if params.seed is not None else random.randrange(2**63)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    generated: list[list[int]] = [[] for _ in prompts]
-    finish: list[str | None] = [None] * len(prompts)
-    position = lens.clone()
-    for _ in range(params.max_new_tokens):
-        logits = model.lm_logits(last).float()
-        for process in processors:
-            logits = process(logits, generated)
-        token = logits.argmax(-1) if params.greedy else sample(warp_probs(logits, params), gen)
-        for row, t in enumerate(token.tolist()):
-            if finish[row] is None:
-                generated[row].append(t)
-                if on_tokens:
-                    on_tokens(row, [t])
-                if t in params.stop_token_ids:
-                    finish[row] = "stop"
-                elif len(generated[row]) >= params.max_new_tokens:
-                    finish[row] = "length"
-        if all(finish):
-            break
-        last = model.trunk_step(token[:, None], position[:, None], cache, rows)[:, 0]
-        position += 1
-    return [(tokens, reason or "length") for tokens, reason in zip(generated, finish)]
 
 
 # ---- incremental detokenization --------------------------------------------------------------
@@ -183,18 +86,17 @@ class TextStream:
 class Generator:
     """Model + tokenizer + decoding settings; batched or streamed completions, accept-length bookkeeping.
 
-    speculative: "auto" or a draft depth; forced to 0 when the model has no MTP layers or a logits
-    processor is active (see the module docstring). `speculation_note` says why it is off, if it is.
+    speculative: "auto" or a draft depth; forced to 0 when the model has no MTP layers or a penalty of
+    `params` is on (see the module docstring). `speculation_note` says why it is off, if it is.
     """
 
     def __init__(self, model: MTPCausalLM, tokenizer, params: SamplingParams, speculative: int | str = "auto",
-                 processors: Sequence[LogitsProcessor] = (), max_batch_size: int = 1, max_seq_len: int = 2048):
+                 max_batch_size: int = 1, max_seq_len: int = 2048):
         self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
-        self.processors = list(processors)
         self.max_seq_len = max_seq_len
         self.speculation_note = None
-        if self.processors:
-            self.speculation_note = "logits processors active, plain decoding"
+        if params.penalized:
+            self.speculation_note = "penalties active, plain decoding"
         elif model.num_mtp_layers == 0:
             self.speculation_note = "the model has no MTP layers"
         elif speculative == 0:
@@ -222,20 +124,13 @@ class Generator:
                                 f"it exceeds --max-seq-len {self.max_seq_len}")
 
     def generate(self, prompts: list[list[int]]) -> list[Completion]:
-        """Complete every prompt: one engine call (continuous batching), or batched plain decoding."""
+        """Complete every prompt in one engine call (continuous batching)."""
         for i, p in enumerate(prompts):
             self.check_length(p, f"prompt {i}")
         started = time.perf_counter()
-        if self.processors:
-            size = self._engine_args["max_batch_size"]
-            results = []
-            for start in range(0, len(prompts), size):
-                params = replace(self.params, seed=self._seeds.randrange(2**63))
-                results += decode_with_processors(self.model, prompts[start:start + size], params, self.processors)
-        else:
-            out = self.engine.generate(prompts, replace(self.params, seed=self._seeds.randrange(2**63)))
-            self.stats.merge(out.stats)
-            results = [(s.token_ids, s.finish_reason) for s in out.samples]
+        out = self.engine.generate(prompts, replace(self.params, seed=self._seeds.randrange(2**63)))
+        self.stats.merge(out.stats)
+        results = [(s.token_ids, s.finish_reason) for s in out.samples]
         self._account(sum(len(t) for t, _ in results), started)
         return [self._completion(tokens, reason) for tokens, reason in results]
 
@@ -244,12 +139,7 @@ class Generator:
         self.check_length(prompt)
         started = time.perf_counter()
         text = TextStream(self.tokenizer, write)
-        if self.processors:
-            params = replace(self.params, seed=self._seeds.randrange(2**63))
-            [(tokens, reason)] = decode_with_processors(self.model, [prompt], params, self.processors,
-                                                        on_tokens=lambda row, ids: text.push(ids))
-        else:
-            tokens, reason = self._stream_engine(prompt, text)
+        tokens, reason = self._stream_engine(prompt, text)
         text.finish()
         self._account(len(tokens), started)
         return self._completion(tokens, reason)
@@ -433,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "picks depths by measured speed, and the depth changes which random numbers are drawn)")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens "
                     "(turns speculation off)")
+    ap.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from the logit of every "
+                    "token generated so far (turns speculation off)")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per occurrence of a "
+                    "generated token (turns speculation off)")
     ap.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating any n-gram of this size "
                     "(0: off; turns speculation off)")
     ap.add_argument("--speculative", type=_speculative, default="auto",
@@ -509,12 +403,12 @@ def _run(args, stdin) -> int:
         raise GenerateError(f"--speculative {args.speculative} needs MTP layers; the model has none")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(model, tokenizer),
-                            seed=args.seed)
-    processors = build_processors(args.repetition_penalty, args.no_repeat_ngram)
-    if processors and model.num_mtp_layers and args.speculative != 0:
-        _say("speculative decoding is off: --repetition-penalty / --no-repeat-ngram reshape each step's "
-             "distribution from the generated text, and MTP drafts stay lossless only when draft and target "
-             "are processed identically")
+                            seed=args.seed, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram)
+    if params.penalized and model.num_mtp_layers and args.speculative != 0:
+        _say("speculative decoding is off: the penalties reshape each step's distribution from the generated "
+             "text, and MTP drafts stay lossless only when draft and target are processed identically")
 
     prompts = [args.prompt] if args.prompt is not None else None
     if args.prompts_file is not None:
@@ -525,7 +419,7 @@ def _run(args, stdin) -> int:
     # the KV cache is sized for this: what the prompts need, or in chat the model's context
     max_seq_len = args.max_seq_len or (max(map(len, ids)) + args.max_new_tokens if ids
                                        else min(model.config.max_position_embeddings, 4096))
-    generator = Generator(model, tokenizer, params, args.speculative, processors,
+    generator = Generator(model, tokenizer, params, args.speculative,
                           max_batch_size=args.batch_size if args.prompts_file is not None else 1,
                           max_seq_len=max_seq_len)
     if args.prompts_file is not None:

@@ -366,19 +366,3 @@ def test_depth_controller_re_costs_a_deeper_runner_up():
 
     assert _drive(ctl, cost, lambda d: [d] * 4, rounds=400) == 6
 
-
-def test_depth_controller_costs_depths_from_a_line_over_all_drafting_depths():
-    """Depth 6 drew two slow warm-up rounds (load) and is never re-tried: costed alone it ranks behind
-    depth 5 (7 / 1.9 < 6 / 1.5) for good; costed from the line through every drafting depth it wins."""
-    from verl_mtp.rollout.depth import DepthController
-
-    ctl = DepthController(num_mtp_layers=2, max_depth=6, warmup_rounds=2, revisit_every=10**6)
-    calls = collections.Counter()
-
-    def cost(d):
-        calls[d] += 1
-        return 1.0 + 0.1 * d + (0.3 if d == 6 and calls[d] <= 2 else 0.0)
-
-    assert _drive(ctl, cost, lambda d: [d] * 4, rounds=40) == 6
-    costs = ctl.costs(4)
-    assert all(costs[d] <= costs[d + 1] for d in range(6))

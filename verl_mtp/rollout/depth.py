@@ -21,12 +21,8 @@ Cost estimates, and what exploring costs:
   * re-trying a deeper runner-up pays that catch-up, so the interval between re-tries doubles while
     the choice holds, and a deeper re-try runs two rounds: the second is timed, so a depth mis-costed
     during warm-up (two samples, under load) can be re-costed;
-  * each drafting depth is costed from a line fitted to all drafting depths' measurements (one more
-    draft step costs about the same at any depth), so a depth that drew a slow round under load is not
-    ruled out on its own two warm-up samples;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
-    shallower one (the line's slope is >= 0, and no drafting depth below plain): under load, timing noise
-    would otherwise make a useless draft look faster than plain.
+    shallower one: under load, timing noise would otherwise make a useless draft look faster than plain.
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
 speculation is only chosen when it looks `margin` faster than plain decoding.
 """
@@ -86,8 +82,11 @@ class DepthController:
         for depth in range(self.max_depth + 1):  # measure every depth before trusting the model
             if self.count.get((b, depth), 0) < self.warmup_rounds:
                 return depth
-        cost = self.costs(b)
-        rates = {d: self.expected_tokens(d) / cost[d] / (1 + self.margin if d else 1) for d in cost}
+        cost = 0.0
+        rates = {}
+        for d in range(self.max_depth + 1):
+            cost = max(cost, self.seconds[(b, d)])  # never below a shallower depth's (see the module doc)
+            rates[d] = self.expected_tokens(d) / cost / (1 + self.margin if d else 1)
         ranked = sorted(rates, key=rates.get, reverse=True)
         if ranked[0] != self.best.get(b):
             self.best[b], self.interval = ranked[0], self.revisit_every
@@ -99,23 +98,6 @@ class DepthController:
                 self.retry = ranked[1]
             return ranked[1]
         return ranked[0]
-
-    def costs(self, b: int) -> dict[int, float]:
-        """Seconds per round by depth for bucket `b` (every depth measured): plain as measured; a drafting
-        depth from the line a + s*d (s >= 0) fitted to every drafting depth's estimate, weighted by its
-        timed rounds, and never below plain (see the module doc). A depth is then judged on all drafting
-        rounds, not on its own two warm-up samples: the cost of one more draft step is nearly the same at
-        every depth, while one round's time under load is not."""
-        depths = range(1, self.max_depth + 1)
-        w = [float(self.count[(b, d)]) for d in depths]
-        y = [self.seconds[(b, d)] for d in depths]
-        total = sum(w)
-        mean_d = sum(wi * d for wi, d in zip(w, depths)) / total
-        mean_y = sum(wi * yi for wi, yi in zip(w, y)) / total
-        var = sum(wi * (d - mean_d) ** 2 for wi, d in zip(w, depths))
-        slope = max(sum(wi * (d - mean_d) * (yi - mean_y) for wi, d, yi in zip(w, depths, y)) / var, 0.0) if var else 0.0
-        plain = self.seconds[(b, 0)]
-        return {0: plain, **{d: max(plain, mean_y + slope * (d - mean_d)) for d in depths}}
 
     def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int]) -> None:
         """One decode round: its wall time and how many drafts each row kept."""

@@ -29,7 +29,8 @@ import torch
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout.depth import DepthController
 from verl_mtp.rollout.fast_model import FastModel, inference_dtype
-from verl_mtp.rollout.sampling import SamplingParams, sample, speculative_accept, target_logprobs, warp_probs
+from verl_mtp.rollout.sampling import (SamplingParams, apply_penalties, sample, speculative_accept, target_logprobs,
+                                       warp_probs)
 
 
 @dataclass
@@ -207,7 +208,7 @@ class NativeEngine:
                 self._prefill(admitted, active, params, gen)
             live = [s for s, q in active.items() if q.finish_reason is None]
             if live:
-                depth = self._round_depth(depth_setting, len(live))
+                depth = 0 if params.penalized else self._round_depth(depth_setting, len(live))
                 t0 = time.perf_counter()
                 accepted = self._decode_round(live, active, depth, params, gen)
                 self.depth_controller.observe(depth, len(live), time.perf_counter() - t0, accepted)
@@ -301,7 +302,10 @@ class NativeEngine:
         hidden = self.fast.trunk_step(chunk, positions, self.cache, slots)
         self._hidden[0][slots[:, None], positions] = hidden
         logits = self.fast.lm_logits(hidden)  # (B, S+1, V)
-        accepted, nxt = speculative_accept(warp_probs(logits, params), draft_probs, drafts, params.greedy, gen)
+        target = logits
+        if params.penalized:  # depth 0 (see `generate`): one position per row
+            target = apply_penalties(logits[:, 0], [active[s].tokens for s in live], params)[:, None]
+        accepted, nxt = speculative_accept(warp_probs(target, params), draft_probs, drafts, params.greedy, gen)
         rows = torch.arange(len(live), device=self.device)
         self._tokens[slots, n + accepted + 1] = nxt
         self._pos[slots] = n + accepted + 1

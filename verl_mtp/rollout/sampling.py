@@ -19,10 +19,18 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
     seed: int | None = None
+    # penalties over the tokens generated so far (not the prompt; see `apply_penalties`). They reshape the
+    # target's distribution from the text, which a draft does not see, so while any is on the engine
+    # decodes plainly (depth 0).
+    repetition_penalty: float = 1.0  # CTRL: a generated token's logit / penalty if > 0, * penalty if <= 0
+    presence_penalty: float = 0.0  # subtracted once from the logit of every generated token
+    frequency_penalty: float = 0.0  # subtracted once per occurrence
+    no_repeat_ngram_size: int = 0  # tokens completing an n-gram already generated are banned (0: off)
 
     def __post_init__(self) -> None:
         checks = {"n": self.n >= 1, "temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
-                  "max_new_tokens": self.max_new_tokens >= 1}
+                  "max_new_tokens": self.max_new_tokens >= 1, "repetition_penalty": self.repetition_penalty > 0,
+                  "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"SamplingParams.{key} is invalid: {getattr(self, key)!r}")
@@ -30,6 +38,41 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.no_repeat_ngram_size > 0)
+
+
+def apply_penalties(logits: torch.Tensor, generated: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """(B, V) logits -> a penalised copy, row b by the tokens `generated[b]` so far. Only generated tokens
+    count, not the prompt: over a chat prompt the markup and the question itself would be penalised (a
+    math answer must be able to repeat the numbers asked)."""
+    counts = torch.zeros_like(logits)
+    rows = torch.tensor([r for r, toks in enumerate(generated) for _ in toks], dtype=torch.long, device=logits.device)
+    cols = torch.tensor([t for toks in generated for t in toks], dtype=torch.long, device=logits.device)
+    counts.index_put_((rows, cols), torch.ones_like(cols, dtype=logits.dtype), accumulate=True)
+    seen = counts > 0
+    out = logits
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        out = torch.where(seen, penalised, out)
+    out = out - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+    if params.no_repeat_ngram_size > 0:
+        for row, tokens in enumerate(generated):
+            banned = banned_ngram_tokens(tokens, params.no_repeat_ngram_size)
+            if banned:
+                out[row, sorted(banned)] = float("-inf")
+    return out
+
+
+def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
+    """Tokens t such that tokens[-(n-1):] + [t] already occurs as an n-gram of `tokens`."""
+    if len(tokens) < n:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
