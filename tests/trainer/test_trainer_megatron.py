@@ -1,4 +1,5 @@
-"""DAPO on local Ray with strategy=megatron over gloo: tensor and context parallel through the whole trainer.
+"""DAPO on local Ray with strategy=megatron over gloo: tensor, context and pipeline parallel through the whole
+trainer.
 
 Every weight sync and checkpoint gathers the shards collectively (a gather called on rank 0 alone waits
 for its peers forever), each rank saves its own optimizer shard, and a driver that dies after step 1's
@@ -54,12 +55,16 @@ def _assert_each_rank_saved_its_shards(actor, layout):
         assert {p.name[:3] for p in (actor / "dist_ckpt").glob("*.distcp")} == {"__0", "__1"}
         assert not list(actor.glob("optimizer_rank*.pt"))
         return
-    shards = [torch.load(actor / f"optimizer_rank{r}.pt", weights_only=True)["optimizer"]["state"] for r in range(2)]
+    files = sorted(actor.glob("optimizer_rank*.pt"))
+    shards = [torch.load(f, weights_only=True)["optimizer"]["state"] for f in files]
     if layout == "pp2":  # each stage steps its own layers: the first has no MTP layers, the last holds them
         assert 0 < len(shards[0]) < len(shards[1])
         return
-    # the CP ranks' Adam moments are replicas: equal, as their gradients are all-reduced over the CP group
-    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(*(s.values() for s in shards)))
+    # the CP ranks' Adam moments are replicas (gradients all-reduced over the CP group); megatron numbers TP
+    # ranks first, so rank r's CP peer is r + TP
+    tp = len(files) // 2
+    for r in range(tp):
+        assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(shards[r].values(), shards[r + tp].values()))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
