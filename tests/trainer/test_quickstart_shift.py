@@ -10,12 +10,33 @@ from verl_mtp.config import load_config
 from verl_mtp.trainer import quickstart
 
 
-def test_arms_and_scenario_overrides_parse():
+def test_arms_and_scenario_overrides_reach_the_config(tmp_path):
+    """What the scenario and each arm change arrives in the RL run's config, after the quickstart's own
+    overrides and before the user's (which win)."""
+    base = load_config([], config_name=quickstart.RL_CONFIG).actor_rollout_ref.actor.optim.lr
     for arm in quickstart.ARMS:
-        cfg = load_config([*quickstart.SCENARIOS["shift"], *quickstart.arm_overrides(arm)],
+        extra = [*quickstart.SCENARIOS["shift"], *quickstart.arm_overrides(arm)]
+        cfg = load_config(quickstart.rl_overrides(tmp_path, tmp_path, tmp_path, 40, arm != "frozen", 0, extra),
                           config_name=quickstart.RL_CONFIG)
-        assert cfg.reward_model.overlong_buffer.len == 48 and cfg.reward_model.overlong_buffer.enable
+        assert cfg.actor_rollout_ref.actor.optim.lr == 4 * base  # the scenario: 4x the quickstart's lr
+        assert cfg.actor_rollout_ref.model.mtp.enable_train == (arm != "frozen")
         assert cfg.actor_rollout_ref.model.mtp.loss_type == ("ce" if arm == "frozen" else arm)
+    user = load_config(quickstart.rl_overrides(tmp_path, tmp_path, tmp_path, 40, True, 0,
+                                               [*quickstart.SCENARIOS["shift"], "actor_rollout_ref.actor.optim.lr=1e-5"]),
+                       config_name=quickstart.RL_CONFIG)
+    assert user.actor_rollout_ref.actor.optim.lr == 1e-5
+
+
+def test_targets_are_pass_or_miss_rows():
+    lines = quickstart.target_lines({"frozen": 0.84, "ce": 0.97, "tv": 0.94}, {"frozen": 0.7, "ce": 0.6, "tv": 0.8},
+                                    base_acc=0.629)
+    assert "| PASS | frozen draft keeps <= 0.85 of its post-SFT accept length: 0.840 |" in lines
+    assert "| PASS | ce draft keeps >= 0.95: 0.970 |" in lines and "| MISS | tv draft keeps >= 0.95: 0.940 |" in lines
+    assert "| MISS | ce: held-out greedy accuracy 0.600 >= post-SFT 0.629 |" in lines
+    assert lines[-1].startswith("| PASS | best objective (ce: kept 0.970, acc 0.600)")
+    lines = quickstart.target_lines({"frozen": 0.9, "ce": 0.96, "soft_ce": 0.98}, {"frozen": 0.7, "ce": 0.7, "soft_ce": 0.6},
+                                    base_acc=0.629)
+    assert lines[2].startswith("| MISS | frozen") and lines[-1].startswith("| MISS | best objective (soft_ce")
 
 
 @pytest.mark.parametrize("arms", ["frozen,kl", "ce,ce"])
@@ -45,5 +66,10 @@ def test_shift_scenario_runs_an_arm_and_reports(ray_local, tmp_path):
     rows = [json.loads(line) for line in (run / "shift_tv" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "timing_s/step" in r]
     assert len(steps) == 2 and all("mtp/expected_accept_rate_1" in r and "mtp/loss_1" in r for r in steps)
-    report = "\n".join(quickstart.shift_lines(summary, run))
-    assert "| post-SFT |" in report and "| tv |" in report and "trained drafts keep tv" in report
+    speeds = {"sft": quickstart.rollout_speed(sft, sft, data / "test.parquet", limit=4, repeats=1)}
+    assert speeds["sft"]["plain"] > 0 and speeds["sft"]["speculative_2"] > 0
+    report = "\n".join(quickstart.shift_lines(summary, run, speeds))
+    assert "| post-SFT |" in report and "| tv |" in report and "| tv draft keeps >= 0.95:" in report
+    assert f"| {speeds['sft']['plain']:.0f} | {speeds['sft']['speculative_2']:.0f} |" in report
+    quickstart.plot_shift(run, ["shift_tv"])
+    assert (run / "report" / "shift_accept_length.png").exists()

@@ -21,13 +21,12 @@ Stages (each resumable: re-running the command skips finished stages and resumes
                 (`verl-mtp eval`)
 
 `--scenario shift` replaces stages 4-5 by one RL run per MTP arm (`--arms`, default all four) from the
-same SFT model, under a reward meant to move the policy's outputs: a length budget (responses past
-16 tokens lose reward, DAPO's overlong shaping over the last 48 of 64 tokens). Measured: at this
-strength it does not move the policy yet (responses 26 -> 27 tokens, the frozen draft keeps 0.995 of
-its accept length; docs/benchmarks.md). Arms: `frozen` (MTP not trained, the control) and one per
-`actor_rollout_ref.model.mtp.loss_type` (ce, soft_ce, tv). The eval then also writes
-OUT/report/shift.md: per arm the accept length kept from the post-SFT model, the expected acceptance
-per depth over the RL steps, held-out accuracy and tokens/s. Each arm is its own resumable stage.
+same SFT model, at 4x the learning rate (2e-4), so that 40 steps move the weights as a longer run would.
+Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
+soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
+post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
+accuracy, rollout tokens/s at batch 8, and the issue's targets as PASS / MISS rows) and
+OUT/report/shift_*.png. Each arm is its own resumable stage. What it shows is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -42,11 +41,12 @@ from pathlib import Path
 DATA_SIZES = {"n_train": 8192, "n_test": 512, "n_sft": 20000}  # RL prompts, held-out problems, SFT traces
 RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer plus the quickstart's settings
 # RL overrides per scenario. "default": the task's reward alone, which moves this policy too little for a
-# frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md).
+# frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift":
+# the same reward at 4x the learning rate, so 40 steps move the weights as a longer run would (the SFT
+# model never samples another trace form for a length or format reward to select: docs/benchmarks.md).
 SCENARIOS = {
     "default": [],
-    "shift": ["reward_model.overlong_buffer.enable=true", "reward_model.overlong_buffer.len=48",
-              "reward_model.overlong_buffer.penalty_factor=1.0", "data.max_response_length=64"],
+    "shift": ["actor_rollout_ref.actor.optim.lr=2e-4"],
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
 
@@ -205,49 +205,114 @@ def stage_eval(run: Path, tok_dir: Path, data: Path, models: dict[str, Path], st
 
 def stage_shift(run: Path, sft: Path, data: Path, steps: int, seed: int, arms: list[str], extra: list[str]
                 ) -> dict[str, Path]:
-    """One RL run per arm under the shift scenario's reward, all from the same SFT model."""
+    """One RL run per arm with the shift scenario's settings, all from the same SFT model."""
     models = {}
     for i, arm in enumerate(arms):
         models[f"shift_{arm}"] = stage_rl(
             run, f"shift_{arm}", sft, data, steps, arm != "frozen", seed,
             [*SCENARIOS["shift"], *arm_overrides(arm), *extra],
-            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO under a length budget, MTP "
+            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO at 4x the lr, MTP "
                   f"{'frozen' if arm == 'frozen' else f'trained with loss_type={arm}'}, {steps} steps")
     return models
 
 
-def shift_lines(summary: dict, run: Path) -> list[str]:
+SPEED_BATCH = 8  # on this CPU speculation pays at batch 1-8, not at the eval's 64 (docs/benchmarks.md)
+
+
+def rollout_speed(model_dir: Path, tok_dir: Path, test_parquet: Path, batch: int = SPEED_BATCH, limit: int = 64,
+                  repeats: int = 2) -> dict[str, float]:
+    """Rollout tokens/s of one model at `batch` sequences, sampled at T=1 as RL samples, plain and with
+    its draft at depth 2 (alternated, best of `repeats`: other processes share the cores)."""
+    import pyarrow.parquet as pq
+
+    from verl_mtp.data.tokenizer import encode_chat
+    from verl_mtp.models import MTPCausalLM
+    from verl_mtp.rollout import NativeEngine, SamplingParams
+    from verl_mtp.trainer.setup import load_tokenizer
+
+    tok = load_tokenizer(str(tok_dir))
+    prompts = [encode_chat(tok, r["prompt"]) for r in pq.read_table(test_parquet).to_pylist()[:limit]]
+    engine = NativeEngine(MTPCausalLM.from_pretrained(model_dir), tok, max_batch_size=batch,
+                          max_seq_len=max(map(len, prompts)) + 64)
+    params = SamplingParams(temperature=1.0, max_new_tokens=64, stop_token_ids=[tok.eos_token_id], seed=0)
+    best = {"plain": 0.0, "speculative_2": 0.0}
+    for _ in range(repeats):
+        for key, depth in (("plain", 0), ("speculative_2", 2)):
+            best[key] = max(best[key], engine.generate(prompts, params, speculative=depth).tokens_per_s)
+    return best
+
+
+def shift_lines(summary: dict, run: Path, speeds: dict[str, dict] | None = None) -> list[str]:
     """The shift experiment per arm: accept length after RL as a fraction of the post-SFT model's (the
     eval's sampled pass, the same prompts and settings for every model), the expected acceptance per
-    depth from training (first and last 10 steps' mean), held-out accuracy and speed."""
+    depth from training and the rollout's accept length and response length (first and last 10 steps'
+    mean), held-out accuracy, rollout tokens/s at SPEED_BATCH (`speeds`, from rollout_speed); then the
+    issue's targets as PASS / MISS rows."""
     from verl_mtp.observability.report import read_metrics
 
-    results = summary["models"]
-    base = results["sft"]["accept_length/sampled"]
+    results, speeds = summary["models"], speeds or {}
+    base = results["sft"]
+
+    def speed(name: str) -> str:
+        s = speeds.get(name)
+        return (f"{s['plain']:.0f} | {s['speculative_2']:.0f} | {s['speculative_2'] / s['plain']:.2f}x"
+                if s else "- | - | -")
+
     lines = ["| arm | accept length | kept vs post-SFT | expected accept rate d1, d2 (first -> last 10 steps) | "
-             "rollout accept length (first -> last 10 steps) | acc greedy | tok/s depth 2 | tok/s plain |",
-             "|---" * 8 + "|", f"| post-SFT | {base:.3f} | 1.000 | | | {results['sft']['acc/greedy']:.3f} | "
-             f"{results['sft']['tokens_per_s/speculative_2']:.0f} | {results['sft']['tokens_per_s/plain']:.0f} |"]
+             "rollout accept length (first -> last 10 steps) | response length (first -> last 10 steps) | "
+             f"acc greedy | acc sampled | tok/s plain, batch {SPEED_BATCH} | tok/s depth 2 | speedup |",
+             "|---" * 11 + "|",
+             f"| post-SFT | {base['accept_length/sampled']:.3f} | 1.000 | | | | {base['acc/greedy']:.3f} | "
+             f"{base['acc/sampled']:.3f} | {speed('sft')} |"]
+    kept, acc = {}, {}
     for name, r in results.items():
         if not name.startswith("shift_"):
             continue
+        arm = name[len("shift_"):]
+        kept[arm], acc[arm] = r["accept_length/sampled"] / base["accept_length/sampled"], r["acc/greedy"]
         rows = read_metrics(str(run / name))[0]
         rates = ", ".join(_first_last(rows, f"mtp/expected_accept_rate_{k}") for k in (1, 2))
-        lines.append(f"| {name[len('shift_'):]} | {r['accept_length/sampled']:.3f} | "
-                     f"{r['accept_length/sampled'] / base:.3f} | {rates} | "
-                     f"{_first_last(rows, 'rollout/accept_length')} | "
-                     f"{r['acc/greedy']:.3f} | {r['tokens_per_s/speculative_2']:.0f} | {r['tokens_per_s/plain']:.0f} |")
-    kept = {name[len("shift_"):]: r["accept_length/sampled"] / base for name, r in results.items()
-            if name.startswith("shift_")}
+        lines.append(f"| {arm} | {r['accept_length/sampled']:.3f} | {kept[arm]:.3f} | {rates} | "
+                     f"{_first_last(rows, 'rollout/accept_length')} | {_first_last(rows, 'response_length/mean')} | "
+                     f"{r['acc/greedy']:.3f} | {r['acc/sampled']:.3f} | {speed(name)} |")
+    return lines + ["", *target_lines(kept, acc, base["acc/greedy"])]
+
+
+def target_lines(kept: dict[str, float], acc: dict[str, float], base_acc: float) -> list[str]:
+    """The issue's targets, one PASS / MISS row each: the frozen draft loses >= 15 % of its post-SFT accept
+    length (else the scenario is no test), every trained draft keeps >= 95 %, held-out greedy accuracy
+    does not fall below the SFT model's, and the best objective is at least as good as ce."""
+    def row(ok: bool, text: str) -> str:
+        return f"| {'PASS' if ok else 'MISS'} | {text} |"
+
+    lines = ["| target | measured |", "|---|---|"]
+    if "frozen" in kept:
+        lines.append(row(kept["frozen"] <= 0.85, f"frozen draft keeps <= 0.85 of its post-SFT accept length: "
+                                                 f"{kept['frozen']:.3f}"))
     trained = {arm: v for arm, v in kept.items() if arm != "frozen"}
-    if "frozen" in kept:  # the issue's targets: the scenario is a test only if the frozen draft falls behind
-        lines.append(f"- frozen draft keeps {kept['frozen']:.3f} of its post-SFT accept length (target <= 0.85: "
-                     f"{'met' if kept['frozen'] <= 0.85 else 'NOT met, the scenario does not move the policy enough'})")
-    if trained:
-        best = max(trained, key=trained.get)
-        lines.append(f"- trained drafts keep {', '.join(f'{a} {v:.3f}' for a, v in trained.items())} (target >= "
-                     f"0.95); best: {best}" + (f", ce {trained['ce']:.3f}" if "ce" in trained else ""))
+    for arm, v in trained.items():
+        lines.append(row(v >= 0.95, f"{arm} draft keeps >= 0.95: {v:.3f}"))
+    for arm, a in acc.items():
+        lines.append(row(a >= base_acc, f"{arm}: held-out greedy accuracy {a:.3f} >= post-SFT {base_acc:.3f}"))
+    if "ce" in trained and len(trained) > 1:
+        best = max(trained, key=lambda arm: (trained[arm], acc[arm]))
+        lines.append(row(trained[best] >= trained["ce"] and acc[best] >= acc["ce"] or best == "ce",
+                         f"best objective ({best}: kept {trained[best]:.3f}, acc {acc[best]:.3f}) at least as good "
+                         f"as ce (kept {trained['ce']:.3f}, acc {acc['ce']:.3f})"))
     return lines
+
+
+def plot_shift(run: Path, names: list[str]) -> None:
+    """report/shift_*.png: the arms' rollout accept length and training's expected acceptance per depth
+    over the RL steps."""
+    from verl_mtp.observability.report import plot_runs, read_metrics
+
+    rows = {name[len("shift_"):]: read_metrics(str(run / name))[0] for name in names}
+    plot_runs(rows, "rollout/accept_length", str(run / "report" / "shift_accept_length.png"),
+              "rollout accept length (depth 2, T=1) over RL steps")
+    for k in (1, 2):
+        plot_runs(rows, f"mtp/expected_accept_rate_{k}", str(run / "report" / f"shift_expected_accept_rate_{k}.png"),
+                  f"expected accept rate, depth {k} (training)")
 
 
 def _first_last(rows: list[dict], key: str, n: int = 10) -> str:
@@ -271,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=512, help="held-out prompts evaluated per model")
     ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="default",
-                    help="shift: one RL run per --arms under a reward that moves the policy (a length budget)")
+                    help="shift: one RL run per --arms at 4x the learning rate, to move the policy further")
     ap.add_argument("--arms", default=",".join(ARMS),
                     help=f"--scenario shift's arms, comma-separated from {','.join(ARMS)}")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for both RL runs")
@@ -316,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario == "shift":
             models = {"sft": sft, **stage_shift(run, sft, data, args.rl_steps, args.seed, arms, args.overrides)}
             summary = stage_eval(run, tok, data, models, started, args.eval_limit)
-            lines = shift_lines(summary, run)
+            speeds = {name: rollout_speed(path, tok, data / "test.parquet") for name, path in models.items()}
+            (run / "report" / "shift_speeds.json").write_text(json.dumps(speeds, indent=2))
+            lines = shift_lines(summary, run, speeds)
+            plot_shift(run, [name for name in models if name != "sft"])
             (run / "report" / "shift.md").write_text("\n".join(["# Shift scenario", "", *lines, ""]))
             print("\n".join(lines), flush=True)
             return 0
