@@ -218,8 +218,9 @@ def run_two_ranks(out: Path, megatron: dict) -> Path:
 
     world, port = 2, free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out), json.dumps(megatron)],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    args = [str(world), str(port), str(out), json.dumps(megatron)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
     logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return out

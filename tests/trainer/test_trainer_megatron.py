@@ -18,7 +18,8 @@ from tests.trainer.conftest import fit_run, overrides  # noqa: E402
 
 ACTOR = "actor_rollout_ref.actor."
 COMMON = ("trainer.save_freq=1", f"{ACTOR}strategy=megatron", "actor_rollout_ref.model.mtp.num_layers=2",
-          "actor_rollout_ref.model.mtp.speculative_num_steps=1", "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=0.3")
+          "actor_rollout_ref.model.mtp.speculative_num_steps=1",
+          "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=0.3")
 VOLATILE = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds")
 
 
@@ -64,7 +65,8 @@ def _assert_each_rank_saved_its_shards(actor, layout):
     # ranks first, so rank r's CP peer is r + TP
     tp = len(files) // 2
     for r in range(tp):
-        assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(shards[r].values(), shards[r + tp].values()))
+        pairs = zip(shards[r].values(), shards[r + tp].values())
+        assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in pairs)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

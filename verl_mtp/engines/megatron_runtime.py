@@ -233,7 +233,8 @@ def transformer_config(cfg: ModelConfig, sizes: ParallelSizes, params_dtype: tor
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
         context_parallel_size=sizes.context_parallel_size,
         sequence_parallel=sizes.sequence_parallel and te and sizes.tensor_model_parallel_size > 1,
-        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         # our ModelConfig has K layers; 0 means "no MTP block" to megatron, which spells that None
         mtp_num_layers=cfg.num_nextn_predict_layers or None,
         # the fused kernels need CUDA (and TE / apex); the reference path is exact and runs anywhere
