@@ -7,12 +7,14 @@ Without --model it trains a small MTP model (Qwen2 trunk + K MiMo MTP layers) on
 times, at batch 1 / 8 / 64 with the same prompts and the same number of new tokens:
   (a) transformers `Qwen2ForCausalLM.generate` on the saved folder (greedy, left padding; at batch 1
       also assisted generation with the draft model; `use_mtp=True` is tried and reported);
-  (b) NativeEngine, speculative=0;  (c) NativeEngine at fixed depths K and --deep-depth (past K the
-  last MTP layer is reused, one position further per step);  (d) NativeEngine, speculative="auto" (depths
-  0..K+4 searched per round).
+  (b) NativeEngine, speculative=0 (and (b') with bf16 inference weights, rollout.dtype=bfloat16, where
+  the CPU runs bf16 natively: its greedy tokens may differ from (b)'s);  (c) NativeEngine at fixed
+  depths K and --deep-depth (past K the last MTP layer is reused, one position further per step);
+  (d) NativeEngine, speculative="auto" (depths 0..K+4 searched per round).
 Decoding is greedy with no stop tokens, so every arm generates exactly max_new_tokens per prompt, and
-every arm's tokens are compared with (b)'s. Each arm is warmed up once, then timed `repeats` times,
-round-robin across arms so background load hits them alike; the median is reported with the spread.
+every arm's tokens are compared with (b)'s (all but (b') must match). Each arm is warmed up once, then
+timed `repeats` times, round-robin across arms so background load hits them alike; the median is
+reported with the spread.
 Torch threads: unless --threads is given, 1 and 2 threads are probed first with our engine's plain
 decoding, and the faster count is used for training and for every arm.
 --model PATH benchmarks a saved MiMo/Qwen2 folder instead (prompts still come from the toy chain and
@@ -48,6 +50,7 @@ from transformers import Qwen2ForCausalLM  # noqa: E402
 from verl_mtp.models import MTPCausalLM, ModelConfig, read_config  # noqa: E402
 from verl_mtp.models.toy import fit_markov, markov_batch, markov_transitions  # noqa: E402
 from verl_mtp.rollout import NativeEngine, SamplingParams  # noqa: E402
+from verl_mtp.rollout.fast_model import bf16_native  # noqa: E402
 
 from floors import decode_floor_seconds  # noqa: E402  (bench/, the script's own folder)
 
@@ -137,10 +140,11 @@ def make_prompts(transitions: torch.Tensor, n: int, cfg: BenchConfig) -> list[li
 
 
 class NativeArm:
-    def __init__(self, model: MTPCausalLM, speculative: int | str, batch: int, max_new_tokens: int, max_prompt: int):
+    def __init__(self, model: MTPCausalLM, speculative: int | str, batch: int, max_new_tokens: int, max_prompt: int,
+                 dtype: str | None = None):
         deep = speculative if isinstance(speculative, int) and speculative > model.num_mtp_layers else None
         self.engine = NativeEngine(model, max_batch_size=batch, max_seq_len=max_prompt + max_new_tokens,
-                                   speculative=speculative, max_draft_depth=deep)
+                                   speculative=speculative, max_draft_depth=deep, dtype=dtype)
         self.params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
         self.depths: dict[int, int] = {}  # decode rounds per draft depth in the latest run (for "auto")
 
@@ -260,7 +264,8 @@ def probe_threads(model_cfg: ModelConfig, prompts_by_batch: dict[int, list], cfg
 # ---- the benchmark ---------------------------------------------------------------------------
 
 ARM_LABELS = {"hf": "(a) transformers generate", "hf_assisted": "(a') transformers assisted (draft model)",
-              "plain": "(b) ours speculative=0", "auto": "(d) ours speculative=auto"}
+              "plain": "(b) ours speculative=0", "plain_bf16": "(b') ours speculative=0, bf16 (rollout.dtype)",
+              "auto": "(d) ours speculative=auto"}
 
 
 def spec_arm(depth: int) -> str:
@@ -296,6 +301,8 @@ def run(cfg: BenchConfig, model_path: str | None, threads: int | None) -> dict:
         if b == 1 and draft is not None:
             arms["hf_assisted"] = HFArm(hf, cfg.max_new_tokens, assistant=draft)
         arms["plain"] = NativeArm(policy, 0, b, cfg.max_new_tokens, cfg.prompt_len[1])
+        if bf16_native(policy.lm_head.weight.device):  # (b'): greedy tokens may differ from (b)'s
+            arms["plain_bf16"] = NativeArm(policy, 0, b, cfg.max_new_tokens, cfg.prompt_len[1], dtype="bfloat16")
         for depth in fixed_depths(k, cfg.deep_depth):
             arms[spec_arm(depth)] = NativeArm(policy, depth, b, cfg.max_new_tokens, cfg.prompt_len[1])
         if k:

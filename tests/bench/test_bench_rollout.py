@@ -22,7 +22,7 @@ def test_quick_rollout_bench_arms_agree_and_report_is_complete(tmp_path):
     for batch in (1, 8, 64):
         assert {(batch, a) for a in ("hf", "plain", "spec_2", "spec_3", "auto")} <= arms
     assert (1, "hf_assisted") in arms
-    assert all(r["same_tokens_as_plain"] == 1.0 for r in result["rows"])
+    assert all(r["same_tokens_as_plain"] == 1.0 for r in result["rows"] if r["arm"] != "plain_bf16")
     spec = {r["arm"]: r["accept_length"] for r in result["rows"] if r["batch"] == 1}
     assert spec["plain"] == 1.0 and spec["spec_3"] > spec["spec_2"] > 1.5  # deeper drafting kept more per pass
     floors = {f["batch"]: f for f in result["decode_floor"]}
