@@ -50,7 +50,7 @@ from transformers import Qwen2ForCausalLM  # noqa: E402
 from verl_mtp.models import MTPCausalLM, ModelConfig, read_config  # noqa: E402
 from verl_mtp.models.toy import fit_markov, markov_batch, markov_transitions  # noqa: E402
 from verl_mtp.rollout import NativeEngine, SamplingParams  # noqa: E402
-from verl_mtp.rollout.fast_model import bf16_native  # noqa: E402
+from verl_mtp.device import bf16_native  # noqa: E402
 
 from floors import decode_floor_seconds  # noqa: E402  (bench/, the script's own folder)
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "verl_mtp"
 LAYERS = {
     # cli: the dispatcher finds each command's module by name at run time (no import edge) and holds the
     # one-line argument parser every command uses, so it sits at the bottom
-    "__init__": 0, "config": 0, "data": 0, "observability": 0, "batch": 0, "cli": 0, "net": 0,
+    "__init__": 0, "config": 0, "data": 0, "observability": 0, "batch": 0, "cli": 0, "net": 0, "device": 0,
     "algos": 1,
     "models": 2,
     "engines": 3, "rollout": 3, "rewards": 3,

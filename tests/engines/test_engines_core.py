@@ -173,9 +173,9 @@ def test_compute_dtype_rule(capsys, monkeypatch):
     cpu, key = torch.device("cpu"), "actor_rollout_ref.actor.fsdp_config.dtype"
     assert core.compute_dtype("float32", cpu, key) is None
     monkeypatch.setattr(core, "_warned", set())
-    monkeypatch.setattr(core, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(core, "bf16_native", lambda device: True)
     assert core.compute_dtype("bfloat16", cpu, key) == torch.bfloat16
-    monkeypatch.setattr(core, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(core, "bf16_native", lambda device: False)
     for _ in range(2):
         assert core.compute_dtype("bf16", cpu, key) is None
     assert core.compute_dtype("float16", cpu, key) is None  # fp16 only on CUDA
@@ -187,7 +187,7 @@ def test_compute_dtype_rule(capsys, monkeypatch):
         core.compute_dtype("int8", cpu, key)
 
 
-@pytest.mark.skipif(not core.bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not core.bf16_native(torch.device("cpu")), reason="this CPU has no native bf16")
 def test_torch_engine_trains_in_bf16_with_fp32_master_weights():
     from verl_mtp.engines.actor import PolicyActor
     from tests.engines.test_engines_actor import _batch

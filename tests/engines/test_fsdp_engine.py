@@ -17,7 +17,7 @@ from verl_mtp.batch import from_samples
 from verl_mtp.config import load_config
 from verl_mtp.engines.actor import PolicyActor
 from verl_mtp.engines.base import MicroBatchFn, build_engine
-from verl_mtp.engines.core import bf16_supported
+from verl_mtp.device import bf16_native
 from verl_mtp.models import MTPCausalLM
 from tests.conftest import toy_config
 
@@ -118,7 +118,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                          "after": [_next_step(e, mine) for e in (engine, resumed, from_files)]}
     # fsdp_config.dtype=bf16 under the training core's rule: bf16 where this CPU runs it natively (else fp32
     # and a warning); parameters gathered in bf16, master weights and gradients stay fp32
-    mixed = _engine("fsdp2", arr, mixed_precision=None if bf16_supported(torch.device("cpu")) else True,
+    mixed = _engine("fsdp2", arr, mixed_precision=None if bf16_native(torch.device("cpu")) else True,
                     fsdp={"dtype": "bf16"})
     logits_dtype = mixed.infer([mine], MicroBatchFn(lambda out, _: {}, lambda v, out, _: out.logits.dtype))[0]
     results["bf16"] = {"logits_dtype": logits_dtype, **train_once(mixed, arr, mine)}

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from verl_mtp.algos.schedule import lr_lambda
+from verl_mtp.device import bf16_native
 
 MTP_PARAMS = ".mtp_layers."  # in a parameter's name: it belongs to an MTP layer
 SCHEDULES = ("constant", "cosine", "linear")
@@ -289,17 +290,6 @@ def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int, d
 # ---- mixed precision ---------------------------------------------------------------------------------
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` runs bfloat16 arithmetic natively: CUDA's check, or on a CPU oneDNN's (AVX512-BF16
-    or AMX); elsewhere bf16 is emulated, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 _warned: set[str] = set()
 
 
@@ -321,7 +311,7 @@ def compute_dtype(name: str, device: torch.device, key: str) -> torch.dtype | No
     dtype = DTYPES[name]
     if dtype == torch.float32:
         return None
-    honoured = bf16_supported(device) if dtype == torch.bfloat16 else device.type == "cuda"
+    honoured = bf16_native(device) if dtype == torch.bfloat16 else device.type == "cuda"
     if not honoured:
         _warn_once(f"{key}={name} is not honoured on this {device.type} (no native {name}): computing in float32")
         return None

@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from verl_mtp.device import bf16_native
 from verl_mtp.models.mtp_model import KVCache, MTPCausalLM, cached_attention, cached_causal_mask, slot_block
 
 
@@ -83,15 +84,6 @@ def inference_dtype(name: str | torch.dtype | None, device: torch.device, defaul
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
     return torch.float32
-
-
-def bf16_native(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # oneDNN's check: AVX512-BF16 or AMX; elsewhere CPU bf16 is emulated, slower than fp32
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class FastModel:
