@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# the dtype names the config accepts (verl's spellings and the short ones)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
 
 def bf16_native(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 arithmetic natively: CUDA's check, or on a CPU oneDNN's (AVX512-BF16

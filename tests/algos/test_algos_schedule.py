@@ -45,6 +45,6 @@ def test_usable_with_lambda_lr():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="cosine"):
-        lr_lambda(0, 1, 10, style="linear")
+        lr_lambda(0, 1, 10, style="polynomial")
     with pytest.raises(ValueError, match="warmup_steps"):
         lr_lambda(0, -1, 10)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from verl_mtp.algos.schedule import lr_lambda
 from verl_mtp.config import load_config
 from verl_mtp.engines import core
 from verl_mtp.engines.base import build_engine
 from verl_mtp.engines.core import (OptimConfig, apply_update, build_optimizer, clip_gradients, clip_groups, clip_norm,
-                                   lr_multiplier, norm_metrics, pad_batch)
+                                   norm_metrics, pad_batch)
 from verl_mtp.models import MTPCausalLM
 from tests.conftest import toy_config
 
@@ -48,11 +49,11 @@ def test_verl_warmup_ratio_applies_when_warmup_steps_is_negative():
 
 
 def test_lr_schedules():
-    assert lr_multiplier(0, 4, 20, "linear", 0.1) == 0.25
-    assert lr_multiplier(12, 4, 20, "linear", 0.1) == pytest.approx(0.55)
-    assert lr_multiplier(20, 4, 20, "linear", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(9, 4, 20, "constant", 0.1) == 1.0
+    assert lr_lambda(0, 4, 20, "linear", 0.1) == 0.25
+    assert lr_lambda(12, 4, 20, "linear", 0.1) == pytest.approx(0.55)
+    assert lr_lambda(20, 4, 20, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 4, 20, "constant", 0.1) == 1.0
     with pytest.raises(ValueError, match="unknown LR schedule 'step'"):
         build_optimizer(_model().parameters(), OptimConfig(lr=1.0, schedule="step"))
 

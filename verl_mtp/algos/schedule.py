@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-LR_STYLES = ("constant", "cosine")
+LR_STYLES = ("constant", "cosine", "linear")
 
 
 def lr_lambda(
@@ -17,8 +17,8 @@ def lr_lambda(
 
     Warmup is linear, ``(step + 1) / warmup_steps``: the first update already uses a nonzero
     lr, because an lr of 0 would throw away a whole RL step of generation. After warmup,
-    ``constant`` stays at 1 and ``cosine`` decays to ``min_lr_ratio`` at ``total_steps`` and
-    stays there.
+    ``constant`` stays at 1; ``cosine`` and ``linear`` decay to ``min_lr_ratio`` at ``total_steps``
+    and stay there.
     """
     if style not in LR_STYLES:
         raise ValueError(f"unknown lr schedule style {style!r}; known: {', '.join(LR_STYLES)}")
@@ -29,4 +29,6 @@ def lr_lambda(
     if style == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if style == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -33,13 +33,10 @@ from pathlib import Path
 
 import torch
 
-from verl_mtp.algos.schedule import lr_lambda
-from verl_mtp.device import bf16_native
+from verl_mtp.algos.schedule import LR_STYLES, lr_lambda
+from verl_mtp.device import DTYPES, bf16_native
 
 MTP_PARAMS = ".mtp_layers."  # in a parameter's name: it belongs to an MTP layer
-SCHEDULES = ("constant", "cosine", "linear")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 # ---- optimizer and LR schedule -------------------------------------------------------------------
@@ -73,21 +70,10 @@ class OptimConfig:
                    clip_grad=optim.get("clip_grad"))
 
 
-def lr_multiplier(step: int, warmup: int, total: int, style: str, min_lr_ratio: float) -> float:
-    """`algos.schedule.lr_lambda` (linear warmup, then constant or cosine), plus "linear": a straight
-    decay from 1 after warmup to `min_lr_ratio` at `total`."""
-    if style != "linear":
-        return lr_lambda(step, warmup, total, style, min_lr_ratio)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - (1.0 - min_lr_ratio) * progress
-
-
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown LR schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule not in LR_STYLES:
+        raise ValueError(f"unknown LR schedule {cfg.schedule!r}: choose one of {', '.join(LR_STYLES)}")
     params = list(params)
     if cfg.decay_vectors:
         groups: list = params
@@ -96,8 +82,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    schedule = functools.partial(lr_multiplier, warmup=cfg.warmup_steps, total=cfg.total_steps, style=cfg.schedule,
-                                 min_lr_ratio=cfg.min_lr_ratio)
+    schedule = functools.partial(lr_lambda, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps,
+                                 style=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

@@ -38,8 +38,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
 from verl_mtp.batch import Batch
+from verl_mtp.device import DTYPES
 from verl_mtp.engines.base import MicroBatchFn, write_hf
-from verl_mtp.engines.core import DTYPES, compute_dtype
+from verl_mtp.engines.core import compute_dtype
 from verl_mtp.engines.torch_engine import TorchEngine
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.net import free_port

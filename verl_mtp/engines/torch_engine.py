@@ -12,9 +12,10 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from verl_mtp.batch import Batch
+from verl_mtp.device import DTYPES
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
-from verl_mtp.engines.core import (DTYPES, OptimConfig, apply_update, autocast, build_optimizer, clip_gradients,
-                                   clip_groups, clip_norm, compute_dtype, norm_metrics)
+from verl_mtp.engines.core import (OptimConfig, apply_update, autocast, build_optimizer, clip_gradients, clip_groups,
+                                   clip_norm, compute_dtype, norm_metrics)
 from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM
 

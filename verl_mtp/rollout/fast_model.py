@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from verl_mtp.device import bf16_native
+from verl_mtp.device import DTYPES, bf16_native
 from verl_mtp.models.mtp_model import KVCache, MTPCausalLM, cached_attention, cached_causal_mask, slot_block
 
 
@@ -61,8 +61,6 @@ class _MTPBlock(_Block):
         self.ln_final = _cast(layer.final_layernorm.weight, dtype)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 _warned: set[str] = set()
 
 
