@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from verl_mtp.algos.schedule import lr_lambda
+from verl_mtp import device
 from verl_mtp.config import load_config
 from verl_mtp.engines import core
 from verl_mtp.engines.base import build_engine
@@ -173,10 +174,10 @@ def test_pad_batch():
 def test_compute_dtype_rule(capsys, monkeypatch):
     cpu, key = torch.device("cpu"), "actor_rollout_ref.actor.fsdp_config.dtype"
     assert core.compute_dtype("float32", cpu, key) is None
-    monkeypatch.setattr(core, "_warned", set())
-    monkeypatch.setattr(core, "bf16_native", lambda device: True)
+    monkeypatch.setattr(device, "_warned", set())
+    monkeypatch.setattr(device, "bf16_native", lambda device: True)
     assert core.compute_dtype("bfloat16", cpu, key) == torch.bfloat16
-    monkeypatch.setattr(core, "bf16_native", lambda device: False)
+    monkeypatch.setattr(device, "bf16_native", lambda device: False)
     for _ in range(2):
         assert core.compute_dtype("bf16", cpu, key) is None
     assert core.compute_dtype("float16", cpu, key) is None  # fp16 only on CUDA
@@ -188,7 +189,23 @@ def test_compute_dtype_rule(capsys, monkeypatch):
         core.compute_dtype("int8", cpu, key)
 
 
-@pytest.mark.skipif(not core.bf16_native(torch.device("cpu")), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("strategy", ["torch", "fsdp2"])
+def test_a_frozen_engine_names_the_reference_policys_dtype_keys(strategy, capsys, monkeypatch):
+    """The ref worker's engine (no optimizer) is configured by actor_rollout_ref.ref.fsdp_config: its messages
+    must name that, not the actor's."""
+    arr = load_config([]).actor_rollout_ref
+    optim = OmegaConf.to_container(arr.actor.optim)
+    for frozen, role in ((True, "ref"), (False, "actor")):
+        with pytest.raises(ValueError, match=rf"^actor_rollout_ref\.{role}\.fsdp_config\.model_dtype='int8': "):
+            build_engine(strategy, model=_model(), optim=None if frozen else optim, fsdp={"model_dtype": "int8"})
+    monkeypatch.setattr(device, "_warned", set())
+    monkeypatch.setattr(device, "bf16_native", lambda device: False)
+    engine = build_engine("torch", model=_model(), optim=None, fsdp={"dtype": "bf16"})
+    assert engine.compute_dtype is None
+    assert capsys.readouterr().err.startswith("verl-mtp: warning: actor_rollout_ref.ref.fsdp_config.dtype=bf16 ")
+
+
+@pytest.mark.skipif(not device.bf16_native(torch.device("cpu")), reason="this CPU has no native bf16")
 def test_torch_engine_trains_in_bf16_with_fp32_master_weights():
     from verl_mtp.engines.actor import PolicyActor
     from tests.engines.test_engines_actor import _batch

@@ -13,7 +13,8 @@ RL torch engine), so that each stage file keeps only what is specific to it.
   bit for bit; `MetricsLog`, the metrics file that a resume continues as one run; `DeferredInterrupt`,
   Ctrl-C acted on at a step boundary, so the checkpoint written on the way out is consistent.
 - `pad_batch`: right-padded input_ids / attention_mask / loss mask from token lists.
-- `compute_dtype` / `autocast`: the one rule for mixed precision (see `compute_dtype`).
+- `compute_dtype` / `autocast`: mixed precision by the one rule `device.native_dtype`; `fsdp_config_key`
+  names the actor's or the reference's settings in messages.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from verl_mtp.algos.schedule import LR_STYLES, lr_lambda
-from verl_mtp.device import DTYPES, bf16_native
+from verl_mtp.device import native_dtype
 
 MTP_PARAMS = ".mtp_layers."  # in a parameter's name: it belongs to an MTP layer
 
@@ -276,32 +276,19 @@ def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int, d
 # ---- mixed precision ---------------------------------------------------------------------------------
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(f"verl-mtp: warning: {message}", file=sys.stderr, flush=True)
-
-
 def compute_dtype(name: str, device: torch.device, key: str) -> torch.dtype | None:
     """The autocast dtype for a compute-dtype setting (`key`, e.g. actor_rollout_ref.actor.fsdp_config.dtype,
-    named in the warning), or None for the master dtype (float32: no autocast).
+    named in the warning), or None for float32, the master dtype (no autocast). Every training path and the
+    rollout's inference copy share the rule `device.native_dtype`: honoured where the device runs it
+    natively, else fp32 with one warning."""
+    dtype = native_dtype(name, device, key)
+    return None if dtype == torch.float32 else dtype
 
-    One rule for every training path: a lower precision is honoured where the device runs it natively
-    (bf16 on a CUDA GPU that has it or a CPU with AVX512-BF16/AMX; fp16 on CUDA); elsewhere the compute
-    stays in fp32 and one warning names the key."""
-    if name not in DTYPES:
-        raise ValueError(f"{key}={name!r}: choose one of {'|'.join(DTYPES)}")
-    dtype = DTYPES[name]
-    if dtype == torch.float32:
-        return None
-    honoured = bf16_native(device) if dtype == torch.bfloat16 else device.type == "cuda"
-    if not honoured:
-        _warn_once(f"{key}={name} is not honoured on this {device.type} (no native {name}): computing in float32")
-        return None
-    return dtype
+
+def fsdp_config_key(frozen: bool) -> str:
+    """Where an engine's fsdp_config sits in the config, for messages: a frozen engine (built without an
+    optimizer) is the reference policy's."""
+    return f"actor_rollout_ref.{'ref' if frozen else 'actor'}.fsdp_config."
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

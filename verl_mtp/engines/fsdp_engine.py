@@ -38,14 +38,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
 from verl_mtp.batch import Batch
-from verl_mtp.device import DTYPES
+from verl_mtp.device import named_dtype
 from verl_mtp.engines.base import MicroBatchFn, write_hf
 from verl_mtp.engines.core import compute_dtype
 from verl_mtp.engines.torch_engine import TorchEngine
 from verl_mtp.models import MTPCausalLM
 from verl_mtp.net import free_port
-
-KEY = "actor_rollout_ref.actor.fsdp_config."
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -55,13 +53,14 @@ def ensure_process_group(device: torch.device) -> None:
                                 init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def data_parallel_mesh(fsdp_size: int, device_type: str) -> DeviceMesh:
-    """1-D over all ranks, or 2-D (replicate x shard) when fsdp_size is a proper divisor of the world."""
+def data_parallel_mesh(fsdp_size: int, device_type: str, key: str) -> DeviceMesh:
+    """1-D over all ranks, or 2-D (replicate x shard) when fsdp_size is a proper divisor of the world (`key`:
+    the fsdp_config's, named in the error)."""
     world = dist.get_world_size()
     if fsdp_size in (-1, world):
         return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
     if fsdp_size < 1 or world % fsdp_size:
-        raise ValueError(f"{KEY}fsdp_size={fsdp_size}: must be -1 (all ranks) or divide the {world} ranks")
+        raise ValueError(f"{key}fsdp_size={fsdp_size}: must be -1 (all ranks) or divide the {world} ranks")
     return init_device_mesh(device_type, (world // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
 
 
@@ -86,22 +85,19 @@ class FSDPEngine(TorchEngine):
                  mixed_precision: bool | None = None):
         self.fsdp = {"fsdp_size": -1, "reshard_after_forward": True, "dtype": "float32", "model_dtype": "fp32",
                      **(fsdp or {})}
-        for key in ("dtype", "model_dtype"):
-            if self.fsdp[key] not in DTYPES:
-                raise ValueError(f"{KEY}{key}={self.fsdp[key]!r}: choose one of {'|'.join(DTYPES)}")
         self.device = next(model.parameters()).device
         self.mixed_precision = mixed_precision
         self.bytes_logged = False
         super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp, gradient_checkpointing)
 
     def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
-        ensure_process_group(self.device)
-        mesh = data_parallel_mesh(self.fsdp["fsdp_size"], self.device.type)
-        model.to(DTYPES[self.fsdp["model_dtype"]])
-        if self.mixed_precision is None:
-            compute = compute_dtype(self.fsdp["dtype"], self.device, KEY + "dtype")  # None: the master dtype
+        model.to(named_dtype(self.fsdp["model_dtype"], self.fsdp_key + "model_dtype"))
+        if self.mixed_precision is None:  # compute None: the master dtype
+            compute = compute_dtype(self.fsdp["dtype"], self.device, self.fsdp_key + "dtype")
         else:
-            compute = DTYPES[self.fsdp["dtype"]] if self.mixed_precision else None
+            compute = named_dtype(self.fsdp["dtype"], self.fsdp_key + "dtype") if self.mixed_precision else None
+        ensure_process_group(self.device)
+        mesh = data_parallel_mesh(self.fsdp["fsdp_size"], self.device.type, self.fsdp_key)
         offload = self.offload_params and self.device.type == "cuda"
         shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=self.fsdp["reshard_after_forward"],
                                   mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32),

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from verl_mtp.batch import Batch
-from verl_mtp.device import DTYPES
+from verl_mtp.device import named_dtype
 from verl_mtp.engines.base import MicroBatchFn, TrainingEngine
 from verl_mtp.engines.core import (OptimConfig, apply_update, autocast, build_optimizer, clip_gradients, clip_groups,
-                                   clip_norm, compute_dtype, norm_metrics)
+                                   clip_norm, compute_dtype, fsdp_config_key, norm_metrics)
 from verl_mtp.engines.offload import StorageOffload
 from verl_mtp.models import MTPCausalLM
 
@@ -46,6 +46,7 @@ class TorchEngine(TrainingEngine):
         self.module = model
         fsdp = fsdp or {}
         self.precision_keys = {k: fsdp[k] for k in ("model_dtype", "dtype") if k in fsdp}
+        self.fsdp_key = fsdp_config_key(frozen=optim is None)  # names these settings in messages
         if gradient_checkpointing and optim is not None:
             checkpoint_layers(model)
         self.offload_params = bool(fsdp.get("param_offload"))
@@ -66,11 +67,9 @@ class TorchEngine(TrainingEngine):
     def _mixed_precision(self, model: MTPCausalLM) -> torch.dtype | None:
         """Puts the master weights in `model_dtype` (as built when the key is absent); returns the autocast
         dtype from `dtype` (None: compute in the master dtype)."""
-        key, keys = "actor_rollout_ref.actor.fsdp_config.", self.precision_keys
+        key, keys = self.fsdp_key, self.precision_keys
         if "model_dtype" in keys:
-            if keys["model_dtype"] not in DTYPES:
-                raise ValueError(f"{key}model_dtype={keys['model_dtype']!r}: choose one of {'|'.join(DTYPES)}")
-            model.to(DTYPES[keys["model_dtype"]])
+            model.to(named_dtype(keys["model_dtype"], key + "model_dtype"))
         master = next(model.parameters())
         dtype = compute_dtype(keys.get("dtype", "float32"), master.device, key + "dtype")
         return None if dtype in (None, master.dtype) else dtype
