@@ -14,7 +14,7 @@ from tests.rollout.conftest import DEPTH, engine_for
 from verl_mtp.models import MTPCausalLM, state_checksum
 from verl_mtp.rollout import SamplingParams
 from verl_mtp.rollout.client import ReplicaClient, ReplicaError, encode_native
-from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, decode_tensors, encode_tensors, sample_from_json,
+from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, decode_tensors, encode_tensors, sample_from_json,
                                        sampling_params_to_json)
 from verl_mtp.rollout.server import RolloutServer
 
@@ -88,6 +88,20 @@ def test_single_prompt_returns_one_item_and_seed_reproduces(served):
     assert any(o != first["output_ids"] for o in others)
 
 
+def test_penalties_reach_the_engine_and_the_client_refuses_what_sglang_lacks(served, models):
+    """SGLang's repetition/presence/frequency penalties travel in the request and are applied as the engine
+    applies them (same tokens as the engine called directly, and not the unpenalised ones)."""
+    _, client = served
+    params = SamplingParams(temperature=0, max_new_tokens=12, repetition_penalty=1.8, frequency_penalty=0.7)
+    items = _generate(client, params)
+    ref = engine_for(models[0]).generate(PROMPTS, params)
+    assert [i["output_ids"] for i in items] == [s.token_ids for s in ref.samples]
+    plain = engine_for(models[0]).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
+    assert [s.token_ids for s in plain.samples] != [s.token_ids for s in ref.samples]
+    with pytest.raises(ProtocolError, match="no_repeat_ngram_size is not an SGLang sampling parameter"):
+        sampling_params_to_json(SamplingParams(no_repeat_ngram_size=2))
+
+
 @pytest.mark.parametrize("body, needle", [
     ({"text": "hi", "sampling_params": {}, "return_logprob": True}, "text prompts need a tokenizer"),
     ({"input_ids": [[1, 2]], "sampling_params": {}}, "return_logprob must be true"),
@@ -95,6 +109,9 @@ def test_single_prompt_returns_one_item_and_seed_reproduces(served):
     ({"input_ids": [[1, 2]], "sampling_params": {"stop": ["x"]}, "return_logprob": True}, "stop strings"),
     ({"input_ids": [[1, 99]], "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}, "out of range"),
     ({"input_ids": [[1], [2]], "sampling_params": [{"n": 1}, {"n": 2}], "return_logprob": True}, "per-prompt"),
+    ({"input_ids": [[1, 2]], "sampling_params": {"top_k": 0}, "return_logprob": True}, "sampling_params.top_k"),
+    ({"input_ids": [[1, 2]], "sampling_params": {"repetition_penalty": 0}, "return_logprob": True},
+     "sampling_params.repetition_penalty must be in (0, 2]"),
 ])
 def test_generate_rejects_what_it_cannot_serve(served, body, needle):
     _, client = served

@@ -25,7 +25,7 @@ import torch
 from tests.rollout.sglang_contract.install import Unavailable, read_report, start_worker
 from verl_mtp.config import load_config
 from verl_mtp.rollout.client import encode_native
-from verl_mtp.rollout.protocol import generate_body
+from verl_mtp.rollout.protocol import ProtocolError, generate_body, sampling_params_from_json, sampling_params_to_json
 from verl_mtp.rollout.sampling import SamplingParams
 from verl_mtp.rollout.sglang import (DEFAULT_SGLANG_VERSION, FLATTENED_BUCKET, MTP_DRAFT_LAYERS, SGLANG_VERSIONS,
                                      SLEEP_TAGS, launch_command, sglang_server_args, weight_sync_plan,
@@ -75,6 +75,15 @@ def _requests(version: str) -> list[tuple[str, str, str, dict | None]]:
     return calls
 
 
+# sampling_params we send (every penalty SGLang and our engine share, set), and bodies some tested SGLang refuses
+SENT_SAMPLING = sampling_params_to_json(SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=8,
+                                                       stop_token_ids=[2], seed=7, repetition_penalty=1.2,
+                                                       presence_penalty=0.5, frequency_penalty=-0.3))
+REFUSED_SAMPLING = [{"top_k": 0}, {"top_k": -2}, {"top_p": 0.0}, {"temperature": -1.0},
+                    {"repetition_penalty": 0.0}, {"repetition_penalty": 2.5}, {"presence_penalty": 2.5},
+                    {"frequency_penalty": -3.0}, {"no_repeat_ngram_size": 3}]
+
+
 # what today's client must never send again, and what SGLang says to it: the harness can fail
 CANARIES = [("POST", "/continue_generation", None), ("POST", "/update_weights_from_tensor",
                                                        {"serialized_named_tensors": ["YWJj"], "disable_draft_model": False})]
@@ -97,7 +106,7 @@ def reports():
     for version in VERSIONS:
         spec = {"argv": [{"argv": _argv(a), "expected": a} for a in launches.values()],
                 "requests": [list(r[1:]) for r in _requests(version)] + [list(c) for c in CANARIES],
-                "meta_fields": _meta_fields(version)}
+                "meta_fields": _meta_fields(version), "sampling": [SENT_SAMPLING, *REFUSED_SAMPLING]}
         try:
             running[version] = start_worker(version, spec)
         except Unavailable as e:
@@ -143,6 +152,20 @@ def test_every_request_is_accepted_by_sglangs_own_request_classes(report):
         assert answer["undeclared"] == [], f"{where}: fields SGLang would silently ignore: {answer['undeclared']}"
         if method == "POST" and report["routes"][path]["body_class"]:
             assert body is not None, f"{where}: SGLang declares a body"
+
+
+def test_sampling_params_we_send_pass_sglangs_own_checks_and_we_refuse_what_it_refuses(report):
+    """Our client's sampling_params (penalties included) pass that release's SamplingParams(...).verify; every
+    body it refuses, our server refuses too (at least as strict: 0.5.6 takes repetition_penalty 0, 0.5.23 not)."""
+    sent, *refused = report["sampling"]
+    assert sent is None, f"SGLang {report['version']} refuses our sampling_params {SENT_SAMPLING}: {sent}"
+    assert {k: SENT_SAMPLING[k] for k in ("repetition_penalty", "presence_penalty", "frequency_penalty", "top_k")} == \
+        {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": -0.3, "top_k": -1}
+    assert sum(error is not None for error in refused) >= len(refused) - 1, refused  # the harness can fail
+    for body, error in zip(REFUSED_SAMPLING, refused):
+        if error is not None:
+            with pytest.raises(ProtocolError, match=f"sampling_params.{next(iter(body))}"):
+                sampling_params_from_json(body)
 
 
 def test_the_harness_rejects_what_the_old_client_sent(report):

@@ -3,7 +3,8 @@ HTTP API the trainer uses, with SGLang's field names and shapes, so the same cli
 
 /generate request (batched; SGLang expands each prompt n times, prompt-major):
     {"input_ids": [[...], ...], "return_logprob": true,
-     "sampling_params": {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n", "sampling_seed"}}
+     "sampling_params": {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n", "sampling_seed",
+                         and, when set, "repetition_penalty", "presence_penalty", "frequency_penalty"}}
 /generate response: one item per sample
     {"output_ids": [...], "meta_info": {"id", "finish_reason": {"type": "stop", "matched": id} | {"type": "length",
      "length": n}, "prompt_tokens", "completion_tokens", "weight_version", "output_token_logprobs": [[logprob,
@@ -23,6 +24,7 @@ a safetensors file holding the named tensors. It is plain data: nothing is ever 
 from __future__ import annotations
 
 import base64
+import math
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -35,7 +37,13 @@ TENSOR_LOAD_FORMAT = "safetensors_base64"
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request does not say
 
 # sampling keys we implement, and keys we accept because they cannot change a token-id-only run
-_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n", "sampling_seed"}
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n", "sampling_seed",
+                  "repetition_penalty", "presence_penalty", "frequency_penalty"}
+# the penalties SGLang takes under these names (over the generated tokens, as SamplingParams applies them), with
+# their neutral values and the ranges the strictest tested SGLang accepts (0.5.23's SamplingParams.verify)
+_PENALTIES = {"repetition_penalty": (1.0, lambda v: 0.0 < v <= 2.0, "(0, 2]"),
+              "presence_penalty": (0.0, lambda v: -2.0 <= v <= 2.0, "[-2, 2]"),
+              "frequency_penalty": (0.0, lambda v: -2.0 <= v <= 2.0, "[-2, 2]")}
 _NEUTRAL_KEYS = {"ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
 
 
@@ -71,10 +79,16 @@ def decode_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
 def sampling_params_to_json(params: SamplingParams) -> dict:
     if params.stop:
         raise ProtocolError("stop strings need a tokenizer; rollout servers speak token ids (use stop_token_ids)")
-    out = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+    if params.no_repeat_ngram_size:
+        raise ProtocolError("no_repeat_ngram_size is not an SGLang sampling parameter; rollout servers cannot "
+                            "apply it (the native engine can)")
+    out = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k if params.top_k > 0 else -1,
            "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids), "n": params.n}
     if params.seed is not None:
         out["sampling_seed"] = params.seed
+    for key, (neutral, _, _) in _PENALTIES.items():
+        if getattr(params, key) != neutral:
+            out[key] = getattr(params, key)
     return out
 
 
@@ -92,12 +106,23 @@ def sampling_params_from_json(d: dict | None) -> SamplingParams:
     if unknown:
         raise ProtocolError(f"sampling_params.{unknown[0]} is not supported by this server")
     try:
-        return SamplingParams(
-            n=int(d.get("n", 1)), temperature=float(d.get("temperature", 1.0)), top_p=float(d.get("top_p", 1.0)),
-            top_k=int(d.get("top_k", -1)), max_new_tokens=int(d.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)),
-            stop_token_ids=[int(t) for t in d.get("stop_token_ids") or []], seed=d.get("sampling_seed"))
+        values = {"n": int(d.get("n", 1)), "temperature": float(d.get("temperature", 1.0)),
+                  "top_p": float(d.get("top_p", 1.0)), "top_k": int(d.get("top_k", -1)),
+                  "max_new_tokens": int(d.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)),
+                  "stop_token_ids": [int(t) for t in d.get("stop_token_ids") or []], "seed": d.get("sampling_seed"),
+                  **{key: float(d.get(key, neutral)) for key, (neutral, _, _) in _PENALTIES.items()}}
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"sampling_params: {e}") from None
+    # what SGLang's SamplingParams.verify refuses, this server refuses too, naming the field
+    checks = {"top_k": (values["top_k"] == -1 or values["top_k"] >= 1, "-1 (disable) or at least 1"),
+              "top_p": (0.0 < values["top_p"] <= 1.0, "in (0, 1]"),
+              "temperature": (math.isfinite(values["temperature"]) and values["temperature"] >= 0, "finite and >= 0"),
+              "n": (values["n"] >= 1, "at least 1"), "max_new_tokens": (values["max_new_tokens"] >= 1, "at least 1"),
+              **{key: (ok(values[key]), f"in {bounds}") for key, (_, ok, bounds) in _PENALTIES.items()}}
+    for key, (ok, rule) in checks.items():
+        if not ok:
+            raise ProtocolError(f"sampling_params.{key} must be {rule}, got {values[key]}")
+    return SamplingParams(**values)
 
 
 def batch_sampling_params(raw) -> SamplingParams:

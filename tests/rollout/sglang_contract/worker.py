@@ -7,6 +7,8 @@ answers, as JSON on stdout, the questions test_sglang_contract.py asks about wha
             entrypoints/http_server.py does (read with ast), plus the body fields the class lacks
   source    facts read from that release's source: the ones our per-version protocol table rests on,
             and whether each meta_info field we read is ever written
+  sampling  each sampling_params dict built as that release's tokenizer manager builds one (its own
+            SamplingParams(**d), then .verify(vocab_size)): None, or the error it raises
   payload   our colocated per-rank entry (sglang_tensor_payload, built on CPU) opened as that release's
             scheduler opens one: its MultiprocessingSerializer (safe unpickler), its FlattenedTensorBucket
 
@@ -198,6 +200,19 @@ def source_facts(root: Path, meta_fields: list[str]) -> dict:
     }
 
 
+def check_sampling(cases: list[dict], vocab_size: int = 1000) -> list[str | None]:
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    out = []
+    for params in cases:
+        try:
+            SamplingParams(**params).verify(vocab_size)
+            out.append(None)
+        except (TypeError, ValueError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
 def payload_roundtrip(root: Path) -> dict:
     """Our entry of serialized_named_tensors, built by verl_mtp's own sglang_tensor_payload with this
     release's classes (on CPU: shared-memory handles where a GPU gives CUDA IPC ones), deserialized and
@@ -246,6 +261,7 @@ def main() -> None:
     report = {"version": __version__, "routes": table,
               "argv": [check_argv(a["argv"], a["expected"]) for a in spec["argv"]],
               "requests": check_requests(table, spec["requests"]),
+              "sampling": check_sampling(spec.get("sampling", [])),
               "source": source_facts(root, spec["meta_fields"]), "payload": payload_roundtrip(root)}
     print("CONTRACT-REPORT " + json.dumps(report, default=repr))
 
