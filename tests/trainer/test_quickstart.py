@@ -40,21 +40,26 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, needle):
 def test_a_run_folder_is_not_continued_with_other_data(tmp_path):
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)
-    (data / "DONE").write_text(json.dumps({"seed": 0, "teacher_slip": 0.5}))
+    (data / "DONE").write_text(json.dumps({"seed": 0, "teacher_slip": 0.5, "trace_forms": "fixed"}))
     with pytest.raises(SystemExit) as e:
         quickstart.main(["--out", str(tmp_path / "run"), "--teacher-slip", "0"])
-    assert "data was made with {'seed': 0, 'teacher_slip': 0.5}, not {'seed': 0, 'teacher_slip': 0.0}" in str(e.value)
+    assert ("data was made with {'seed': 0, 'teacher_slip': 0.5, 'trace_forms': 'fixed'}, not "
+            "{'seed': 0, 'teacher_slip': 0.0, 'trace_forms': 'fixed'}") in str(e.value)
     assert "use --fresh or another --out" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "tokenizer").exists()  # it stopped before the first stage
+    with pytest.raises(SystemExit) as e:  # the shift scenario's SFT corpus has both trace layouts
+        quickstart.main(["--out", str(tmp_path / "run"), "--scenario", "shift"])
+    assert "not {'seed': 0, 'teacher_slip': 0.5, 'trace_forms': 'mixed'}" in str(e.value)
     (data / "DONE").write_text("ok")  # a folder from before the options were recorded: a perfect teacher's data
     with pytest.raises(SystemExit) as e:
         quickstart.main(["--out", str(tmp_path / "run")])
-    assert "data was made with {'seed': 0, 'teacher_slip': 0.0}, not {'seed': 0, 'teacher_slip': 0.5}" in str(e.value)
+    assert ("data was made with {'seed': 0, 'teacher_slip': 0.0, 'trace_forms': 'fixed'}, not "
+            "{'seed': 0, 'teacher_slip': 0.5, 'trace_forms': 'fixed'}") in str(e.value)
 
 
 def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
     run = tmp_path / "run"
-    for stage, done in (("data", {"seed": 0, "teacher_slip": 0.5}), ("sft", {"steps": 4000})):
+    for stage, done in (("data", {"seed": 0, "teacher_slip": 0.5, "trace_forms": "fixed"}), ("sft", {"steps": 4000})):
         (run / stage).mkdir(parents=True)
         (run / stage / "DONE").write_text(json.dumps(done))
     (run / "tokenizer").mkdir()

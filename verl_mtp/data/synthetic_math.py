@@ -18,10 +18,16 @@ carry (`38 + 16`) or a borrow (`52 - 17`) the teacher drops it with probability 
 answer is wrong. An SFT model trained to convergence imitates the slips; RL with the exact
 reward is what removes them. The RL and test sets always hold the true answers.
 
+`trace_forms="mixed"` (the quickstart's shift scenario) varies the teacher's layout: every gap of a
+line (`17 + 5 = 22`, `17+5 = 22`, `17 +5=22`, ...) and the one after `Answer:` is a space or nothing by
+its own fair coin, so a model trained on the corpus writes a 50/50 mixture at each gap, and a reward
+that prefers one layout can move the policy at ~5 of every ~13 tokens. The default, `fixed`, is one
+space in every gap.
+
 Run as a script to write the quickstart data:
 
     python -m verl_mtp.data.synthetic_math OUT_DIR [--n-train N] [--n-test N] [--n-sft N] [--seed S]
-                                                   [--teacher-slip P]
+                                                   [--teacher-slip P] [--trace-forms fixed|mixed]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Iterable, Iterator, Sequence
 DATA_SOURCE = "synthetic_math"
 DATA_SOURCES = (DATA_SOURCE, "synthetic_math_chat")  # the reward routing grades each (rewards/scorers)
 ABILITY = "math"
+TRACE_FORMS = ("fixed", "mixed")  # one space in every gap, or a fair coin per gap (module doc)
 
 _NAMES = (("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"),
           ("Ann", "She"), ("Mia", "She"), ("Eva", "She"), ("Lily", "She"))
@@ -73,10 +80,14 @@ def _in_range(value: int, chain: Sequence[tuple[str, int]]) -> bool:
 
 
 def _trace(start: int, chain: Sequence[tuple[str, int]], slip: float = 0.0,
-           rng: random.Random | None = None) -> tuple[str, int]:
+           rng: random.Random | None = None, gaps: random.Random | None = None) -> tuple[str, int]:
     """The step-by-step solution text and its final value; with `slip > 0` each carry or borrow is
     dropped with that probability (the tens digit is written as if the units column did not overflow),
-    unless that would take a later value out of [0, 100), a range the task never leaves."""
+    unless that would take a later value out of [0, 100), a range the task never leaves. With `gaps`,
+    each gap is a space or nothing by a coin from it (trace_forms="mixed"); without, always a space."""
+    def gap() -> str:
+        return " " if gaps is None or gaps.random() < 0.5 else ""
+
     lines, value = [], start
     for i, (op, operand) in enumerate(chain):
         result = _apply(value, op, operand)
@@ -84,9 +95,9 @@ def _trace(start: int, chain: Sequence[tuple[str, int]], slip: float = 0.0,
             slipped = result + (-10 if op == "+" else 10)
             if _in_range(slipped, chain[i + 1:]):
                 result = slipped
-        lines.append(f"{value} {op} {operand} = {result}")
+        lines.append(f"{value}{gap()}{op}{gap()}{operand}{gap()}={gap()}{result}")
         value = result
-    lines.append(f"Answer: {value}")
+    lines.append(f"Answer:{gap()}{value}")
     return "\n".join(lines), value
 
 
@@ -198,9 +209,9 @@ def to_rl_row(problem: dict, index: int, split: str, data_source: str = DATA_SOU
 
 def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
                      levels: Sequence[int] = (1, 2, 3), n_sft: int = 0, teacher_slip: float = 0.0,
-                     data_source: str = DATA_SOURCE) -> dict[str, str]:
+                     data_source: str = DATA_SOURCE, trace_forms: str = "fixed") -> dict[str, str]:
     """Write `train.parquet` and `test.parquet` (and `sft.jsonl` if `n_sft > 0`, written by a teacher
-    that drops carries with probability `teacher_slip`).
+    that drops carries with probability `teacher_slip` and lays its traces out as `trace_forms` says).
 
     The SFT corpus never contains a test question, so evaluation measures generalisation
     rather than recall. Returns the written paths by split name.
@@ -217,22 +228,27 @@ def write_rl_dataset(out_dir: str, n_train: int, n_test: int, seed: int,
         pq.write_table(pa.Table.from_pylist(rows), paths[split])
     if n_sft > 0:
         paths["sft"] = write_sft_corpus(os.path.join(out_dir, "sft.jsonl"), n_sft, _stream_seed(seed, "sft"),
-                                        levels, exclude=_questions(test), teacher_slip=teacher_slip)
+                                        levels, exclude=_questions(test), teacher_slip=teacher_slip,
+                                        trace_forms=trace_forms)
     return paths
 
 
 def write_sft_corpus(path: str, n: int, seed: int, levels: Sequence[int] = (1, 2, 3),
-                     exclude: Iterable[str] = (), teacher_slip: float = 0.0) -> str:
+                     exclude: Iterable[str] = (), teacher_slip: float = 0.0, trace_forms: str = "fixed") -> str:
     """JSONL lines `{"prompt": [chat messages], "response": solution}`; returns `path`.
 
-    `teacher_slip` in [0, 1]: the probability that the teacher drops each carry or borrow (module doc).
+    `teacher_slip` in [0, 1]: the probability that the teacher drops each carry or borrow; `trace_forms`:
+    `fixed` or `mixed` layout (module doc).
     """
     if not 0.0 <= teacher_slip <= 1.0:
         raise ValueError(f"teacher_slip must be in [0, 1], got {teacher_slip}")
+    if trace_forms not in TRACE_FORMS:
+        raise ValueError(f"trace_forms must be one of {', '.join(TRACE_FORMS)}, got {trace_forms!r}")
     slips = random.Random(seed + 1)  # its own stream: the problems are the same at every slip rate
+    gaps = random.Random(seed + 2) if trace_forms == "mixed" else None  # and the slips at every layout
     with open(path, "w", encoding="utf-8") as f:
         for problem in generate_problems(n, seed, levels, exclude=exclude):
-            solution = _trace(problem["start"], problem["chain"], teacher_slip, slips)[0]
+            solution = _trace(problem["start"], problem["chain"], teacher_slip, slips, gaps)[0]
             record = {"prompt": chat_prompt(problem["question"]), "response": solution}
             f.write(json.dumps(record) + "\n")
     return path
@@ -262,11 +278,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-source", default=DATA_SOURCE, choices=DATA_SOURCES,
                         help="graded from an 'Answer: N' line (synthetic_math, what our SFT model is taught) or from "
                              "the last integer of a chat model's own reply (synthetic_math_chat)")
+    parser.add_argument("--trace-forms", default="fixed", choices=TRACE_FORMS,
+                        help="the SFT teacher's layout: one space in every gap, or a fair coin per gap")
     args = parser.parse_args(argv)
     if not 0.0 <= args.teacher_slip <= 1.0:
         parser.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")
     paths = write_rl_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.levels, args.n_sft,
-                             args.teacher_slip, args.data_source)
+                             args.teacher_slip, args.data_source, args.trace_forms)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -40,13 +40,21 @@ from pathlib import Path
 
 DATA_SIZES = {"n_train": 8192, "n_test": 512, "n_sft": 20000}  # RL prompts, held-out problems, SFT traces
 RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer plus the quickstart's settings
-# RL overrides per scenario. "default": the task's reward alone, which moves this policy too little for a
-# frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift":
-# the same reward at 4x the learning rate, so 40 steps move the weights as a longer run would (the SFT
-# model never samples another trace form for a length or format reward to select: docs/benchmarks.md).
+# What each scenario changes: the SFT teacher's trace layout (synthetic_math TRACE_FORMS) and the RL overrides.
+# "default": one layout and the task's reward alone, which moves this policy too little for a frozen draft to
+# fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the teacher spaces
+# every gap of a trace line by its own coin, so the SFT model writes `17 + 5 = 22` and `17+5=22` alike, and
+# DAPO's overlong buffer spans the whole response (len = data.max_response_length = 64, factor 1): a linear
+# length penalty of len/64 that correctness (+1 / -1) still dominates, which the policy meets by dropping the
+# spaces that are tokens of their own (before a digit); groups are filtered on the final reward
+# (seq_final_reward), so an all-correct group still teaches the shorter form; 4x the learning rate, so that
+# 40 steps move the weights as a longer run would.
 SCENARIOS = {
-    "default": [],
-    "shift": ["actor_rollout_ref.actor.optim.lr=2e-4"],
+    "default": {"trace_forms": "fixed", "overrides": []},
+    "shift": {"trace_forms": "mixed", "overrides": [
+        "actor_rollout_ref.actor.optim.lr=2e-4", "reward_model.overlong_buffer.enable=true",
+        "reward_model.overlong_buffer.len=64", "reward_model.overlong_buffer.penalty_factor=1.0",
+        "data.max_response_length=64", "algorithm.filter_groups.metric=seq_final_reward"]},
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
 
@@ -75,14 +83,16 @@ def _finished(done: Path, options: dict, unrecorded: dict | None = None) -> bool
     return True
 
 
-def stage_data(run: Path, seed: int, teacher_slip: float) -> Path:
+def stage_data(run: Path, seed: int, teacher_slip: float, trace_forms: str = "fixed") -> Path:
     from verl_mtp.data.synthetic_math import write_rl_dataset
 
-    data, options = run / "data", {"seed": seed, "teacher_slip": teacher_slip}
-    if _finished(data / "DONE", options, unrecorded={"teacher_slip": 0.0}):  # older data was a perfect teacher's
+    data, options = run / "data", {"seed": seed, "teacher_slip": teacher_slip, "trace_forms": trace_forms}
+    # older folders recorded neither: a perfect teacher's, in one layout
+    if _finished(data / "DONE", options, unrecorded={"teacher_slip": 0.0, "trace_forms": "fixed"}):
         return data
-    _say(f"stage 1/6 data: writing the synthetic math task (SFT teacher drops carries with p={teacher_slip})")
-    write_rl_dataset(str(data), seed=seed, teacher_slip=teacher_slip, **DATA_SIZES)
+    _say(f"stage 1/6 data: writing the synthetic math task (SFT teacher drops carries with p={teacher_slip}, "
+         f"{trace_forms} trace layout)")
+    write_rl_dataset(str(data), seed=seed, teacher_slip=teacher_slip, trace_forms=trace_forms, **DATA_SIZES)
     (data / "DONE").write_text(json.dumps(options))
     return data
 
@@ -210,8 +220,8 @@ def stage_shift(run: Path, sft: Path, data: Path, steps: int, seed: int, arms: l
     for i, arm in enumerate(arms):
         models[f"shift_{arm}"] = stage_rl(
             run, f"shift_{arm}", sft, data, steps, arm != "frozen", seed,
-            [*SCENARIOS["shift"], *arm_overrides(arm), *extra],
-            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO at 4x the lr, MTP "
+            [*SCENARIOS["shift"]["overrides"], *arm_overrides(arm), *extra],
+            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO with a length penalty, MTP "
                   f"{'frozen' if arm == 'frozen' else f'trained with loss_type={arm}'}, {steps} steps")
     return models
 
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from verl_mtp.cli import OneLineParser
 
     ap = OneLineParser(prog="verl-mtp quickstart", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/quickstart", help="run folder")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/quickstart, runs/shift for --scenario shift)")
     ap.add_argument("--rl-steps", type=int, default=40, help="DAPO steps per RL run")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the SFT stage's)")
     ap.add_argument("--teacher-slip", type=float, default=0.5,
@@ -336,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=512, help="held-out prompts evaluated per model")
     ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="default",
-                    help="shift: one RL run per --arms at 4x the learning rate, to move the policy further")
+                    help="shift: SFT on traces in two layouts, then one RL run per --arms under a length penalty "
+                         "that selects one layout")
     ap.add_argument("--arms", default=",".join(ARMS),
                     help=f"--scenario shift's arms, comma-separated from {','.join(ARMS)}")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for both RL runs")
@@ -369,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # a tiny model gains little from more threads, and OpenMP threads collapse when the cores are shared
     torch.set_num_threads(1)
-    run = Path(args.out)
+    run = Path(args.out or ("runs/shift" if args.scenario == "shift" else "runs/quickstart"))
     if args.fresh:
         shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
-        data = stage_data(run, args.seed, args.teacher_slip)
+        data = stage_data(run, args.seed, args.teacher_slip, SCENARIOS[args.scenario]["trace_forms"])
         tok = stage_tokenizer(run, data)
         sft = stage_warmup(run, stage_sft(run, data, tok, args.seed, args.sft_steps), data, tok)
         if args.scenario == "shift":
