@@ -1,26 +1,36 @@
 """Adaptive draft depth: pick, per decode round, the depth with the best expected tokens per second.
 
 Expected tokens of a round at depth S are 1 + sum_{k<=S} a_k, where a_k is the running estimate of
-P(draft at depth k accepted); its cost is the measured wall time of rounds at depth S for this batch
-size bucket. Both are exponential moving averages, so the choice follows a moving policy (and a draft
-going stale after a weight sync shows up within a few rounds). Every depth up to `max_depth` (past the
-K MTP layers too: the engine reuses the last layer there, as fixed depths do) is tried a few times per
-bucket before it is judged, and the runner-up is re-tried now and then so a choice can be revised.
+P(draft at depth k accepted); its cost is the wall time of rounds at depth S for this batch-size bucket,
+measured or predicted (below). Both are exponential moving averages, so the choice follows a moving
+policy (and a draft going stale after a weight sync shows up within a few rounds). Depths up to
+`max_depth` are candidates (past the K MTP layers too: the engine reuses the last layer there, as fixed
+depths do); the runner-up is re-tried now and then so a choice can be revised.
 
 The acceptance estimates start from a prior: 0.5 per depth, or the draft's expected acceptance that
 training computed for the weights just synced (`set_prior`, from mtp/expected_chain_accept_rate_{k}),
 after every weight sync.
 
-Cost estimates, and what exploring costs:
+Costs come from a model, so a batch-size bucket measures only what could win there. Plain decoding is
+measured first (it is the safe choice and the scale of every estimate); another depth's cost is plain's
+times its relative cost cost(d) / cost(0), taken from this bucket's measurements, else the nearest bucket
+that measured that depth, else linearly inter- or extrapolated over the depths measured; with nothing but
+plain measured anywhere, depth 1 is assumed free (so it is tried once) and deeper depths wait for a slope.
+The depth with the best expected rate is run; if its cost is only predicted, that run measures it. So a
+bucket where drafts do not pay stays on plain after one depth-1 probe, and a new bucket (the batch
+shrinking as sequences finish) starts from the neighbour's curve instead of re-trying every depth.
+
+What exploring costs, and how estimates are kept honest:
   * a round deeper than the one before it first catches lagging MTP layers up on every token they
     skipped, so its time says little about that depth's steady cost: it updates acceptance only
     (otherwise speculation, once off, would always look too slow to turn back on);
   * round times drift with context length and machine load for every depth alike, but only the
     chosen depth is measured continuously: its drift is applied to the other depths' estimates too,
     so the ranking changes on measured differences, not on the age of an estimate;
-  * re-trying a deeper runner-up pays that catch-up, so the interval between re-tries doubles while
-    the choice holds, and a deeper re-try runs two rounds: the second is timed, so a depth mis-costed
-    during warm-up (two samples, under load) can be re-costed;
+  * re-trying a deeper runner-up pays that catch-up (after many plain rounds, a prefill of the MTP
+    layers), so only a runner-up within `revisit_within` of the best rate is re-tried, the interval
+    between re-tries doubles while the choice holds, and a deeper re-try runs two rounds: the second is
+    timed, so a depth mis-costed during warm-up (two samples, under load) can be re-costed;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
     shallower one: under load, timing noise would otherwise make a useless draft look faster than plain.
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
@@ -36,11 +46,13 @@ PRIOR_ROUNDS = 4  # measured rounds that training's expected acceptance is worth
 
 class DepthController:
     def __init__(self, num_mtp_layers: int, max_depth: int, ema: float = 0.2, warmup_rounds: int = 2,
-                 revisit_every: int = 16, max_revisit_every: int = 256, margin: float = 0.05):
+                 revisit_every: int = 16, max_revisit_every: int = 256, margin: float = 0.05,
+                 revisit_within: float = 0.25):
         self.max_depth = max_depth if num_mtp_layers else 0
         self.prior: list[float] = []  # expected acceptance per depth of the current weights, from training
         self.ema = ema
         self.margin = margin
+        self.revisit_within = revisit_within
         self.warmup_rounds = warmup_rounds
         self.revisit_every = revisit_every
         self.max_revisit_every = max_revisit_every
@@ -53,6 +65,7 @@ class DepthController:
         self.interval = revisit_every  # rounds between re-tries of the runner-up
         self.next_revisit = revisit_every
         self.retry: int | None = None  # a deeper runner-up's second, timed round is due
+        self.probe: tuple[int, int] | None = None  # (bucket, depth) being measured: run until warmup_rounds
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -79,25 +92,65 @@ class DepthController:
             depth, self.retry = self.retry, None
             return depth
         b = self.bucket(batch_size)
-        for depth in range(self.max_depth + 1):  # measure every depth before trusting the model
-            if self.count.get((b, depth), 0) < self.warmup_rounds:
-                return depth
-        cost = 0.0
-        rates = {}
-        for d in range(self.max_depth + 1):
-            cost = max(cost, self.seconds[(b, d)])  # never below a shallower depth's (see the module doc)
-            rates[d] = self.expected_tokens(d) / cost / (1 + self.margin if d else 1)
+        if self.count.get((b, 0), 0) < self.warmup_rounds:  # plain first: the scale of every estimate
+            return 0
+        if self.probe is not None and self.probe[0] == b and self.count.get(self.probe, 0) < self.warmup_rounds:
+            return self.probe[1]  # a probe runs until it has warmup_rounds timed samples
+        costs = self.costs(b)
+        rates = {d: self.expected_tokens(d) / c / (1 + self.margin if d else 1) for d, c in costs.items()}
         ranked = sorted(rates, key=rates.get, reverse=True)
+        if self.count.get((b, ranked[0]), 0) < self.warmup_rounds:  # the best guess is a prediction: measure it
+            self.probe = (b, ranked[0])
+            return ranked[0]
         if ranked[0] != self.best.get(b):
             self.best[b], self.interval = ranked[0], self.revisit_every
             self.next_revisit = self.rounds + self.interval
-        if len(ranked) > 1 and self.rounds >= self.next_revisit:
+        close = len(ranked) > 1 and rates[ranked[1]] >= (1 - self.revisit_within) * rates[ranked[0]]
+        if close and self.rounds >= self.next_revisit:
             self.interval = min(2 * self.interval, self.max_revisit_every)
             self.next_revisit = self.rounds + self.interval
             if ranked[1] > ranked[0]:  # its first round catches the MTP layers up and is not timed
                 self.retry = ranked[1]
             return ranked[1]
         return ranked[0]
+
+    def costs(self, b: int) -> dict[int, float]:
+        """Estimated seconds per round for each depth that has an estimate in bucket `b` (module doc),
+        never below a shallower depth's."""
+        rel = self.relative_costs(b)
+        out, floor = {}, 0.0
+        for d, r in enumerate(rel):
+            if r is None:
+                break
+            floor = max(floor, r * self.seconds[(b, 0)])
+            out[d] = floor
+        return out
+
+    def relative_costs(self, b: int) -> list[float | None]:
+        """cost(d) / cost(0) per depth for bucket `b`: measured here, else in the nearest bucket that has
+        both, else interpolated or extrapolated linearly over the known depths (None: no estimate)."""
+        rel: list[float | None] = [1.0] + [None] * self.max_depth
+        for d in range(1, self.max_depth + 1):
+            for other in sorted({k for k, _ in self.seconds}, key=lambda k: (abs(k.bit_length() - b.bit_length()), k)):
+                if (other, d) in self.seconds and (other, 0) in self.seconds:
+                    rel[d] = self.seconds[(other, d)] / self.seconds[(other, 0)]
+                    break
+        known = [d for d, r in enumerate(rel) if r is not None]
+        if known == [0]:
+            return [1.0, 1.0] + [None] * (self.max_depth - 1)  # only plain known: try depth 1 as if free
+        for d in range(1, self.max_depth + 1):
+            if rel[d] is not None:
+                continue
+            below = [k for k in known if k < d]
+            above = [k for k in known if k > d]
+            lo = below[-1]
+            hi = above[0] if above else lo
+            if above:  # between two known depths
+                rel[d] = rel[lo] + (rel[hi] - rel[lo]) * (d - lo) / (hi - lo)
+            else:  # past the deepest known: the last known slope, never negative
+                prev = below[-2]
+                rel[d] = rel[lo] + max(rel[lo] - rel[prev], 0.0) / (lo - prev) * (d - lo)
+        return rel
 
     def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int]) -> None:
         """One decode round: its wall time and how many drafts each row kept."""
@@ -113,10 +166,15 @@ class DepthController:
 
     def _observe_cost(self, b: int, depth: int, seconds: float) -> None:
         key = (b, depth)
-        old = self.seconds.get(key)
-        new = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        old, n = self.seconds.get(key), self.count.get(key, 0)
+        if old is None:
+            new = seconds
+        elif n < self.warmup_rounds:  # load only ever adds time: the fastest warm-up round is the cost
+            new = min(old, seconds)
+        else:
+            new = (1 - self.ema) * old + self.ema * seconds
         self.seconds[key] = new
-        self.count[key] = self.count.get(key, 0) + 1
+        self.count[key] = n + 1
         if old is not None and depth == self.best.get(b):  # drift shared by all depths
             for d in range(self.max_depth + 1):
                 if d != depth and (b, d) in self.seconds:
