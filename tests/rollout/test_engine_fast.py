@@ -2,12 +2,11 @@
 never stale after a weight change by any route, and `rollout.dtype` honoured (bf16) or refused loudly."""
 
 import copy
-import warnings
 
 import pytest
 import torch
 
-import verl_mtp.rollout.fast_model as fast_model
+from verl_mtp import device
 from verl_mtp.algos.rollout_mismatch import rollout_mismatch_metrics
 from tests.conftest import toy_config
 from verl_mtp.models import MTPCausalLM
@@ -89,7 +88,7 @@ def test_update_weights_refreshes_the_fused_copy(good_draft_model, bad_draft_mod
     assert _run(engine, 2) == _run(NativeEngine(copy.deepcopy(good_draft_model), max_batch_size=4, max_seq_len=64), 2)
 
 
-@pytest.mark.skipif(not fast_model.bf16_native(torch.device("cpu")), reason="no native bf16 on this CPU")
+@pytest.mark.skipif(not device.bf16_native(torch.device("cpu")), reason="no native bf16 on this CPU")
 def test_bf16_rollout_close_to_fp32(good_draft_model):
     bf16 = NativeEngine(good_draft_model, max_batch_size=4, max_seq_len=64, dtype="bfloat16")
     assert bf16.dtype == bf16.cache.k.dtype == bf16.fast.blocks[0].w_qkv.dtype == torch.bfloat16
@@ -115,14 +114,13 @@ def test_bf16_rollout_close_to_fp32(good_draft_model):
     assert _run(bf16, 2)[0] == fp32_tokens  # greedy: this confident toy model's argmax survives bf16
 
 
-def test_unsupported_dtype_falls_back_with_one_warning(good_draft_model, monkeypatch):
-    monkeypatch.setattr(fast_model, "bf16_native", lambda device: False)
-    monkeypatch.setattr(fast_model, "_warned", set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        engines = [NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=32, dtype="bfloat16") for _ in range(2)]
+def test_unsupported_dtype_falls_back_with_one_warning(good_draft_model, monkeypatch, capsys):
+    """Training's dtype rule (verl_mtp.device.native_dtype): one stderr line naming the key, once."""
+    monkeypatch.setattr(device, "bf16_native", lambda device: False)
+    monkeypatch.setattr(device, "_warned", set())
+    engines = [NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=32, dtype="bfloat16") for _ in range(2)]
     assert all(e.dtype == torch.float32 for e in engines)
-    messages = [str(w.message) for w in caught if "rollout.dtype" in str(w.message)]
-    assert len(messages) == 1 and "float32" in messages[0]
+    assert capsys.readouterr().err.splitlines() == [
+        "verl-mtp: warning: rollout.dtype=bfloat16 is not honoured on this cpu (no native bfloat16): computing in float32"]
     with pytest.raises(ValueError, match="rollout.dtype='int8'"):
         NativeEngine(good_draft_model, max_batch_size=2, max_seq_len=32, dtype="int8")

@@ -18,12 +18,11 @@ fusing (embeddings, norms, LM head, MoE experts) are used as they are, never cop
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from verl_mtp.device import DTYPES, bf16_native
+from verl_mtp.device import native_dtype
 from verl_mtp.models.mtp_model import KVCache, MTPCausalLM, cached_attention, cached_causal_mask, slot_block
 
 
@@ -61,27 +60,12 @@ class _MTPBlock(_Block):
         self.ln_final = _cast(layer.final_layernorm.weight, dtype)
 
 
-_warned: set[str] = set()
-
-
 def inference_dtype(name: str | torch.dtype | None, device: torch.device, default: torch.dtype,
                     key: str = "rollout.dtype") -> torch.dtype:
     """The dtype the engine computes in for a setting (`key` is named in messages): None keeps `default`
-    (the model's). bf16 is honoured where the device runs it natively (a CUDA GPU that has it, a CPU with
-    AVX512-BF16 or AMX), fp16 on CUDA; elsewhere the engine runs float32, with one warning naming the key."""
-    if name is None:
-        return default
-    dtype = name if isinstance(name, torch.dtype) else DTYPES.get(name)
-    if dtype is None:
-        raise ValueError(f"{key}={name!r}: choose one of {'|'.join(DTYPES)}")
-    native = {torch.float32: True, torch.bfloat16: bf16_native(device), torch.float16: device.type == "cuda"}
-    if native.get(dtype, False):
-        return dtype
-    message = f"{key}={name} is not honoured on this {device.type} (no native support): the rollout runs float32"
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-    return torch.float32
+    (the model's); otherwise training's rule, `device.native_dtype` (bf16 where the device runs it
+    natively, fp16 on CUDA, else float32 with one warning line naming the key)."""
+    return default if name is None else native_dtype(name, device, key)
 
 
 class FastModel:

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from verl_mtp.device import DTYPES
 from verl_mtp.models import MTPCausalLM, read_config
 from verl_mtp.rollout.engine import NativeEngine
-from verl_mtp.rollout.fast_model import DTYPES
 from verl_mtp.rollout.protocol import (TENSOR_LOAD_FORMAT, ProtocolError, batch_sampling_params, decode_tensors,
                                        prompts_from_request, sample_to_json)
 from verl_mtp.rollout.sglang import DEFAULT_SGLANG_VERSION, MEMORY_TAGS, MTP_MARK, WEIGHT_GROUP_NAME, sglang_version
