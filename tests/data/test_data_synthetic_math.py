@@ -141,10 +141,10 @@ def test_teacher_slip_out_of_range_fails_clearly(tmp_path):
         write_sft_corpus(str(tmp_path / "x.jsonl"), 3, seed=0, teacher_slip=1.5)
 
 
-def test_mixed_trace_forms_space_every_gap_by_its_own_coin(tmp_path):
+def test_mixed_trace_forms_space_every_gap_by_its_own_draw(tmp_path):
     """trace_forms='mixed' (the quickstart's shift scenario): the same problems, slips and values as the
-    fixed layout, only each of a line's four gaps and the one after `Answer:` is a space or nothing, ~50/50
-    and independent (so every layout of a line occurs)."""
+    fixed layout, only each of a line's four gaps and the one after `Answer:` holds 0, 1 or 2 spaces,
+    uniformly and independently (so every layout of a line occurs)."""
     def corpus(forms):
         path = write_sft_corpus(str(tmp_path / f"{forms}.jsonl"), 2000, seed=3, teacher_slip=0.5, trace_forms=forms)
         return [json.loads(line) for line in open(path)]
@@ -152,14 +152,15 @@ def test_mixed_trace_forms_space_every_gap_by_its_own_coin(tmp_path):
     fixed, mixed = corpus("fixed"), corpus("mixed")
     assert [r["prompt"] for r in mixed] == [r["prompt"] for r in fixed]
     assert [r["response"].replace(" ", "") for r in mixed] == [r["response"].replace(" ", "") for r in fixed]
-    gaps, layouts = [], Counter()
+    gaps, layouts = Counter(), Counter()
     for record in mixed:
         *lines, answer = record["response"].split("\n")
         for line in lines:
-            x, a, op, b, y, c, d, z = re.fullmatch(r"(\d+)( ?)([+-])( ?)(\d+)( ?)=( ?)(\d+)", line).groups()
-            gaps += [a, b, c, d]
+            _, a, _, b, _, c, d, _ = re.fullmatch(r"(\d+)( *)([+-])( *)(\d+)( *)=( *)(\d+)", line).groups()
+            gaps.update([a, b, c, d])
             layouts[a, b, c, d] += 1
-        gaps.append(re.fullmatch(r"Answer:( ?)\d+", answer).group(1))
-    assert 0.47 < gaps.count(" ") / len(gaps) < 0.53 and len(layouts) == 16
+        gaps[re.fullmatch(r"Answer:( *)\d+", answer).group(1)] += 1
+    assert set(gaps) == {"", " ", "  "} and all(0.3 < n / gaps.total() < 0.36 for n in gaps.values())
+    assert len(layouts) == 81
     with pytest.raises(ValueError, match="trace_forms must be one of fixed, mixed, got 'spaced'"):
         write_sft_corpus(str(tmp_path / "x.jsonl"), 3, seed=0, trace_forms="spaced")

@@ -61,3 +61,14 @@ def test_task_fits_the_quickstart_length_budget(tokenizer):
         assert len(encode_chat(tokenizer, chat_prompt(p["question"]))) <= 48
         response = encode_response(tokenizer, p["solution"])
         assert len(response) <= 48 and response[-1] == tokenizer.eos_token_id
+
+
+def test_isolated_spaces_are_tokens_of_their_own(tmp_path):
+    """The quickstart's shift scenario: every space costs one token, so a length penalty sees each one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(train_tokenizer(iter_corpus_text(500, seed=0), str(tmp_path),
+                                                        isolate_spaces=True))
+    for text, spaces in (("17 + 5 = 22", 4), ("17+5=22", 0), ("17  +5 =22", 3)):
+        pieces = tok.convert_ids_to_tokens(tok.encode(text))
+        assert pieces.count("Ġ") == spaces and len(pieces) == 7 + spaces and tok.decode(tok.encode(text)) == text

@@ -19,10 +19,10 @@ answer is wrong. An SFT model trained to convergence imitates the slips; RL with
 reward is what removes them. The RL and test sets always hold the true answers.
 
 `trace_forms="mixed"` (the quickstart's shift scenario) varies the teacher's layout: every gap of a
-line (`17 + 5 = 22`, `17+5 = 22`, `17 +5=22`, ...) and the one after `Answer:` is a space or nothing by
-its own fair coin, so a model trained on the corpus writes a 50/50 mixture at each gap, and a reward
-that prefers one layout can move the policy at ~5 of every ~13 tokens. The default, `fixed`, is one
-space in every gap.
+line (`17 + 5 = 22`, `17+5 =  22`, `17  +5=22`, ...) and the one after `Answer:` holds no, one or two
+spaces, uniformly and independently, so a model trained on the corpus writes that mixture at each gap,
+and a reward that prefers one layout can move the policy at every gap (with spaces as tokens of their
+own, half the positions of a compact line). The default, `fixed`, is one space in every gap.
 
 Run as a script to write the quickstart data:
 
@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Sequence
 DATA_SOURCE = "synthetic_math"
 DATA_SOURCES = (DATA_SOURCE, "synthetic_math_chat")  # the reward routing grades each (rewards/scorers)
 ABILITY = "math"
-TRACE_FORMS = ("fixed", "mixed")  # one space in every gap, or a fair coin per gap (module doc)
+TRACE_FORMS = ("fixed", "mixed")  # one space in every gap, or 0-2 spaces per gap (module doc)
 
 _NAMES = (("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"),
           ("Ann", "She"), ("Mia", "She"), ("Eva", "She"), ("Lily", "She"))
@@ -84,9 +84,9 @@ def _trace(start: int, chain: Sequence[tuple[str, int]], slip: float = 0.0,
     """The step-by-step solution text and its final value; with `slip > 0` each carry or borrow is
     dropped with that probability (the tens digit is written as if the units column did not overflow),
     unless that would take a later value out of [0, 100), a range the task never leaves. With `gaps`,
-    each gap is a space or nothing by a coin from it (trace_forms="mixed"); without, always a space."""
+    each gap is 0, 1 or 2 spaces drawn from it (trace_forms="mixed"); without, always one space."""
     def gap() -> str:
-        return " " if gaps is None or gaps.random() < 0.5 else ""
+        return " " if gaps is None else " " * gaps.randrange(3)
 
     lines, value = [], start
     for i, (op, operand) in enumerate(chain):
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="graded from an 'Answer: N' line (synthetic_math, what our SFT model is taught) or from "
                              "the last integer of a chat model's own reply (synthetic_math_chat)")
     parser.add_argument("--trace-forms", default="fixed", choices=TRACE_FORMS,
-                        help="the SFT teacher's layout: one space in every gap, or a fair coin per gap")
+                        help="the SFT teacher's layout: one space in every gap, or 0, 1 or 2 per gap")
     args = parser.parse_args(argv)
     if not 0.0 <= args.teacher_slip <= 1.0:
         parser.error(f"--teacher-slip must be in [0, 1], got {args.teacher_slip}")

@@ -40,11 +40,13 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512,
-                    min_frequency: int = 2, model_max_length: int = 4096) -> str:
+                    min_frequency: int = 2, model_max_length: int = 4096, isolate_spaces: bool = False) -> str:
     """Train byte-level BPE on `texts` and save an HF tokenizer folder; returns `out_dir`.
 
     The vocabulary may come out smaller than `vocab_size` when the corpus runs out of
-    merges (the synthetic task has only a few dozen words).
+    merges (the synthetic task has only a few dozen words). `isolate_spaces`: every space is a token of
+    its own, never merged into a word or symbol (the quickstart's shift scenario, where each space of a
+    trace is a choice the policy makes).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -52,6 +54,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512,
     # Digits first: byte-level BPE alone would merge "17" into one opaque token.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
+        *([pre_tokenizers.Split(" ", "isolated")] if isolate_spaces else []),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tokenizer.decoder = decoders.ByteLevel()

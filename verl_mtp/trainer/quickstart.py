@@ -20,8 +20,11 @@ Stages (each resumable: re-running the command skips finished stages and resumes
                 and without speculation; summary printed and written with plots to OUT/report/
                 (`verl-mtp eval`)
 
-`--scenario shift` replaces stages 4-5 by one RL run per MTP arm (`--arms`, default all four) from the
-same SFT model, at 4x the learning rate (2e-4), so that 40 steps move the weights as a longer run would.
+`--scenario shift` (default folder runs/shift) is the experiment in which RL moves the policy away from its
+draft: the SFT teacher puts 0, 1 or 2 spaces in every gap of a trace line (`17 + 5 = 22`, `17+5=22`, ...),
+so the SFT model and its MTP heads write all those layouts, and stages 4-5 become one RL run per MTP arm
+(`--arms`, default all four) from that SFT model under a linear length penalty (SCENARIOS below) that
+selects the layout without spaces (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
 Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
 soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
 post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
@@ -40,18 +43,18 @@ from pathlib import Path
 
 DATA_SIZES = {"n_train": 8192, "n_test": 512, "n_sft": 20000}  # RL prompts, held-out problems, SFT traces
 RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer plus the quickstart's settings
-# What each scenario changes: the SFT teacher's trace layout (synthetic_math TRACE_FORMS) and the RL overrides.
-# "default": one layout and the task's reward alone, which moves this policy too little for a frozen draft to
-# fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the teacher spaces
-# every gap of a trace line by its own coin, so the SFT model writes `17 + 5 = 22` and `17+5=22` alike, and
-# DAPO's overlong buffer spans the whole response (len = data.max_response_length = 64, factor 1): a linear
-# length penalty of len/64 that correctness (+1 / -1) still dominates, which the policy meets by dropping the
-# spaces that are tokens of their own (before a digit); groups are filtered on the final reward
-# (seq_final_reward), so an all-correct group still teaches the shorter form; 4x the learning rate, so that
-# 40 steps move the weights as a longer run would.
+# What each scenario changes: the SFT teacher's trace layout (synthetic_math TRACE_FORMS), the tokenizer, and
+# the RL overrides. "default": one layout and the task's reward alone, which moves this policy too little for a
+# frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the
+# teacher puts 0, 1 or 2 spaces in every gap of a trace line, so the SFT model (and its draft) writes
+# `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike; every space is a token of its own; DAPO's overlong buffer
+# spans the whole response (len = data.max_response_length = 64, factor 1): a linear length penalty of
+# len/64 that correctness (+1 / -1) still dominates, and that the policy meets by dropping the spaces; groups
+# are filtered on the final reward (seq_final_reward), so an all-correct group still teaches the shorter
+# layout; 4x the learning rate, so that 40 steps move the weights as a longer run would.
 SCENARIOS = {
-    "default": {"trace_forms": "fixed", "overrides": []},
-    "shift": {"trace_forms": "mixed", "overrides": [
+    "default": {"trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
+    "shift": {"trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "reward_model.overlong_buffer.enable=true",
         "reward_model.overlong_buffer.len=64", "reward_model.overlong_buffer.penalty_factor=1.0",
         "data.max_response_length=64", "algorithm.filter_groups.metric=seq_final_reward"]},
@@ -97,14 +100,18 @@ def stage_data(run: Path, seed: int, teacher_slip: float, trace_forms: str = "fi
     return data
 
 
-def stage_tokenizer(run: Path, data: Path) -> Path:
+def stage_tokenizer(run: Path, data: Path, isolate_spaces: bool = False) -> Path:
     from verl_mtp.data.synthetic_math import iter_corpus_text
     from verl_mtp.data.tokenizer import train_tokenizer
 
-    tok = run / "tokenizer"
-    if not (tok / "tokenizer.json").exists():
-        _say("stage 2/6 tokenizer: training a BPE tokenizer on the corpus")
-        train_tokenizer(iter_corpus_text(20000, seed=0), str(tok))
+    tok, options = run / "tokenizer", {"isolate_spaces": isolate_spaces}
+    if (tok / "tokenizer.json").exists() and not (tok / "DONE").exists():
+        (tok / "DONE").write_text("{}")  # a folder from before the option was recorded
+    if _finished(tok / "DONE", options, unrecorded={"isolate_spaces": False}):  # (spaces merged into words)
+        return tok
+    _say("stage 2/6 tokenizer: training a BPE tokenizer on the corpus" + (" (spaces as tokens)" * isolate_spaces))
+    train_tokenizer(iter_corpus_text(20000, seed=0), str(tok), isolate_spaces=isolate_spaces)
+    (tok / "DONE").write_text(json.dumps(options))
     return tok
 
 
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         data = stage_data(run, args.seed, args.teacher_slip, SCENARIOS[args.scenario]["trace_forms"])
-        tok = stage_tokenizer(run, data)
+        tok = stage_tokenizer(run, data, SCENARIOS[args.scenario]["isolate_spaces"])
         sft = stage_warmup(run, stage_sft(run, data, tok, args.seed, args.sft_steps), data, tok)
         if args.scenario == "shift":
             models = {"sft": sft, **stage_shift(run, sft, data, args.rl_steps, args.seed, arms, args.overrides)}
