@@ -87,14 +87,9 @@ def run_trl(model_dir: Path, train_file: Path, args, dtype: str = "float32") -> 
     return {"step_s": steps, "mean_response_length": statistics.mean(lengths) if lengths else None}
 
 
-def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path, dtype: str = "float32") -> dict:
-    import ray
-
-    from verl_mtp.config import load_config
-    from verl_mtp.trainer.ray_trainer import DAPOTrainer
-
-    name = f"{'mtp' if mtp else 'plain'}_{dtype}"
-    overrides = [
+def ours_overrides(model_dir: Path, train_file: Path, args, mtp: bool, run_dir: Path, dtype: str = "float32") -> list[str]:
+    """Our config for the step's settings (shared with bench/rl_step_profile.py)."""
+    return [
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train_file}", "data.val_files=null",
         f"data.train_batch_size={args.prompts}", f"actor_rollout_ref.rollout.n={args.n}",
         f"data.max_response_length={args.max_new}", "data.max_prompt_length=64",
@@ -103,14 +98,24 @@ def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path, dty
         "actor_rollout_ref.actor.optim.lr=1e-5", "reward_model.reward_manager=naive",
         "reward_model.overlong_buffer.enable=false", "reward_model.num_workers=1",
         f"trainer.total_training_steps={args.steps}", "trainer.val_before_train=false", "trainer.test_freq=-1",
-        "trainer.save_freq=-1", "trainer.logger=[jsonl]", f"trainer.log_dir={work / name}",
-        f"trainer.default_local_dir={work / name / 'ckpt'}", f"actor_rollout_ref.model.mtp.enable={mtp}",
+        "trainer.save_freq=-1", "trainer.logger=[jsonl]", f"trainer.log_dir={run_dir}",
+        f"trainer.default_local_dir={run_dir / 'ckpt'}", f"actor_rollout_ref.model.mtp.enable={mtp}",
         f"actor_rollout_ref.model.mtp.enable_train={mtp}", f"actor_rollout_ref.model.mtp.enable_rollout={mtp}",
         f"actor_rollout_ref.model.mtp.num_layers={args.mtp_layers}",
         f"actor_rollout_ref.rollout.max_batch_size={args.prompts * args.n}",
         f"actor_rollout_ref.rollout.dtype={dtype}", f"actor_rollout_ref.actor.fsdp_config.dtype={dtype}",
         f"actor_rollout_ref.ref.fsdp_config.dtype={dtype}",
     ]
+
+
+def run_ours(model_dir: Path, train_file: Path, args, mtp: bool, work: Path, dtype: str = "float32") -> dict:
+    import ray
+
+    from verl_mtp.config import load_config
+    from verl_mtp.trainer.ray_trainer import DAPOTrainer
+
+    name = f"{'mtp' if mtp else 'plain'}_{dtype}"
+    overrides = ours_overrides(model_dir, train_file, args, mtp, work / name, dtype)
     cfg = load_config(overrides)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -153,16 +158,22 @@ def step_floor(model_dir: Path, train_file: Path, args, response_length: float) 
             "update_s": round(update, 4), "step_s": round(gen + update, 4)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+def step_arguments(ap: argparse.ArgumentParser, steps: int, threads: int) -> None:
+    """The step's model and batch settings (shared with bench/rl_step_profile.py)."""
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mtp-layers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for TRL and for our workers (VERL_MTP_THREADS)")
+    ap.add_argument("--threads", type=int, default=threads,
+                    help="torch threads for TRL and for our workers (VERL_MTP_THREADS)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    step_arguments(ap, steps=6, threads=2)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--dtypes", default="float32", help="comma list of float32|bfloat16: each side runs once per dtype")
     ap.add_argument("--out", default="bench/results/rl_step.json")

@@ -124,3 +124,16 @@ def test_dapo_takes_a_plain_number_score_as_acc_like_verl():
     assert result.scores == [1.0, 0.0, -1.0]  # the right MATH answer at max_resp_len: reward 0, still acc 1
     naive = build_reward_manager("naive", num_workers=0)(math)
     assert "acc" not in naive.extra  # verl's naive manager logs no acc for a plain number
+
+
+def test_concise_scorer_penalises_the_length_of_correct_answers_only():
+    """The quickstart shift scenario's reward (custom_reward_function.name=concise_compute_score with
+    reward_kwargs.per_char), through a manager as a run builds it."""
+    manager = build_reward_manager("dapo", ("pkg://verl_mtp.rewards.scorers", "concise_compute_score"),
+                                   num_workers=0, scorer_kwargs={"per_char": 0.01})
+    spaced, compact = "3 + 4 = 7\nAnswer: 7", "3+4=7\nAnswer:7"
+    result = manager([RewardSample(text, 10, "synthetic_math", truth)
+                      for text, truth in ((spaced, "7"), (compact, "7"), (spaced, "8"), (compact, "8"))])
+    assert result.scores == pytest.approx([1 - 0.01 * len(spaced), 1 - 0.01 * len(compact), -1.0, -1.0])
+    assert result.extra["acc"] == [True, True, False, False]
+    assert result.extra["length_penalty"] == pytest.approx([0.01 * len(spaced), 0.01 * len(compact), 0.0, 0.0])

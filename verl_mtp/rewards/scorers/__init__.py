@@ -16,7 +16,8 @@ A *scorer reference* names one in a form that pickles, so worker processes can l
 ``default_compute_score`` routes data sources as verl's does, to graders with verl's results;
 ``lenient_compute_score`` routes the same way to our more forgiving graders: values, not strings,
 are compared (``custom_reward_function.path=pkg://verl_mtp.rewards.scorers`` and
-``custom_reward_function.name=lenient_compute_score``).
+``custom_reward_function.name=lenient_compute_score``). ``concise_compute_score`` is the default grader
+with a length penalty on correct answers only (``custom_reward_function.reward_kwargs.per_char``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ def lenient_compute_score(
     compared by value: ``42.0`` is ``42``; ``\\dfrac``, ``\\%`` and trailing periods ignored) and
     math_verify's equivalence (``boxed``, scores +1 / -1) for the MATH sources."""
     return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score, _math_verify)
+
+
+def concise_compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, per_char: float = 0.01
+) -> dict[str, Any]:
+    """``default_compute_score``, minus ``per_char`` per character of a *correct* answer (the quickstart's
+    shift scenario: among correct answers the shorter wins, while a wrong answer is never rewarded for
+    being short, as a penalty on every answer would do). ``per_char`` must keep a correct answer above a
+    wrong one: at 0.01 that holds up to 200 characters. Logs the penalty as ``length_penalty``."""
+    result = default_compute_score(data_source, solution_str, ground_truth, extra_info)
+    result = dict(result) if isinstance(result, dict) else {"score": float(result), "acc": float(result) > 0}
+    penalty = per_char * len(solution_str) if result.get("acc") else 0.0
+    return {**result, "score": result["score"] - penalty, "length_penalty": penalty}
 
 
 def _math_verify(solution_str: str, ground_truth: Any) -> dict[str, Any]:

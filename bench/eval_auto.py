@@ -1,0 +1,72 @@
+"""The quickstart eval's speed passes (trainer/evaluate.py: greedy, batch 64, held-out prompts) for one model:
+plain vs `auto` (and fixed depths), interleaved, so adaptive depth can be judged against plain decoding.
+
+    python bench/eval_auto.py [--model runs/quickstart/sft] [--tokenizer runs/quickstart/tokenizer]
+        [--test runs/quickstart/data/test.parquet] [--limit 512] [--repeats 3] [--depths 0,2,auto]
+
+Each repeat runs every pass once on ONE engine, as the eval does (auto's controller keeps what it learned
+across passes; `--fresh` gives auto a new engine each repeat instead, the eval's first-call case). Prints
+tokens/s per pass (median over repeats), auto / plain, and auto's rounds per depth and batch bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/quickstart/sft")
+    ap.add_argument("--tokenizer", default="runs/quickstart/tokenizer")
+    ap.add_argument("--test", default="runs/quickstart/data/test.parquet")
+    ap.add_argument("--limit", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--depths", default="0,2,auto", help="passes, comma-separated: ints and/or 'auto'")
+    ap.add_argument("--fresh", action="store_true", help="a new engine per repeat for the auto pass")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from verl_mtp.models import MTPCausalLM
+    from verl_mtp.rollout import SamplingParams
+    from verl_mtp.trainer.evaluate import held_out, held_out_engine
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = MTPCausalLM.from_pretrained(args.model)
+    _, prompts = held_out(tok, args.test, args.limit)
+    passes = [int(d) if d != "auto" else d for d in args.depths.split(",")]
+    engine = held_out_engine(model, tok, prompts)
+    params = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=[tok.eos_token_id])
+    load = [os.getloadavg()[0]]
+    rates: dict = {p: [] for p in passes}
+    hists: list = []
+    for _ in range(args.repeats):
+        for p in passes:
+            run_engine = held_out_engine(model, tok, prompts) if (p == "auto" and args.fresh) else engine
+            out = run_engine.generate(prompts, params, speculative=p)
+            rates[p].append(out.tokens_per_s)
+            if p == "auto":
+                hists.append(dict(sorted(out.depth_histogram.items())))
+    load.append(os.getloadavg()[0])
+    med = {p: statistics.median(r) for p, r in rates.items()}
+    result = {"tokens_per_s": {str(p): [round(x) for x in r] for p, r in rates.items()},
+              "median": {str(p): round(m) for p, m in med.items()},
+              "auto_depths": hists, "load_1min": load, "threads": torch.get_num_threads()}
+    if 0 in med:
+        result["vs_plain"] = {str(p): round(m / med[0], 3) for p, m in med.items()}
+        result["auto_vs_plain_per_repeat"] = [round(a / b, 3) for a, b in zip(rates.get("auto", []), rates[0])]
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
