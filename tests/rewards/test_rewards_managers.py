@@ -126,14 +126,15 @@ def test_dapo_takes_a_plain_number_score_as_acc_like_verl():
     assert "acc" not in naive.extra  # verl's naive manager logs no acc for a plain number
 
 
-def test_concise_scorer_penalises_the_length_of_correct_answers_only():
-    """The quickstart shift scenario's reward (custom_reward_function.name=concise_compute_score with
-    reward_kwargs.per_char), through a manager as a run builds it."""
-    manager = build_reward_manager("dapo", ("pkg://verl_mtp.rewards.scorers", "concise_compute_score"),
-                                   num_workers=0, scorer_kwargs={"per_char": 0.01})
-    spaced, compact = "3 + 4 = 7\nAnswer: 7", "3+4=7\nAnswer:7"
-    result = manager([RewardSample(text, 10, "synthetic_math", truth)
-                      for text, truth in ((spaced, "7"), (compact, "7"), (spaced, "8"), (compact, "8"))])
-    assert result.scores == pytest.approx([1 - 0.01 * len(spaced), 1 - 0.01 * len(compact), -1.0, -1.0])
-    assert result.extra["acc"] == [True, True, False, False]
-    assert result.extra["length_penalty"] == pytest.approx([0.01 * len(spaced), 0.01 * len(compact), 0.0, 0.0])
+def test_compact_scorer_penalises_the_share_of_spaces_right_or_wrong():
+    """The quickstart shift scenario's reward (custom_reward_function.name=compact_compute_score with
+    reward_kwargs.weight), through a manager as a run builds it: a step left out earns nothing."""
+    manager = build_reward_manager("dapo", ("pkg://verl_mtp.rewards.scorers", "compact_compute_score"),
+                                   num_workers=0, scorer_kwargs={"weight": 2.0})
+    spaced, compact, short = "3 + 4 = 7\nAnswer: 7", "3+4=7\nAnswer:7", "Answer: 7"
+    texts = [(spaced, "7"), (compact, "7"), (spaced, "8"), (short, "7")]
+    result = manager([RewardSample(text, 10, "synthetic_math", truth) for text, truth in texts])
+    share = 5 / len(spaced)
+    assert result.scores == pytest.approx([1 - 2 * share, 1.0, -1 - 2 * share, 1 - 2 / len(short)])
+    assert result.extra["acc"] == [True, True, False, True]
+    assert result.extra["space_share"] == pytest.approx([share, 0.0, share, 1 / len(short)])

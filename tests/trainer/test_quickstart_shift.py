@@ -19,9 +19,9 @@ def test_arms_and_scenario_overrides_reach_the_config(tmp_path):
         cfg = load_config(quickstart.rl_overrides(tmp_path, tmp_path, tmp_path, 40, arm != "frozen", 0, extra),
                           config_name=quickstart.RL_CONFIG)
         assert cfg.actor_rollout_ref.actor.optim.lr == 4 * base  # the scenario: 4x the quickstart's lr
-        # a length penalty on correct answers, and dynamic sampling keeps all-correct groups that differ in length
-        assert cfg.custom_reward_function.name == "concise_compute_score"
-        assert cfg.custom_reward_function.reward_kwargs == {"per_char": 0.01}
+        # a format reward for compact traces; dynamic sampling keeps groups whose answers differ only in layout
+        assert cfg.custom_reward_function.name == "compact_compute_score"
+        assert cfg.custom_reward_function.reward_kwargs == {"weight": 2.0}
         assert cfg.algorithm.filter_groups.metric == "seq_final_reward"
         assert cfg.actor_rollout_ref.model.mtp.enable_train == (arm != "frozen")
         assert cfg.actor_rollout_ref.model.mtp.loss_type == ("ce" if arm == "frozen" else arm)

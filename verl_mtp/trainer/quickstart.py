@@ -23,8 +23,8 @@ Stages (each resumable: re-running the command skips finished stages and resumes
 `--scenario shift` (default folder runs/shift) is the experiment in which RL moves the policy away from its
 draft: the SFT teacher puts 0, 1 or 2 spaces in every gap of a trace line (`17 + 5 = 22`, `17+5=22`, ...),
 so the SFT model and its MTP heads write all those layouts, and stages 4-5 become one RL run per MTP arm
-(`--arms`, default all four) from that SFT model under a length penalty on correct answers (SCENARIOS
-below) that selects the layout without spaces (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
+(`--arms`, default all four) from that SFT model under a format reward (SCENARIOS below) that selects
+the layout without spaces (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
 Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
 soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
 post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
@@ -48,16 +48,17 @@ RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer 
 # frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the
 # teacher puts 0, 1 or 2 spaces in every gap of a trace line, so the SFT model (and its draft) writes
 # `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike; every space is a token of its own; the reward is the task's
-# minus 0.01 per character of a correct answer (rewards.scorers.concise_compute_score: a wrong answer is
-# never rewarded for being short, which a length penalty on every answer, DAPO's overlong buffer over the
-# whole response, did: accuracy fell from 0.41 to 0.22 in 25 steps); groups are filtered on the final reward
-# (seq_final_reward), so an all-correct group still teaches the shorter layout; 4x the learning rate, so
-# that 40 steps move the weights as a longer run would.
+# minus 2x the share of spaces in the answer (rewards.scorers.compact_compute_score, a format reward); groups
+# are filtered on the final reward (seq_final_reward), so all-correct and all-wrong groups teach the layout
+# too; 4x the learning rate, so that 40 steps move the weights as a longer run would. Designs tried before
+# (docs/benchmarks.md): DAPO's overlong buffer over the whole response (a length penalty on every answer)
+# moved the layout but rewarded short wrong answers (accuracy 0.41 -> 0.22 in 25 steps); 0.01 per character
+# of a correct answer only was too weak a signal (frozen draft -4.6 % in 40 steps).
 SCENARIOS = {
     "default": {"trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
     "shift": {"trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "custom_reward_function.path=pkg://verl_mtp.rewards.scorers",
-        "custom_reward_function.name=concise_compute_score", "+custom_reward_function.reward_kwargs.per_char=0.01",
+        "custom_reward_function.name=compact_compute_score", "+custom_reward_function.reward_kwargs.weight=2.0",
         "algorithm.filter_groups.metric=seq_final_reward"]},
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type

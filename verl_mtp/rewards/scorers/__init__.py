@@ -16,8 +16,8 @@ A *scorer reference* names one in a form that pickles, so worker processes can l
 ``default_compute_score`` routes data sources as verl's does, to graders with verl's results;
 ``lenient_compute_score`` routes the same way to our more forgiving graders: values, not strings,
 are compared (``custom_reward_function.path=pkg://verl_mtp.rewards.scorers`` and
-``custom_reward_function.name=lenient_compute_score``). ``concise_compute_score`` is the default grader
-with a length penalty on correct answers only (``custom_reward_function.reward_kwargs.per_char``).
+``custom_reward_function.name=lenient_compute_score``). ``compact_compute_score`` is the default grader
+with a format penalty on the share of spaces (``custom_reward_function.reward_kwargs.weight``).
 """
 
 from __future__ import annotations
@@ -69,17 +69,17 @@ def lenient_compute_score(
     return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score, _math_verify)
 
 
-def concise_compute_score(
-    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, per_char: float = 0.01
+def compact_compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, weight: float = 2.0
 ) -> dict[str, Any]:
-    """``default_compute_score``, minus ``per_char`` per character of a *correct* answer (the quickstart's
-    shift scenario: among correct answers the shorter wins, while a wrong answer is never rewarded for
-    being short, as a penalty on every answer would do). ``per_char`` must keep a correct answer above a
-    wrong one: at 0.01 that holds up to 200 characters. Logs the penalty as ``length_penalty``."""
+    """``default_compute_score`` minus ``weight`` x the share of spaces in the answer: a format reward for
+    compact traces (the quickstart's shift scenario), logged as ``space_share``. It does not depend on the
+    answer's length, so a shorter answer (a step left out) earns nothing, right or wrong; at the default
+    weight a correct answer scores above a wrong one while under half of its characters are spaces."""
     result = default_compute_score(data_source, solution_str, ground_truth, extra_info)
     result = dict(result) if isinstance(result, dict) else {"score": float(result), "acc": float(result) > 0}
-    penalty = per_char * len(solution_str) if result.get("acc") else 0.0
-    return {**result, "score": result["score"] - penalty, "length_penalty": penalty}
+    share = solution_str.count(" ") / max(len(solution_str), 1)
+    return {**result, "score": result["score"] - weight * share, "space_share": share}
 
 
 def _math_verify(solution_str: str, ground_truth: Any) -> dict[str, Any]:
