@@ -126,15 +126,15 @@ def test_dapo_takes_a_plain_number_score_as_acc_like_verl():
     assert "acc" not in naive.extra  # verl's naive manager logs no acc for a plain number
 
 
-def test_compact_scorer_penalises_the_share_of_spaces_right_or_wrong():
-    """The quickstart shift scenario's reward (custom_reward_function.name=compact_compute_score with
-    reward_kwargs.weight), through a manager as a run builds it: a step left out earns nothing."""
-    manager = build_reward_manager("dapo", ("pkg://verl_mtp.rewards.scorers", "compact_compute_score"),
-                                   num_workers=0, scorer_kwargs={"weight": 2.0})
-    spaced, compact, short = "3 + 4 = 7\nAnswer: 7", "3+4=7\nAnswer:7", "Answer: 7"
-    texts = [(spaced, "7"), (compact, "7"), (spaced, "8"), (short, "7")]
+def test_tidy_scorer_penalises_untidy_gaps_right_or_wrong():
+    """The quickstart shift scenario's reward (custom_reward_function.name=tidy_compute_score with
+    reward_kwargs.weight), through a manager as a run builds it: the share of trace gaps without exactly
+    one space; a step left out earns nothing, an answer without trace lines counts as untidy."""
+    manager = build_reward_manager("dapo", ("pkg://verl_mtp.rewards.scorers", "tidy_compute_score"),
+                                   num_workers=0, scorer_kwargs={"weight": 1.0})
+    texts = [("3 + 4 = 7\nAnswer: 7", "7"), ("3+4=7\nAnswer:7", "7"), ("3  + 4= 7\nAnswer: 8", "7"),
+             ("Answer: 7", "7"), ("seven", "7")]
     result = manager([RewardSample(text, 10, "synthetic_math", truth) for text, truth in texts])
-    share = 5 / len(spaced)
-    assert result.scores == pytest.approx([1 - 2 * share, 1.0, -1 - 2 * share, 1 - 2 / len(short)])
-    assert result.extra["acc"] == [True, True, False, True]
-    assert result.extra["space_share"] == pytest.approx([share, 0.0, share, 1 / len(short)])
+    assert result.scores == pytest.approx([1.0, 0.0, -1.4, 1.0, -2.0])
+    assert result.extra["acc"] == [True, True, False, True, False]
+    assert result.extra["untidy_share"] == pytest.approx([0.0, 1.0, 0.4, 0.0, 1.0])

@@ -24,7 +24,7 @@ Stages (each resumable: re-running the command skips finished stages and resumes
 draft: the SFT teacher puts 0, 1 or 2 spaces in every gap of a trace line (`17 + 5 = 22`, `17+5=22`, ...),
 so the SFT model and its MTP heads write all those layouts, and stages 4-5 become one RL run per MTP arm
 (`--arms`, default all four) from that SFT model under a format reward (SCENARIOS below) that selects
-the layout without spaces (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
+one layout, `17 + 5 = 22` (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
 Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
 soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
 post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
@@ -47,18 +47,19 @@ RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer 
 # the RL overrides. "default": one layout and the task's reward alone, which moves this policy too little for a
 # frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the
 # teacher puts 0, 1 or 2 spaces in every gap of a trace line, so the SFT model (and its draft) writes
-# `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike; every space is a token of its own; the reward is the task's
-# minus 2x the share of spaces in the answer (rewards.scorers.compact_compute_score, a format reward); groups
-# are filtered on the final reward (seq_final_reward), so all-correct and all-wrong groups teach the layout
-# too; 4x the learning rate, so that 40 steps move the weights as a longer run would. Designs tried before
-# (docs/benchmarks.md): DAPO's overlong buffer over the whole response (a length penalty on every answer)
-# moved the layout but rewarded short wrong answers (accuracy 0.41 -> 0.22 in 25 steps); 0.01 per character
-# of a correct answer only was too weak a signal (frozen draft -4.6 % in 40 steps).
+# `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike, every space a token of its own; the reward is the task's minus
+# the share of trace gaps that do not hold exactly one space (rewards.scorers.tidy_compute_score, a format
+# reward for the house style `17 + 5 = 22`); groups are filtered on the final reward (seq_final_reward), so
+# all-correct and all-wrong groups teach the layout too; 4x the learning rate, so that 40 steps move the
+# weights as a longer run would. Designs tried before (docs/benchmarks.md): DAPO's overlong buffer over the
+# whole response moved the layout but rewarded short wrong answers; 0.01 per character of a correct answer
+# was too weak (frozen draft -4.6 % in 40 steps); a penalty on the share of spaces moved the policy to the
+# compact layout, whose arithmetic the SFT model had barely seen, and accuracy fell with it.
 SCENARIOS = {
     "default": {"trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
     "shift": {"trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "custom_reward_function.path=pkg://verl_mtp.rewards.scorers",
-        "custom_reward_function.name=compact_compute_score", "+custom_reward_function.reward_kwargs.weight=2.0",
+        "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=1.0",
         "algorithm.filter_groups.metric=seq_final_reward"]},
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
@@ -230,7 +231,7 @@ def stage_shift(run: Path, sft: Path, data: Path, steps: int, seed: int, arms: l
         models[f"shift_{arm}"] = stage_rl(
             run, f"shift_{arm}", sft, data, steps, arm != "frozen", seed,
             [*SCENARIOS["shift"]["overrides"], *arm_overrides(arm), *extra],
-            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO with a length penalty, MTP "
+            label=f"stage 4/6 shift arm {i + 1}/{len(arms)} ({arm}): DAPO with a format reward, MTP "
                   f"{'frozen' if arm == 'frozen' else f'trained with loss_type={arm}'}, {steps} steps")
     return models
 

@@ -16,8 +16,8 @@ A *scorer reference* names one in a form that pickles, so worker processes can l
 ``default_compute_score`` routes data sources as verl's does, to graders with verl's results;
 ``lenient_compute_score`` routes the same way to our more forgiving graders: values, not strings,
 are compared (``custom_reward_function.path=pkg://verl_mtp.rewards.scorers`` and
-``custom_reward_function.name=lenient_compute_score``). ``compact_compute_score`` is the default grader
-with a format penalty on the share of spaces (``custom_reward_function.reward_kwargs.weight``).
+``custom_reward_function.name=lenient_compute_score``). ``tidy_compute_score`` is the default grader with
+a format penalty for the synthetic task's traces (``custom_reward_function.reward_kwargs.weight``).
 """
 
 from __future__ import annotations
@@ -69,17 +69,23 @@ def lenient_compute_score(
     return _route(data_source, solution_str, ground_truth, math_dapo_lenient.compute_score, _math_verify)
 
 
-def compact_compute_score(
-    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, weight: float = 2.0
+_TRACE_LINE = re.compile(r"^\d+( *)[+-]( *)\d+( *)=( *)\d+$|^Answer:( *)\S")  # the synthetic task's lines
+
+
+def tidy_compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, weight: float = 1.0
 ) -> dict[str, Any]:
-    """``default_compute_score`` minus ``weight`` x the share of spaces in the answer: a format reward for
-    compact traces (the quickstart's shift scenario), logged as ``space_share``. It does not depend on the
-    answer's length, so a shorter answer (a step left out) earns nothing, right or wrong; at the default
-    weight a correct answer scores above a wrong one while under half of its characters are spaces."""
+    """``default_compute_score`` minus ``weight`` x the share of the gaps in the answer's trace lines
+    (`x op y = z`, `Answer: N`) that do not hold exactly one space: a format reward for the task's house
+    style `17 + 5 = 22` (the quickstart's shift scenario), logged as ``untidy_share``. It does not depend
+    on the answer's length, so a step left out earns nothing; an answer without trace lines counts as
+    untidy."""
     result = default_compute_score(data_source, solution_str, ground_truth, extra_info)
     result = dict(result) if isinstance(result, dict) else {"score": float(result), "acc": float(result) > 0}
-    share = solution_str.count(" ") / max(len(solution_str), 1)
-    return {**result, "score": result["score"] - weight * share, "space_share": share}
+    gaps = [g for line in solution_str.splitlines() if (m := _TRACE_LINE.match(line.strip()))
+            for g in m.groups() if g is not None]
+    share = sum(g != " " for g in gaps) / len(gaps) if gaps else 1.0
+    return {**result, "score": result["score"] - weight * share, "untidy_share": share}
 
 
 def _math_verify(solution_str: str, ground_truth: Any) -> dict[str, Any]:
