@@ -76,27 +76,26 @@ def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
 
 
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):
+    """In process; the control run (rl_control) is the recipe's end-to-end test below."""
     run = tmp_path / "qs"
-    assert quickstart.main(["--out", str(run), *FAST]) == 0
+    assert quickstart.main(["--out", str(run), "--no-control", *FAST]) == 0
     summary = json.loads((run / "report" / "summary.json").read_text())
-    assert set(summary["models"]) == {"sft", "rl", "rl_control"}
+    assert set(summary["models"]) == {"sft", "rl"}
     for result in summary["models"].values():
         assert 0.0 <= result["acc/greedy"] <= 1.0 and result["accept_length/sampled"] >= 1.0
         assert result["tokens_per_s/plain"] > 0
     for png in summary["plots"].values():
         assert (run / "report" / png).stat().st_size > 1000
-    for name in ("rl", "rl_control"):
-        rows = [json.loads(line) for line in (run / name / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "timing_s/step" in r]
-        assert len(steps) == 2 and all("rollout/accept_length" in r for r in steps)
-        assert any("mtp/loss" in r for r in steps) == (name == "rl")  # the control does not train the heads
-        assert list((run / name / "tensorboard").glob("events.out.tfevents.*"))  # inside the run folder
+    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "timing_s/step" in r]
+    assert len(steps) == 2 and all("rollout/accept_length" in r and "mtp/loss_1" in r for r in steps)
+    assert list((run / "rl" / "tensorboard").glob("events.out.tfevents.*"))  # inside the run folder
     assert "wall time" in (run / "report" / "summary.md").read_text()
     assert "TENSORBOARD_DIR" not in os.environ  # restored for whatever runs next in this process
     capsys.readouterr()
 
     start = time.perf_counter()
-    assert quickstart.main(["--out", str(run), *FAST]) == 0  # every stage is done: only the eval reruns
+    assert quickstart.main(["--out", str(run), "--no-control", *FAST]) == 0  # every stage is done: the eval reruns
     out = capsys.readouterr().out
     assert "stage 1/6" not in out and "stage 3/6" not in out and "stage 4/6" not in out
     assert "stage 6/6" in out and time.perf_counter() - start < 60
@@ -143,6 +142,10 @@ def test_recipe_end_to_end_then_resume(tmp_path):
     for name in ("rl", "rl_control"):
         assert (run / name / "ckpt" / "global_step_2" / "actor" / "model.safetensors").exists()
         assert list((run / name / "tensorboard").glob("events.out.tfevents.*"))
+        steps = [r for r in map(json.loads, (run / name / "metrics.jsonl").read_text().splitlines())
+                 if "timing_s/step" in r]
+        assert len(steps) == 2 and all("rollout/accept_length" in r for r in steps)
+        assert any("mtp/loss_1" in r for r in steps) == (name == "rl")  # the control does not train the heads
     ran = recipe(run, *fast, dry=False, **env).stderr  # every stage is done: only the eval runs again
     assert "verl-mtp eval" in ran and not any(f"verl-mtp {s} " in ran for s in ("data", "tokenizer", "sft", "dapo"))
 

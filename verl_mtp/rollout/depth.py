@@ -29,8 +29,10 @@ What exploring costs, and how estimates are kept honest:
     so the ranking changes on measured differences, not on the age of an estimate;
   * re-trying a deeper runner-up pays that catch-up (after many plain rounds, a prefill of the MTP
     layers), so only a runner-up within `revisit_within` of the best rate is re-tried, the interval
-    between re-tries doubles while the choice holds, and a deeper re-try runs two rounds: the second is
-    timed, so a depth mis-costed during warm-up (two samples, under load) can be re-costed;
+    between re-tries doubles while the choice holds (and starts at `max_revisit_every` when plain is
+    best: a catch-up over a few hundred tokens costs about ten plain rounds), and a deeper re-try runs
+    two rounds: the second is timed, so a depth mis-costed during warm-up (two samples, under load) can
+    be re-costed;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
     shallower one: under load, timing noise would otherwise make a useless draft look faster than plain.
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
@@ -103,7 +105,9 @@ class DepthController:
             self.probe = (b, ranked[0])
             return ranked[0]
         if ranked[0] != self.best.get(b):
-            self.best[b], self.interval = ranked[0], self.revisit_every
+            # from plain, a re-try prefills the MTP layers over every token since the last draft: rarely
+            self.best[b] = ranked[0]
+            self.interval = self.revisit_every if ranked[0] else self.max_revisit_every
             self.next_revisit = self.rounds + self.interval
         close = len(ranked) > 1 and rates[ranked[1]] >= (1 - self.revisit_within) * rates[ranked[0]]
         if close and self.rounds >= self.next_revisit:
