@@ -16,7 +16,8 @@ measured first (it is the safe choice and the scale of every estimate); another 
 times its relative cost cost(d) / cost(0), taken from this bucket's measurements, else the nearest bucket
 that measured that depth, else linearly inter- or extrapolated over the depths measured; with nothing but
 plain measured anywhere, depth 1 is assumed free (so it is tried once) and deeper depths wait for a slope.
-The depth with the best expected rate is run; if its cost is only predicted, that run measures it. So a
+The depth with the best expected rate is run; if its cost is only predicted, it is run `warmup_rounds`
+timed rounds to measure it. So a
 bucket where drafts do not pay stays on plain after one depth-1 probe, and a new bucket (the batch
 shrinking as sequences finish) starts from the neighbour's curve instead of re-trying every depth.
 
@@ -171,12 +172,10 @@ class DepthController:
     def _observe_cost(self, b: int, depth: int, seconds: float) -> None:
         key = (b, depth)
         old, n = self.seconds.get(key), self.count.get(key, 0)
-        if old is None:
-            new = seconds
-        elif n < self.warmup_rounds:  # load only ever adds time: the fastest warm-up round is the cost
-            new = min(old, seconds)
-        else:
-            new = (1 - self.ema) * old + self.ema * seconds
+        # a plain mean until the EMA takes over: the minimum of a few samples would cost a probed depth
+        # below the long-measured plain rounds it is compared with (noise only ever looks like a bargain)
+        weight = max(self.ema, 1 / (n + 1))
+        new = seconds if old is None else (1 - weight) * old + weight * seconds
         self.seconds[key] = new
         self.count[key] = n + 1
         if old is not None and depth == self.best.get(b):  # drift shared by all depths
