@@ -16,8 +16,10 @@ SEVENS = "tests/trainer/sevens_reward.py"
 
 
 def test_three_steps_colocated(ray_local, tmp_path):
+    # a fixed depth: auto may decode plain throughout (no rollout/accept_* then), as its costs say
     history = fit_run(load_config(overrides(tmp_path, "trainer.total_training_steps=3", "trainer.test_freq=3",
-                                         "data.val_batch_size=8", "trainer.log_val_generations=3")))
+                                         "data.val_batch_size=8", "trainer.log_val_generations=3",
+                                         "actor_rollout_ref.model.mtp.speculative_num_steps=2")))
     assert len(history) == 3
     last = history[-1]
     for key in ("critic/score/mean", "critic/advantages/mean", "response_length/clip_ratio", "actor/pg_loss",

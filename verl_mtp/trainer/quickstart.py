@@ -48,19 +48,21 @@ RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer 
 # frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the
 # teacher puts 0, 1 or 2 spaces in every gap of a trace line, so the SFT model (and its draft) writes
 # `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike, every space a token of its own; the reward is the task's minus
-# the share of trace gaps that do not hold exactly one space (rewards.scorers.tidy_compute_score, a format
+# 2x the share of trace gaps that do not hold exactly one space (rewards.scorers.tidy_compute_score, a format
 # reward for the house style `17 + 5 = 22`); groups are filtered on the final reward (seq_final_reward), so
 # all-correct and all-wrong groups teach the layout too; 4x the learning rate, so that 40 steps move the
-# weights as a longer run would. Designs tried before (docs/benchmarks.md): DAPO's overlong buffer over the
-# whole response moved the layout but rewarded short wrong answers; 0.01 per character of a correct answer
-# was too weak (frozen draft -4.6 % in 40 steps); a penalty on the share of spaces moved the policy to the
-# compact layout, whose arithmetic the SFT model had barely seen, and accuracy fell with it.
+# weights as a longer run would; the MTP loss at scale 1.0 (the quickstart's 0.3 with weight 1 kept less:
+# ce 0.937, tv 0.953). Other designs tried (docs/benchmarks.md): DAPO's overlong buffer over the whole
+# response moved the layout but rewarded short wrong answers; 0.01 per character of a correct answer was too
+# weak; a penalty on the share of spaces moved the policy to a layout whose arithmetic the SFT model had
+# barely seen, and accuracy fell with it.
 SCENARIOS = {
     "default": {"trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
     "shift": {"trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "custom_reward_function.path=pkg://verl_mtp.rewards.scorers",
-        "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=1.0",
-        "algorithm.filter_groups.metric=seq_final_reward"]},
+        "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=2.0",
+        "algorithm.filter_groups.metric=seq_final_reward",
+        "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=1.0"]},
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
 
