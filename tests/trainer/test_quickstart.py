@@ -134,17 +134,17 @@ def test_recipe_runs_the_quickstarts_stages_with_its_settings(tmp_path):
 def test_recipe_end_to_end_then_resume(tmp_path):
     run = tmp_path / "run"
     fast = [o for o in FAST if "=" in o] + ["+ray_kwargs.ray_init.address=local"]  # its own Ray, not the tests'
-    env = dict(SFT_STEPS="12", RL_STEPS="2", EVAL_LIMIT="8")
+    env = dict(SFT_STEPS="12", RL_STEPS="1", EVAL_LIMIT="8")
     recipe(run, *fast, dry=False, **env)
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert set(summary["models"]) == {"sft", "rl", "rl_control"}
     assert {"rollout/accept_length", "critic/acc/mean"} <= set(summary["plots"])
     for name in ("rl", "rl_control"):
-        assert (run / name / "ckpt" / "global_step_2" / "actor" / "model.safetensors").exists()
+        assert (run / name / "ckpt" / "global_step_1" / "actor" / "model.safetensors").exists()
         assert list((run / name / "tensorboard").glob("events.out.tfevents.*"))
         steps = [r for r in map(json.loads, (run / name / "metrics.jsonl").read_text().splitlines())
                  if "timing_s/step" in r]
-        assert len(steps) == 2 and all("rollout/accept_length" in r for r in steps)
+        assert len(steps) == 1 and all("rollout/accept_length" in r for r in steps)
         assert any("mtp/loss_1" in r for r in steps) == (name == "rl")  # the control does not train the heads
     # every stage is done: a dry run of the same command lists only the eval, which always runs again
     again = [shlex.split(line)[:2] for line in recipe(run, *fast, dry=True, **env).stdout.splitlines()]

@@ -136,9 +136,13 @@ def _run_cli(tmp_path, steps, *extra):
 
 
 def test_sigkilled_driver_resumes_to_the_same_weights(tmp_path):
+    """A driver SIGKILLed with its Ray processes mid-run (dynamic sampling on, so its state is in the
+    checkpoint too) resumes to what the uninterrupted run did: the same metrics at every step, the same
+    weights bit for bit."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(_run_cli(tmp_path / "full", 3), check=True, env=env, capture_output=True, timeout=300)
-    proc = subprocess.Popen(_run_cli(tmp_path / "cut", 3), env=env, start_new_session=True,
+    sampling = ("algorithm.filter_groups.enable=true", "algorithm.filter_groups.metric=score")
+    subprocess.run(_run_cli(tmp_path / "full", 3, *sampling), check=True, env=env, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_run_cli(tmp_path / "cut", 3, *sampling), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "cut" / "ckpt" / "global_step_2"  # step 1 saved whole: the restart resumes from it
     deadline = time.time() + 240
@@ -147,12 +151,14 @@ def test_sigkilled_driver_resumes_to_the_same_weights(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     assert marker.exists()
-    subprocess.run(_run_cli(tmp_path / "cut", 3), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(_run_cli(tmp_path / "cut", 3, *sampling), check=True, env=env, capture_output=True, timeout=300)
     full = load_file(str(tmp_path / "full" / "ckpt" / "global_step_3" / "actor" / "model.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "ckpt" / "global_step_3" / "actor" / "model.safetensors"))
     assert all(torch.equal(full[k], cut[k]) for k in full)
     rows = lambda p: {r["step"]: r for r in map(json.loads, (p / "run" / "metrics.jsonl").read_text().splitlines())}  # noqa: E731
     a, b = rows(tmp_path / "full"), rows(tmp_path / "cut")
-    for step in range(1, 4):
-        assert a[step]["critic/score/mean"] == b[step]["critic/score/mean"]
-        assert a[step]["actor/pg_loss"] == b[step]["actor/pg_loss"]
+    volatile = ("timing_s/", "rollout/tokens_per_s", "rollout/depth_rounds", "perf/", "time")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert {k: v for k, v in b[step].items() if not k.startswith(volatile)} == \
+            {k: v for k, v in a[step].items() if not k.startswith(volatile)}, step
