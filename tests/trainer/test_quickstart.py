@@ -72,7 +72,8 @@ def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
     (run / "data" / "DONE").write_text(json.dumps({"seed": 0, "teacher_slip": 0.5, "trace_forms": "mixed"}))
     with pytest.raises(SystemExit) as e:  # the shift scenario's tokenizer writes spaces as tokens of their own
         quickstart.main(["--out", str(run), "--scenario", "shift"])
-    assert f"{run / 'tokenizer'} was made with {{'isolate_spaces': False}}, not {{'isolate_spaces': True}}" in str(e.value)
+    assert (f"{run / 'tokenizer'} was made with {{'isolate_spaces': False}}, not {{'isolate_spaces': True}}"
+            in str(e.value))
 
 
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):

@@ -17,9 +17,9 @@ times its relative cost cost(d) / cost(0), taken from this bucket's measurements
 that measured that depth, else linearly inter- or extrapolated over the depths measured; with nothing but
 plain measured anywhere, depth 1 is assumed free (so it is tried once) and deeper depths wait for a slope.
 The depth with the best expected rate is run; if its cost is only predicted, it is run `warmup_rounds`
-timed rounds to measure it. So a
-bucket where drafts do not pay stays on plain after one depth-1 probe, and a new bucket (the batch
-shrinking as sequences finish) starts from the neighbour's curve instead of re-trying every depth.
+timed rounds to measure it. So a bucket where drafts do not pay stays on plain after one depth-1 probe,
+and a new bucket (the batch shrinking as sequences finish) starts from the neighbour's curve instead of
+re-trying every depth.
 
 What exploring costs, and how estimates are kept honest:
   * a round deeper than the one before it first catches lagging MTP layers up on every token they
@@ -135,8 +135,9 @@ class DepthController:
         """cost(d) / cost(0) per depth for bucket `b`: measured here, else in the nearest bucket that has
         both, else interpolated or extrapolated linearly over the known depths (None: no estimate)."""
         rel: list[float | None] = [1.0] + [None] * self.max_depth
+        nearest = sorted({k for k, _ in self.seconds}, key=lambda k: (abs(k.bit_length() - b.bit_length()), k))
         for d in range(1, self.max_depth + 1):
-            for other in sorted({k for k, _ in self.seconds}, key=lambda k: (abs(k.bit_length() - b.bit_length()), k)):
+            for other in nearest:
                 if (other, d) in self.seconds and (other, 0) in self.seconds:
                     rel[d] = self.seconds[(other, d)] / self.seconds[(other, 0)]
                     break
@@ -149,8 +150,8 @@ class DepthController:
             below = [k for k in known if k < d]
             above = [k for k in known if k > d]
             lo = below[-1]
-            hi = above[0] if above else lo
             if above:  # between two known depths
+                hi = above[0]
                 rel[d] = rel[lo] + (rel[hi] - rel[lo]) * (d - lo) / (hi - lo)
             else:  # past the deepest known: the last known slope, never negative
                 prev = below[-2]

@@ -24,7 +24,8 @@ Stages (each resumable: re-running the command skips finished stages and resumes
 draft: the SFT teacher puts 0, 1 or 2 spaces in every gap of a trace line (`17 + 5 = 22`, `17+5=22`, ...),
 so the SFT model and its MTP heads write all those layouts, and stages 4-5 become one RL run per MTP arm
 (`--arms`, default all four) from that SFT model under a format reward (SCENARIOS below) that selects
-one layout, `17 + 5 = 22` (each space is a token of its own there), at 4x the learning rate (2e-4) so that 40 steps move it as a longer run would.
+one layout, `17 + 5 = 22` (each space is a token of its own there), at 4x the learning rate (2e-4) so that
+40 steps move it as a longer run would.
 Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
 soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
 post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
@@ -57,8 +58,8 @@ RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer 
 # weak; a penalty on the share of spaces moved the policy to a layout whose arithmetic the SFT model had
 # barely seen, and accuracy fell with it.
 SCENARIOS = {
-    "default": {"trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
-    "shift": {"trace_forms": "mixed", "isolate_spaces": True, "overrides": [
+    "default": {"out": "runs/quickstart", "trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
+    "shift": {"out": "runs/shift", "trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "custom_reward_function.path=pkg://verl_mtp.rewards.scorers",
         "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=2.0",
         "algorithm.filter_groups.metric=seq_final_reward",
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     from verl_mtp.cli import OneLineParser
 
     ap = OneLineParser(prog="verl-mtp quickstart", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="run folder (default: runs/quickstart, runs/shift for --scenario shift)")
+    ap.add_argument("--out", default=None,
+                    help="run folder (default: runs/quickstart, runs/shift for --scenario shift)")
     ap.add_argument("--rl-steps", type=int, default=40, help="DAPO steps per RL run")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the SFT stage's)")
     ap.add_argument("--teacher-slip", type=float, default=0.5,
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=512, help="held-out prompts evaluated per model")
     ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="default",
-                    help="shift: SFT on traces in two layouts, then one RL run per --arms under a length penalty "
-                         "that selects one layout")
+                    help="shift: SFT on traces in mixed layouts, then one RL run per --arms under a format "
+                         "reward that selects one layout")
     ap.add_argument("--arms", default=",".join(ARMS),
                     help=f"--scenario shift's arms, comma-separated from {','.join(ARMS)}")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for both RL runs")
@@ -392,14 +394,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # a tiny model gains little from more threads, and OpenMP threads collapse when the cores are shared
     torch.set_num_threads(1)
-    run = Path(args.out or ("runs/shift" if args.scenario == "shift" else "runs/quickstart"))
+    scenario = SCENARIOS[args.scenario]
+    run = Path(args.out or scenario["out"])
     if args.fresh:
         shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
-        data = stage_data(run, args.seed, args.teacher_slip, SCENARIOS[args.scenario]["trace_forms"])
-        tok = stage_tokenizer(run, data, SCENARIOS[args.scenario]["isolate_spaces"])
+        data = stage_data(run, args.seed, args.teacher_slip, scenario["trace_forms"])
+        tok = stage_tokenizer(run, data, scenario["isolate_spaces"])
         sft = stage_warmup(run, stage_sft(run, data, tok, args.seed, args.sft_steps), data, tok)
         if args.scenario == "shift":
             models = {"sft": sft, **stage_shift(run, sft, data, args.rl_steps, args.seed, arms, args.overrides)}
