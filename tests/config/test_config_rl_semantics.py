@@ -49,3 +49,10 @@ def test_verl_policy_loss_keys_and_defaults():
     assert dict(actor.policy_loss) == {"loss_mode": "vanilla", "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0,
                                        "clip_cov_ub": 5.0, "kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1}
     assert actor.loss_scale_factor is None  # Dr.GRPO's horizon: data.max_response_length
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_non_positive_mtp_lr_scale_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError) as err:
+        load_config([f"actor_rollout_ref.model.mtp.lr_scale={value}"])
+    assert "key 'actor_rollout_ref.model.mtp.lr_scale': must be > 0" in str(err.value) and "\n" not in str(err.value)

@@ -102,6 +102,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     arr = _arr()
     results["hsdp"] = train_once(_engine("fsdp2", arr, fsdp={"fsdp_size": 1, "reshard_after_forward": False}), arr,
                                  mine)
+    results["mtp_lr_scale"] = train_once(_engine("fsdp2", arr, mtp_lr_scale=4.0), arr, mine)
     # checkpoint: save after one update, then the next step from the live engine and from a fresh one
     engine = _engine("fsdp2", arr)
     train_once(engine, arr, mine)
@@ -169,6 +170,14 @@ def test_two_ranks_with_unequal_response_lengths_train_like_one_process(two_rank
 def test_hybrid_sharding_mesh_trains_like_one_process(two_ranks, single_process):
     """fsdp_size=1 at world 2: a 2-D mesh (2 replicas x 1 shard), without resharding after forward."""
     _assert_same_training([r["hsdp"] for r in two_ranks[1]], single_process["token-mean"])
+
+
+def test_mtp_lr_scale_steps_the_sharded_mtp_layers_like_one_process(two_ranks):
+    """model.mtp.lr_scale reaches FSDP2's sharded parameters: the same step as one process's torch engine
+    with the same scale (whose MTP layers move 4x as far: test_megatron_engine.py)."""
+    arr = _arr()
+    ref = train_once(_engine("torch", arr, mtp_lr_scale=4.0), arr, _batch())
+    _assert_same_training([r["mtp_lr_scale"] for r in two_ranks[1]], ref)
 
 
 def test_ranks_with_different_micro_batch_counts_train_like_one_process(two_ranks, single_process):

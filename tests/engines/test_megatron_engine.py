@@ -55,7 +55,7 @@ def _model(**kw):
 def _engine(strategy, model, arr, detach=True, megatron=None):
     kwargs = {"megatron": megatron} if megatron else {}
     return build_engine(strategy, model=copy.deepcopy(model), optim=OmegaConf.to_container(arr.actor.optim),
-                        total_steps=10, num_mtp=2, mtp_detach=detach, **kwargs)
+                        total_steps=10, num_mtp=2, mtp_detach=detach, mtp_lr_scale=arr.model.mtp.lr_scale, **kwargs)
 
 
 def whole_output(engine, batch):
@@ -172,6 +172,26 @@ def test_detached_mtp_gradient_does_not_shrink_the_policy_update():
         weights = train_once(_engine("megatron", model, arr), arr, b)["weights"]
         trunk_after.append({n: w for n, w in weights.items() if ".mtp_layers." not in n})
     assert all(torch.equal(trunk_after[0][n], trunk_after[1][n]) for n in trunk_after[0])
+
+
+@pytest.mark.parametrize("strategy", ["torch", "megatron"])
+def test_mtp_lr_scale_scales_only_the_mtp_layers_step(strategy):
+    """model.mtp.lr_scale=4: AdamW's step (its decoupled decay too) is proportional to the lr, so after one
+    step every MTP tensor has moved exactly 4x as far as with scale 1 and the trunk exactly as far."""
+    model, b = _model(), _batch()
+    before = dict(model.state_dict())
+    moved = {}
+    for scale in (1.0, 4.0):
+        arr = _arr(**{"actor_rollout_ref.model.mtp.lr_scale": scale, "actor_rollout_ref.actor.optim.weight_decay": 0.1})
+        weights = train_once(_engine(strategy, model, arr), arr, b)["weights"]
+        moved[scale] = {n: w - before[n] for n, w in weights.items()}
+    mtp = [n for n in moved[1.0] if ".mtp_layers." in n and moved[1.0][n].abs().max() > 0]
+    trunk = [n for n in moved[1.0] if ".mtp_layers." not in n]
+    assert mtp and trunk
+    for n in mtp:
+        assert torch.allclose(moved[4.0][n], 4 * moved[1.0][n], rtol=1e-3, atol=1e-7), n
+    for n in trunk:
+        assert torch.allclose(moved[4.0][n], moved[1.0][n], rtol=1e-4, atol=1e-8), n
 
 
 def test_weights_checkpoint_and_resume_round_trip(tmp_path):

@@ -386,3 +386,22 @@ def test_depth_controller_measures_only_depths_that_could_win():
     assert seen[64, 1] == 3 and seen[64, 0] == 97  # the probe: a catch-up round, then warmup_rounds timed
     assert seen[32, 0] == 100
     assert ctl.costs(32)[6] == pytest.approx(0.5 * (1 + 1.2 * 6))  # extrapolated from depth 1's slope
+
+
+def test_depth_controller_pays_a_catch_up_only_when_the_remaining_work_earns_it():
+    """Depth 1 yields 2 tokens for 1.6x a plain round, but switching to it from plain first runs the MTP layer
+    over every token it skipped (0.01 s per token here, measured from the catch-up round itself). With
+    400 lagging tokens the switch pays for a long remaining batch, not for its last 10 tokens per row."""
+    from verl_mtp.rollout.depth import DepthController
+
+    ctl = DepthController(num_mtp_layers=1, max_depth=1, warmup_rounds=1, revisit_every=1000)
+    lag = [400]  # newly admitted prompts: the MTP layer has seen none of them
+    for _ in range(20):
+        d = ctl.choose(4, mtp_lag=lag, horizon=1000)
+        ctl.observe(d, 4, {0: 1.0, 1: 1.6}[d] + 0.01 * ctl.catchup_tokens, [d] * 4)
+        lag = [4] if d else [lag[0] + 4]
+    assert d == 1 and 0.01 <= ctl.catchup_cost <= 0.012  # (5.6 s - depth 1 predicted at plain's 1.0 s) / 400
+    ctl.observe(0, 4, 1.0, [0] * 4)  # a plain pass on the same engine: the layer falls 400 tokens behind
+    assert ctl.choose(4, mtp_lag=[400], horizon=10) == 0  # 10 / 1.19 + 4.6 s > 10 s plain
+    assert ctl.choose(4, mtp_lag=[400], horizon=1000) == 1  # 1000 / 1.19 + 4.6 s < 1000 s
+    assert ctl.choose(4) == 1  # without the engine's lag, a switch is costed as free (as before)

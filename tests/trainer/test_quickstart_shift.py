@@ -21,8 +21,9 @@ def test_arms_and_scenario_overrides_reach_the_config(tmp_path):
         assert cfg.actor_rollout_ref.actor.optim.lr == 4 * base  # the scenario: 4x the quickstart's lr
         # a format reward for compact traces; dynamic sampling keeps groups whose answers differ only in layout
         assert cfg.custom_reward_function.name == "tidy_compute_score"
-        assert cfg.custom_reward_function.reward_kwargs == {"weight": 2.0}
+        assert cfg.custom_reward_function.reward_kwargs == {"weight": 3.0}
         assert cfg.actor_rollout_ref.model.mtp.mtp_loss_scaling_factor == 1.0
+        assert cfg.actor_rollout_ref.model.mtp.lr_scale == 4.0  # the draft keeps up with the moving policy
         assert cfg.algorithm.filter_groups.metric == "seq_final_reward"
         assert cfg.actor_rollout_ref.model.mtp.enable_train == (arm != "frozen")
         assert cfg.actor_rollout_ref.model.mtp.loss_type == ("ce" if arm == "frozen" else arm)  # frozen: the default

@@ -77,6 +77,9 @@ class MtpConfig:
     # (the detached policy distribution p at the target position, warped as the rollout samples) or tv
     # (1 - sum min(p, q): one minus the draft's expected acceptance)
     loss_type: str = "ce"
+    # verl_mtp: the MTP layers' learning rate over actor.optim.lr. The draft chases a moving policy with a
+    # few small layers: a higher rate lets it keep up without moving the policy faster (docs/benchmarks.md)
+    lr_scale: float = 1.0
     # Keep the MTP gradient off the trunk. verl defaults to False; every recipe that trains
     # MTP during RL detaches, so we default to True.
     detach_encoder: bool = True

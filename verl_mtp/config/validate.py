@@ -142,6 +142,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.val_batch_size": _at_least(1),
     _ARR + "model.mtp.num_layers": _at_least(1),
     _ARR + "model.mtp.mtp_loss_scaling_factor": _at_least(0),
+    _ARR + "model.mtp.lr_scale": ((lambda v: v > 0), "must be > 0"),
     _ARR + "model.mtp.speculative_eagle_topk": _at_least(1),
     _ARR + "model.mtp.speculative_num_draft_tokens": _at_least(1),
     _ARR + "actor.ppo_mini_batch_size": _at_least(1),

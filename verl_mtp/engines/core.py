@@ -56,9 +56,10 @@ class OptimConfig:
     total_steps: int = 1
     min_lr_ratio: float = 0.0
     clip_grad: float | None = None  # max gradient norm; 0 or None: no clipping (the norm is still reported)
+    mtp_lr_scale: float = 1.0  # the MTP layers' lr over `lr` (`build_optimizer`'s `mtp` parameters)
 
     @classmethod
-    def from_verl(cls, optim: dict, total_steps: int) -> "OptimConfig":
+    def from_verl(cls, optim: dict, total_steps: int, mtp_lr_scale: float = 1.0) -> "OptimConfig":
         """From verl's `actor.optim` keys: a negative or missing lr_warmup_steps means
         lr_warmup_steps_ratio of the total."""
         warmup = optim.get("lr_warmup_steps")
@@ -67,21 +68,27 @@ class OptimConfig:
         return cls(lr=optim["lr"], betas=tuple(optim.get("betas", (0.9, 0.999))),
                    weight_decay=optim.get("weight_decay", 0.0), schedule=optim.get("lr_scheduler_type", "constant"),
                    warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=optim.get("min_lr_ratio", 0.0),
-                   clip_grad=optim.get("clip_grad"))
+                   clip_grad=optim.get("clip_grad"), mtp_lr_scale=mtp_lr_scale)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, mtp: Iterable[torch.nn.Parameter] = ()
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `params`; those also in `mtp` (the MTP layers') step at `cfg.mtp_lr_scale` x the lr, in
+    groups of their own (only when the scale is not 1, so the optimizer's layout, and a checkpoint of it,
+    is otherwise the same as without it). The schedule scales every group's lr alike."""
     if cfg.schedule not in LR_STYLES:
         raise ValueError(f"unknown LR schedule {cfg.schedule!r}: choose one of {', '.join(LR_STYLES)}")
     params = list(params)
-    if cfg.decay_vectors:
-        groups: list = params
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    else:
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    scaled = {id(p) for p in mtp} if cfg.mtp_lr_scale != 1.0 else set()
+    sets = [(1.0, [p for p in params if id(p) not in scaled])]
+    if scaled:
+        sets.append((cfg.mtp_lr_scale, [p for p in params if id(p) in scaled]))
+    groups = []
+    for scale, members in sets:
+        split = [(members, cfg.weight_decay)] if cfg.decay_vectors else [
+            ([p for p in members if p.dim() >= 2], cfg.weight_decay), ([p for p in members if p.dim() < 2], 0.0)]
+        groups += [{"params": ps, "weight_decay": wd, "lr": cfg.lr * scale} for ps, wd in split if ps or not scaled]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     schedule = functools.partial(lr_lambda, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps,
                                  style=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -82,13 +82,13 @@ class FSDPEngine(TorchEngine):
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
                  mtp_detach: bool = True, fsdp: dict | None = None, gradient_checkpointing: bool = False,
-                 mixed_precision: bool | None = None):
+                 mixed_precision: bool | None = None, mtp_lr_scale: float = 1.0):
         self.fsdp = {"fsdp_size": -1, "reshard_after_forward": True, "dtype": "float32", "model_dtype": "fp32",
                      **(fsdp or {})}
         self.device = next(model.parameters()).device
         self.mixed_precision = mixed_precision
         self.bytes_logged = False
-        super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp, gradient_checkpointing)
+        super().__init__(model, optim, total_steps, num_mtp, mtp_detach, fsdp, gradient_checkpointing, mtp_lr_scale)
 
     def _wrap(self, model: MTPCausalLM, training: bool) -> torch.nn.Module:
         model.to(named_dtype(self.fsdp["model_dtype"], self.fsdp_key + "model_dtype"))

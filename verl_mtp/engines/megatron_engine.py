@@ -94,7 +94,7 @@ class MegatronEngine(TrainingEngine):
     sizes, offload flags, `override_transformer_config`); None means one rank, no offload."""
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1, num_mtp: int = 0,
-                 mtp_detach: bool = True, megatron: dict | None = None):
+                 mtp_detach: bool = True, megatron: dict | None = None, mtp_lr_scale: float = 1.0):
         self.sizes = rt.ParallelSizes.from_config(megatron)
         self.moved = StorageOffload()  # what `offload` moved to CPU
         self.grads_pending = False  # gradients accumulated since the last optimizer step
@@ -131,13 +131,13 @@ class MegatronEngine(TrainingEngine):
         self.optimizer = None
         self.model = self.gpt
         if optim is not None:
-            self._build_training(optim, total_steps)
+            self._build_training(optim, total_steps, mtp_lr_scale)
         else:
             self.gpt.requires_grad_(False)
 
     # ---- setup -----------------------------------------------------------------------------
 
-    def _build_training(self, optim: dict, total_steps: int) -> None:
+    def _build_training(self, optim: dict, total_steps: int, mtp_lr_scale: float) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         # the distributed optimizer makes DDP reduce-scatter: each rank's main_grad is then summed only in the
@@ -148,8 +148,11 @@ class MegatronEngine(TrainingEngine):
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=self.gpt)
         self.clip_grad = optim["clip_grad"]
         # megatron's optimizers allocate on "cuda" unconditionally, so CPU gets plain AdamW (see class)
-        self.optimizer = (_megatron_optimizer(optim, self.config, self.sizes, self.model) if rt.cuda_available()
-                          else _AdamWOverMainGrads(self.gpt, optim, self.ps.get_model_parallel_group()))
+        # the MTP layers' parameter groups carry lr_mult = mtp_lr_scale (megatron's own group field), which
+        # `_set_lr` applies on both paths
+        self.optimizer = (_megatron_optimizer(optim, self.config, self.sizes, self.model, mtp_lr_scale)
+                          if rt.cuda_available() else
+                          _AdamWOverMainGrads(self.gpt, optim, self.ps.get_model_parallel_group(), mtp_lr_scale))
         warmup = optim["lr_warmup_steps"]
         if warmup is None or warmup < 0:
             warmup = int(optim["lr_warmup_steps_ratio"] * total_steps)
@@ -161,7 +164,7 @@ class MegatronEngine(TrainingEngine):
 
     def _set_lr(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * self.schedule(self.steps)
+            group["lr"] = self.base_lr * self.schedule(self.steps) * group.get("lr_mult", 1.0)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -527,11 +530,12 @@ class MegatronEngine(TrainingEngine):
         return self.ps.get_data_parallel_group()
 
 
-def _megatron_optimizer(optim: dict, model_config, sizes: rt.ParallelSizes, model):
+def _megatron_optimizer(optim: dict, model_config, sizes: rt.ParallelSizes, model, mtp_lr_scale: float = 1.0):
     """GPU: megatron's optimizer (distributed optimizer, optional CPU offload of its states). Weight
     decay on every parameter, like the torch engine's AdamW: megatron's default skips biases and norms;
     0.12-0.13 take `no_weight_decay_cond`, later versions `config_overrides` (where an empty dict,
-    unlike None, means "no overrides")."""
+    unlike None, means "no overrides"). The MTP layers' groups get lr_mult = mtp_lr_scale (0.12-0.13:
+    `scale_lr_cond` / `lr_mult`; later: a `ParamKey` override)."""
     import inspect
 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -543,9 +547,15 @@ def _megatron_optimizer(optim: dict, model_config, sizes: rt.ParallelSizes, mode
         fp16=model_config.fp16, use_distributed_optimizer=sizes.use_distributed_optimizer,
         optimizer_cpu_offload=sizes.optimizer_offload,
         optimizer_offload_fraction=1.0 if sizes.optimizer_offload else 0.0)
+    scaled = mtp_lr_scale != 1.0
     if "config_overrides" in inspect.signature(get_megatron_optimizer).parameters:
-        return get_megatron_optimizer(config, [model], config_overrides={})
-    return get_megatron_optimizer(config, [model], no_weight_decay_cond=lambda name, param: False)
+        from megatron.core.optimizer.optimizer_config import ParamKey
+
+        overrides = {ParamKey(name=("mtp.*", "module.mtp.*")): {"lr_mult": mtp_lr_scale}} if scaled else {}
+        return get_megatron_optimizer(config, [model], config_overrides=overrides)
+    is_mtp = (lambda name, param: name.startswith(("mtp.", "module.mtp."))) if scaled else None
+    return get_megatron_optimizer(config, [model], no_weight_decay_cond=lambda name, param: False,
+                                  scale_lr_cond=is_mtp, lr_mult=mtp_lr_scale)
 
 
 def _model_params_of(sub) -> dict[int, torch.nn.Parameter]:
@@ -587,9 +597,14 @@ class _AdamWOverMainGrads:
     megatron's DDP accumulates gradients in `param.main_grad`; they are handed to torch's AdamW. Norms
     are summed over the model-parallel group, each tensor-parallel shard once."""
 
-    def __init__(self, gpt, optim: dict, model_parallel_group):
-        self.params = [p for p in gpt.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim["lr"], betas=tuple(optim["betas"]),
+    def __init__(self, gpt, optim: dict, model_parallel_group, mtp_lr_scale: float = 1.0):
+        named = [(n, p) for n, p in gpt.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups = [{"params": self.params}]
+        if mtp_lr_scale != 1.0:  # megatron's layout: the MTP layers in a group with lr_mult (see `_set_lr`)
+            groups = [{"params": [p for n, p in named if not n.startswith("mtp.")]},
+                      {"params": [p for n, p in named if n.startswith("mtp.")], "lr_mult": mtp_lr_scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]),
                                            weight_decay=optim["weight_decay"])
         self.group = model_parallel_group
         self.param_groups = self.optimizer.param_groups

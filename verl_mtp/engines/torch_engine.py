@@ -42,7 +42,7 @@ class TorchEngine(TrainingEngine):
 
     def __init__(self, model: MTPCausalLM, optim: dict | None = None, total_steps: int = 1,
                  num_mtp: int = 0, mtp_detach: bool = True, fsdp: dict | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, mtp_lr_scale: float = 1.0):
         self.module = model
         fsdp = fsdp or {}
         self.precision_keys = {k: fsdp[k] for k in ("model_dtype", "dtype") if k in fsdp}
@@ -58,8 +58,9 @@ class TorchEngine(TrainingEngine):
         self.optimizer = self.scheduler = None
         self.clip_grad = None
         if optim is not None:
-            config = OptimConfig.from_verl(optim, total_steps)
-            self.optimizer, self.scheduler = build_optimizer(model.parameters(), config)
+            config = OptimConfig.from_verl(optim, total_steps, mtp_lr_scale)
+            self.optimizer, self.scheduler = build_optimizer(model.parameters(), config,
+                                                             mtp=model.model.mtp_layers.parameters())
             self.clip_grad = config.clip_grad
         else:
             model.requires_grad_(False)

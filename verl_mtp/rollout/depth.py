@@ -35,7 +35,15 @@ What exploring costs, and how estimates are kept honest:
     two rounds: the second is timed, so a depth mis-costed during warm-up (two samples, under load) can
     be re-costed;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
-    shallower one: under load, timing noise would otherwise make a useless draft look faster than plain.
+    shallower one: under load, timing noise would otherwise make a useless draft look faster than plain;
+  * a switch up is not free: MTP layers that did not draft lag, and before drafting they run over every
+    token they skipped (after a stretch of plain rounds, or for newly admitted prompts, a prefill of the
+    MTP layers: 7-14 plain rounds at batch 64 on the quickstart's model). Given how far each MTP layer
+    lags (`mtp_lag`, from the engine) and how much is left to generate (`horizon`, tokens per live row),
+    the depth chosen is the one that finishes that work soonest, the catch-up of the layers it adds
+    included (a layer that drafted last round catches up on new prompts too, but that is part of a
+    depth's steady cost); the cost per caught-up token is measured from the catch-up rounds. So a
+    near-tie never pays a catch-up, nor does the tail of a batch, where few rounds remain to earn it.
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
 speculation is only chosen when it looks `margin` faster than plain decoding.
 """
@@ -69,6 +77,10 @@ class DepthController:
         self.next_revisit = revisit_every
         self.retry: int | None = None  # a deeper runner-up's second, timed round is due
         self.probe: tuple[int, int] | None = None  # (bucket, depth) being measured: run until warmup_rounds
+        self.catchup_cost: float | None = None  # seconds per lagging token an MTP layer catches up (EMA)
+        self.catchup_seen = 0
+        self.catchup_tokens = 0  # what the round just chosen catches up on
+        self.num_mtp_layers = num_mtp_layers
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -89,18 +101,35 @@ class DepthController:
     def expected_tokens(self, depth: int) -> float:
         return 1.0 + sum(self.accept[:depth])
 
-    def choose(self, batch_size: int) -> int:
+    def choose(self, batch_size: int, mtp_lag: list[int] | None = None, horizon: float | None = None) -> int:
+        """The depth of the next round for `batch_size` live rows. `mtp_lag[i]`: tokens MTP layer i is behind
+        over the live rows; `horizon`: tokens per live row still to generate. Without them (or before a
+        catch-up was measured) a switch up is costed as free."""
         self.rounds += 1
+        depth = self._choose(self.bucket(batch_size), mtp_lag, horizon)
+        self.catchup_tokens = self._catchup(depth, mtp_lag)
+        return depth
+
+    def _catchup(self, depth: int, mtp_lag: list[int] | None) -> int:
+        """Tokens the layers that a round at `depth` adds to the last round's catch up on first."""
+        if not mtp_lag:
+            return 0
+        k = self.num_mtp_layers
+        return sum(mtp_lag[min(self.last_depth, k): min(depth, k)])
+
+    def _choose(self, b: int, mtp_lag: list[int] | None, horizon: float | None) -> int:
         if self.retry is not None:
             depth, self.retry = self.retry, None
             return depth
-        b = self.bucket(batch_size)
         if self.count.get((b, 0), 0) < self.warmup_rounds:  # plain first: the scale of every estimate
             return 0
         if self.probe is not None and self.probe[0] == b and self.count.get(self.probe, 0) < self.warmup_rounds:
             return self.probe[1]  # a probe runs until it has warmup_rounds timed samples
         costs = self.costs(b)
         rates = {d: self.expected_tokens(d) / c / (1 + self.margin if d else 1) for d, c in costs.items()}
+        if mtp_lag and horizon and self.catchup_cost is not None:
+            # tokens per second over the rest of the work, the switch's catch-up included
+            rates = {d: horizon / (horizon / r + self.catchup_cost * self._catchup(d, mtp_lag)) for d, r in rates.items()}
         ranked = sorted(rates, key=rates.get, reverse=True)
         if self.count.get((b, ranked[0]), 0) < self.warmup_rounds:  # the best guess is a prediction: measure it
             self.probe = (b, ranked[0])
@@ -159,10 +188,16 @@ class DepthController:
         return rel
 
     def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int]) -> None:
-        """One decode round: its wall time and how many drafts each row kept."""
+        """One decode round (the depth `choose` returned): its wall time and how many drafts each row kept."""
         b = self.bucket(batch_size)
         if depth <= self.last_depth and math.isfinite(seconds):  # no catch-up: a steady cost sample
             self._observe_cost(b, depth, seconds)
+        elif self.catchup_tokens > 0 and math.isfinite(seconds):  # the time past the depth's steady cost
+            steady = self.costs(b).get(depth, self.seconds.get((b, 0), 0.0))
+            self.catchup_seen += 1
+            sample = max(seconds - steady, 0.0) / self.catchup_tokens
+            weight = max(self.ema, 1 / self.catchup_seen)
+            self.catchup_cost = sample if self.catchup_cost is None else (1 - weight) * self.catchup_cost + weight * sample
         self.last_depth = depth
         for k in range(min(depth, self.max_depth)):
             rate = sum(a > k for a in accepted) / len(accepted)

@@ -173,6 +173,7 @@ class NativeEngine:
         self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # n per slot
         self._mtp_len = torch.zeros(max(k, 1), max_batch_size, dtype=torch.long, device=self.device)  # c_i
         self.depth_controller = DepthController(k, self.max_draft_depth)
+        self._mean_len: float | None = None  # generated tokens per finished sequence (running mean)
         self._on_tokens: Callable[[int, list[int]], None] | None = None
 
     # ---- public API ----------------------------------------------------------------------
@@ -208,7 +209,7 @@ class NativeEngine:
                 self._prefill(admitted, active, params, gen)
             live = [s for s, q in active.items() if q.finish_reason is None]
             if live:
-                depth = 0 if params.penalized else self._round_depth(depth_setting, len(live))
+                depth = 0 if params.penalized else self._round_depth(depth_setting, live, active, len(queue), params)
                 t0 = time.perf_counter()
                 accepted = self._decode_round(live, active, depth, params, gen)
                 self.depth_controller.observe(depth, len(live), time.perf_counter() - t0, accepted)
@@ -217,6 +218,8 @@ class NativeEngine:
             for slot in [s for s, q in active.items() if q.finish_reason is not None]:
                 done.append(active.pop(slot))
                 free.append(slot)
+                length = len(done[-1].tokens)  # a running mean of sequence lengths: what auto expects to remain
+                self._mean_len = length if self._mean_len is None else 0.9 * self._mean_len + 0.1 * length
         done.sort(key=lambda q: q.prompt_index)  # stable: samples of a prompt keep their order
         samples = [Sample(q.prompt_index, q.tokens, q.logprobs, q.finish_reason, q.stats) for q in done]
         return GenerateOutput(samples, stats, time.perf_counter() - start, histogram)
@@ -267,10 +270,18 @@ class NativeEngine:
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i}: token id out of range [0, {vocab})")
 
-    def _round_depth(self, setting, batch_size: int) -> int:
-        if setting == "auto":
-            return self.depth_controller.choose(batch_size) if self.model.num_mtp_layers else 0
-        return setting
+    def _round_depth(self, setting, live: list[int], active, queued: int, params: SamplingParams) -> int:
+        if setting != "auto":
+            return setting
+        if not self.model.num_mtp_layers:
+            return 0
+        # what a switch up costs now and how much work remains to earn it back (see rollout.depth)
+        slots = torch.tensor(live, device=self.device)
+        steps = torch.arange(self.model.num_mtp_layers, device=self.device)[:, None]
+        lag = (self._pos[slots][None] - steps - self._mtp_len[:, slots]).clamp(min=0).sum(1).tolist()
+        expected = min(self._mean_len or params.max_new_tokens, params.max_new_tokens)
+        remaining = sum(max(expected - len(active[s].tokens), 1) for s in live) + queued * expected
+        return self.depth_controller.choose(len(live), mtp_lag=lag, horizon=remaining / len(live))
 
     def _prefill(self, admitted, active, params: SamplingParams, gen) -> None:
         slots = torch.tensor([s for s, _ in admitted], device=self.device)

@@ -25,7 +25,7 @@ draft: the SFT teacher puts 0, 1 or 2 spaces in every gap of a trace line (`17 +
 so the SFT model and its MTP heads write all those layouts, and stages 4-5 become one RL run per MTP arm
 (`--arms`, default all four) from that SFT model under a format reward (SCENARIOS below) that selects
 one layout, `17 + 5 = 22` (each space is a token of its own there), at 4x the learning rate (2e-4) so that
-40 steps move it as a longer run would.
+40 steps move it as a longer run would, and the MTP layers at 4x that (`mtp.lr_scale=4`).
 Arms: `frozen` (MTP not trained, the control) and one per `actor_rollout_ref.model.mtp.loss_type` (ce,
 soft_ce, tv). The eval then also writes OUT/report/shift.md (per arm: the accept length kept from the
 post-SFT model, the expected acceptance per depth and the response length over the RL steps, held-out
@@ -49,21 +49,22 @@ RL_CONFIG = "quickstart_rl"  # verl_mtp/config/quickstart_rl.yaml: dapo_trainer 
 # frozen draft to fall behind (2.880 vs 2.896 accept length after 40 steps, docs/benchmarks.md). "shift": the
 # teacher puts 0, 1 or 2 spaces in every gap of a trace line, so the SFT model (and its draft) writes
 # `17 + 5 = 22`, `17+5=22`, `17  +5 = 22` alike, every space a token of its own; the reward is the task's minus
-# 2x the share of trace gaps that do not hold exactly one space (rewards.scorers.tidy_compute_score, a format
+# 3x the share of trace gaps that do not hold exactly one space (rewards.scorers.tidy_compute_score, a format
 # reward for the house style `17 + 5 = 22`); groups are filtered on the final reward (seq_final_reward), so
 # all-correct and all-wrong groups teach the layout too; 4x the learning rate, so that 40 steps move the
-# weights as a longer run would; the MTP loss at scale 1.0 (the quickstart's 0.3 with weight 1 kept less:
-# ce 0.937, tv 0.953). Other designs tried (docs/benchmarks.md): DAPO's overlong buffer over the whole
-# response moved the layout but rewarded short wrong answers; 0.01 per character of a correct answer was too
-# weak; a penalty on the share of spaces moved the policy to a layout whose arithmetic the SFT model had
-# barely seen, and accuracy fell with it.
+# weights as a longer run would; the MTP layers at 4x that lr (`mtp.lr_scale`: at the policy's own lr a
+# trained draft kept 0.93 of its accept length, at 4x 0.98) and the MTP loss at scale 1.0. Other designs
+# tried (docs/benchmarks.md): DAPO's overlong buffer over the whole response moved the layout but rewarded
+# short wrong answers; 0.01 per character of a correct answer was too weak; a penalty on the share of spaces
+# moved the policy to a layout whose arithmetic the SFT model had barely seen, and accuracy fell with it;
+# two optimizer steps per RL step moved the layout faster but held-out accuracy fell to 0.26.
 SCENARIOS = {
     "default": {"out": "runs/quickstart", "trace_forms": "fixed", "isolate_spaces": False, "overrides": []},
     "shift": {"out": "runs/shift", "trace_forms": "mixed", "isolate_spaces": True, "overrides": [
         "actor_rollout_ref.actor.optim.lr=2e-4", "custom_reward_function.path=pkg://verl_mtp.rewards.scorers",
-        "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=2.0",
+        "custom_reward_function.name=tidy_compute_score", "+custom_reward_function.reward_kwargs.weight=3.0",
         "algorithm.filter_groups.metric=seq_final_reward",
-        "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=1.0"]},
+        "actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=1.0", "actor_rollout_ref.model.mtp.lr_scale=4"]},
 }
 ARMS = ("frozen", "ce", "soft_ce", "tv")  # MTP frozen, or trained with this model.mtp.loss_type
 

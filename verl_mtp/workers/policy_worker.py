@@ -70,7 +70,7 @@ class PolicyWorker:
             parallel = OmegaConf.to_container(arr.ref.megatron if role == "ref" else arr.actor.megatron, resolve=True)
             engine = build_engine(arr.actor.strategy, model=model, optim=optim, total_steps=total_steps,
                                   num_mtp=num_mtp_layers(arr.model) if train_mtp else 0,
-                                  mtp_detach=mtp.detach_encoder, megatron=parallel,
+                                  mtp_detach=mtp.detach_encoder, mtp_lr_scale=mtp.lr_scale, megatron=parallel,
                                   gradient_checkpointing=arr.model.enable_gradient_checkpointing,
                                   fsdp=OmegaConf.to_container((arr.ref if role == "ref" else arr.actor).fsdp_config))
             self.actor = PolicyActor(engine, arr, temperature=arr.rollout.temperature,
