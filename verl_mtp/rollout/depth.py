@@ -196,22 +196,24 @@ class DepthController:
             steady = self.costs(b).get(depth, self.seconds.get((b, 0), 0.0))
             self.catchup_seen += 1
             sample = max(seconds - steady, 0.0) / self.catchup_tokens
-            weight = max(self.ema, 1 / self.catchup_seen)
-            self.catchup_cost = sample if self.catchup_cost is None else (1 - weight) * self.catchup_cost + weight * sample
+            self.catchup_cost = self._average(self.catchup_cost, sample, self.catchup_seen)
         self.last_depth = depth
         for k in range(min(depth, self.max_depth)):
             rate = sum(a > k for a in accepted) / len(accepted)
-            self.accept_seen[k] += 1
-            weight = max(self.ema, 1 / self.accept_seen[k])  # a plain mean (prior included) until the EMA takes over
-            self.accept[k] = (1 - weight) * self.accept[k] + weight * rate
+            self.accept_seen[k] += 1  # the prior counts as PRIOR_ROUNDS samples
+            self.accept[k] = self._average(self.accept[k], rate, self.accept_seen[k])
+
+    def _average(self, old: float | None, sample: float, n: int) -> float:
+        """The running estimate after its n-th sample: a plain mean until the EMA takes over."""
+        weight = max(self.ema, 1 / n)
+        return sample if old is None else (1 - weight) * old + weight * sample
 
     def _observe_cost(self, b: int, depth: int, seconds: float) -> None:
         key = (b, depth)
         old, n = self.seconds.get(key), self.count.get(key, 0)
         # a plain mean until the EMA takes over: the minimum of a few samples would cost a probed depth
         # below the long-measured plain rounds it is compared with (noise only ever looks like a bargain)
-        weight = max(self.ema, 1 / (n + 1))
-        new = seconds if old is None else (1 - weight) * old + weight * seconds
+        new = self._average(old, seconds, n + 1)
         self.seconds[key] = new
         self.count[key] = n + 1
         if old is not None and depth == self.best.get(b):  # drift shared by all depths
