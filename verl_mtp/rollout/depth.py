@@ -9,7 +9,7 @@ depths do); the runner-up is re-tried now and then so a choice can be revised.
 
 The acceptance estimates start from a prior: 0.5 per depth, or the draft's expected acceptance that
 training computed for the weights just synced (`set_prior`, from mtp/expected_chain_accept_rate_{k}),
-after every weight sync.
+after every weight sync. Depths not measured yet continue the deepest measured one's rate (`acceptance`).
 
 Costs come from a model, so a batch-size bucket measures only what could win there. Plain decoding is
 measured first (it is the safe choice and the scale of every estimate); another depth's cost is plain's
@@ -43,7 +43,14 @@ What exploring costs, and how estimates are kept honest:
     the depth chosen is the one that finishes that work soonest, the catch-up of the layers it adds
     included (a layer that drafted last round catches up on new prompts too, but that is part of a
     depth's steady cost); the cost per caught-up token is measured from the catch-up rounds. So a
-    near-tie never pays a catch-up, nor does the tail of a batch, where few rounds remain to earn it.
+    near-tie never pays a catch-up, nor does the tail of a batch, where few rounds remain to earn it;
+  * prompts admitted later (continuous batching: a few new rows in most rounds at batch 64) are caught
+    up on by every MTP layer a depth uses, a cost plain decoding never pays: with the quickstart's
+    prompts (~40 tokens) and answers (~30), as much MTP work as drafting itself. The engine counts the
+    tokens each round caught up on; that time is taken out of the round's cost sample (so a depth's
+    cost is its drafting alone, and a probe taken before any row finished is not a bargain) and the
+    prompt tokens still queued are priced at the measured catch-up cost per token and layer (a switch
+    up's own catch-up is priced once the depth's steady cost is measured, not predicted from plain's).
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
 speculation is only chosen when it looks `margin` faster than plain decoding.
 """
@@ -80,6 +87,8 @@ class DepthController:
         self.catchup_cost: float | None = None  # seconds per lagging token an MTP layer catches up (EMA)
         self.catchup_seen = 0
         self.catchup_tokens = 0  # what the round just chosen catches up on
+        self._lag = None  # this round's mtp_lag (a list, or a function not yet called)
+        self._switch: tuple | None = None  # (bucket, depth, seconds, tokens) of a switch up to price
         self.num_mtp_layers = num_mtp_layers
 
     @staticmethod
@@ -99,25 +108,43 @@ class DepthController:
         self.reset_acceptance()
 
     def expected_tokens(self, depth: int) -> float:
-        return 1.0 + sum(self.accept[:depth])
+        return 1.0 + sum(self.acceptance()[:depth])
 
-    def choose(self, batch_size: int, mtp_lag: list[int] | None = None, horizon: float | None = None) -> int:
+    def acceptance(self) -> list[float]:
+        """P(drafts 1..k all kept) per depth k: the running estimates (from training's prior where given);
+        depths never measured continue from the deepest measured one as `extend_prior` continues training's
+        (a draft kept every time makes the next depth worth a look; 0.5 would rule deep chains out)."""
+        measured = [k + 1 for k in range(self.max_depth) if self.accept_seen[k]]
+        if not measured or measured[-1] == self.max_depth:
+            return self.accept
+        return extend_prior(self.accept[: measured[-1]], self.max_depth)
+
+    def choose(self, batch_size: int, mtp_lag=None, horizon=None, queued_tokens: int = 0) -> int:
         """The depth of the next round for `batch_size` live rows. `mtp_lag[i]`: tokens MTP layer i is behind
-        over the live rows; `horizon`: tokens per live row still to generate. Without them (or before a
-        catch-up was measured) a switch up is costed as free."""
+        over the live rows; `horizon`: tokens per live row still to generate. Either may be a function
+        returning the value, called only when a switch up is in question (on the engine, computing them
+        costs more than the rest of the choice). Without them (or before a catch-up was measured) a switch
+        up is costed as free. `queued_tokens`: prompt tokens still waiting for a slot, which every MTP layer
+        a depth uses will catch up on when they are admitted."""
         self.rounds += 1
-        depth = self._choose(self.bucket(batch_size), mtp_lag, horizon)
-        self.catchup_tokens = self._catchup(depth, mtp_lag)
+        self._lag = mtp_lag
+        depth = self._choose(self.bucket(batch_size), horizon, queued_tokens)
+        self.catchup_tokens = self._catchup(depth)
         return depth
 
-    def _catchup(self, depth: int, mtp_lag: list[int] | None) -> int:
-        """Tokens the layers that a round at `depth` adds to the last round's catch up on first."""
-        if not mtp_lag:
-            return 0
-        k = self.num_mtp_layers
-        return sum(mtp_lag[min(self.last_depth, k): min(depth, k)])
+    def _mtp_lag(self) -> list[int] | None:
+        if callable(self._lag):
+            self._lag = self._lag()
+        return self._lag
 
-    def _choose(self, b: int, mtp_lag: list[int] | None, horizon: float | None) -> int:
+    def _catchup(self, depth: int) -> int:
+        """Tokens the layers that a round at `depth` adds to the last round's catch up on first."""
+        k = self.num_mtp_layers
+        if min(depth, k) <= min(self.last_depth, k) or not self._mtp_lag():
+            return 0
+        return sum(self._mtp_lag()[min(self.last_depth, k): min(depth, k)])
+
+    def _choose(self, b: int, horizon, queued_tokens: int) -> int:
         if self.retry is not None:
             depth, self.retry = self.retry, None
             return depth
@@ -126,11 +153,23 @@ class DepthController:
         if self.probe is not None and self.probe[0] == b and self.count.get(self.probe, 0) < self.warmup_rounds:
             return self.probe[1]  # a probe runs until it has warmup_rounds timed samples
         costs = self.costs(b)
-        rates = {d: self.expected_tokens(d) / c / (1 + self.margin if d else 1) for d, c in costs.items()}
-        if mtp_lag and horizon and self.catchup_cost is not None:
-            # tokens per second over the rest of the work, the switch's catch-up included
-            rates = {d: horizon / (horizon / r + self.catchup_cost * self._catchup(d, mtp_lag)) for d, r in rates.items()}
+        expected = [1.0]
+        for a in self.acceptance():
+            expected.append(expected[-1] + a)
+        rates = {d: expected[d] / c / (1 + self.margin if d else 1) for d, c in costs.items()}
         ranked = sorted(rates, key=rates.get, reverse=True)
+        # catching up only lowers the rates of drafting depths: it can change the choice when one of those
+        # leads, or a re-try when one is due and a runner-up is close
+        question = ranked[0] > 0 or (self.rounds >= self.next_revisit and self._close(ranked, rates))
+        if question and self.catchup_cost is not None:
+            horizon = horizon() if callable(horizon) else horizon
+        if question and horizon and self.catchup_cost is not None:
+            # tokens per second over the rest of the work: the switch's catch-up, and every MTP layer the
+            # depth uses running over the prompts still queued, included
+            k = self.num_mtp_layers
+            rates = {d: horizon / (horizon / r + self.catchup_cost * (self._catchup(d) + min(d, k) * queued_tokens))
+                     for d, r in rates.items()}
+            ranked = sorted(rates, key=rates.get, reverse=True)
         if self.count.get((b, ranked[0]), 0) < self.warmup_rounds:  # the best guess is a prediction: measure it
             self.probe = (b, ranked[0])
             return ranked[0]
@@ -139,14 +178,19 @@ class DepthController:
             self.best[b] = ranked[0]
             self.interval = self.revisit_every if ranked[0] else self.max_revisit_every
             self.next_revisit = self.rounds + self.interval
-        close = len(ranked) > 1 and rates[ranked[1]] >= (1 - self.revisit_within) * rates[ranked[0]]
-        if close and self.rounds >= self.next_revisit:
+        if self.rounds >= self.next_revisit and not self._close(ranked, rates):
+            self.next_revisit = self.rounds + self.revisit_every  # look again later (asking for the lag costs)
+        elif self.rounds >= self.next_revisit:
             self.interval = min(2 * self.interval, self.max_revisit_every)
             self.next_revisit = self.rounds + self.interval
             if ranked[1] > ranked[0]:  # its first round catches the MTP layers up and is not timed
                 self.retry = ranked[1]
             return ranked[1]
         return ranked[0]
+
+    def _close(self, ranked: list[int], rates: dict[int, float]) -> bool:
+        """The runner-up is within `revisit_within` of the best rate: worth a re-try now and then."""
+        return len(ranked) > 1 and rates[ranked[1]] >= (1 - self.revisit_within) * rates[ranked[0]]
 
     def costs(self, b: int) -> dict[int, float]:
         """Estimated seconds per round for each depth that has an estimate in bucket `b` (module doc),
@@ -187,21 +231,37 @@ class DepthController:
                 rel[d] = rel[lo] + max(rel[lo] - rel[prev], 0.0) / (lo - prev) * (d - lo)
         return rel
 
-    def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int]) -> None:
-        """One decode round (the depth `choose` returned): its wall time and how many drafts each row kept."""
+    def observe(self, depth: int, batch_size: int, seconds: float, accepted: list[int],
+                caught_up: int | None = None) -> None:
+        """One decode round (the depth `choose` returned): its wall time, how many drafts each row kept, and
+        the tokens its MTP layers caught up on before drafting (lagging layers after a switch up, rows just
+        admitted; None: the lag `choose` was given)."""
         b = self.bucket(batch_size)
-        if depth <= self.last_depth and math.isfinite(seconds):  # no catch-up: a steady cost sample
-            self._observe_cost(b, depth, seconds)
-        elif self.catchup_tokens > 0 and math.isfinite(seconds):  # the time past the depth's steady cost
-            steady = self.costs(b).get(depth, self.seconds.get((b, 0), 0.0))
-            self.catchup_seen += 1
-            sample = max(seconds - steady, 0.0) / self.catchup_tokens
-            self.catchup_cost = self._average(self.catchup_cost, sample, self.catchup_seen)
+        tokens = self.catchup_tokens if caught_up is None else caught_up
+        if not math.isfinite(seconds) or (tokens and self.catchup_cost is None and depth <= self.last_depth):
+            pass  # a round that caught up before the catch-up cost is known: its time cannot be split
+        elif depth <= self.last_depth:  # steady cost, less the rows just admitted catching up
+            self._observe_cost(b, depth, max(seconds - (self.catchup_cost or 0.0) * tokens, 0.0))
+            if self._switch is not None and self._switch[:2] == (b, depth):  # its steady cost is measured now
+                self._observe_catchup(*self._switch[2:], self.seconds[(b, depth)])
+                self._switch = None
+        elif tokens > 0 and (b, 0) in self.seconds:
+            # a switch up: the time past the depth's steady cost is the catch-up; a depth not measured yet is
+            # priced once it is (its cost predicted from plain's would count its own extra work as catch-up)
+            if (b, depth) in self.seconds:
+                self._observe_catchup(seconds, tokens, self.costs(b)[depth])
+            else:
+                self._switch = (b, depth, seconds, tokens)
         self.last_depth = depth
         for k in range(min(depth, self.max_depth)):
             rate = sum(a > k for a in accepted) / len(accepted)
             self.accept_seen[k] += 1  # the prior counts as PRIOR_ROUNDS samples
             self.accept[k] = self._average(self.accept[k], rate, self.accept_seen[k])
+
+    def _observe_catchup(self, seconds: float, tokens: int, steady: float) -> None:
+        self.catchup_seen += 1
+        sample = max(seconds - steady, 0.0) / tokens
+        self.catchup_cost = self._average(self.catchup_cost, sample, self.catchup_seen)
 
     def _average(self, old: float | None, sample: float, n: int) -> float:
         """The running estimate after its n-th sample: a plain mean until the EMA takes over."""

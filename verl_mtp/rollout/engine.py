@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -175,24 +175,49 @@ class NativeEngine:
         self.depth_controller = DepthController(k, self.max_draft_depth)
         self._mean_len: float | None = None  # generated tokens per finished sequence (running mean)
         self._on_tokens: Callable[[int, list[int]], None] | None = None
+        self._busy = False  # a generation owns the slots
+        self._caught_up = 0  # tokens the MTP layers caught up on in this round (see _draft)
 
     # ---- public API ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams | None = None,
                  speculative: int | str | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerateOutput:
         """on_tokens(prompt_index, tokens) is called with each sequence's newly kept tokens as they
         are produced (streaming); the n samples of a prompt share its index."""
+        rounds = self.rounds(prompt_token_ids, params, speculative, on_tokens)
+        while True:
+            try:
+                next(rounds)
+            except StopIteration as finished:
+                return finished.value
+
+    @torch.no_grad()
+    def rounds(self, prompt_token_ids: list[list[int]], params: SamplingParams | None = None,
+               speculative: int | str | None = None,
+               on_tokens: Callable[[int, list[int]], None] | None = None) -> Generator[int, None, GenerateOutput]:
+        """`generate`, one round at a time: yields after each round (admission, prefill and one decode
+        round; the value is the round's depth, -1 when it only prefilled) and returns the GenerateOutput.
+        Lets a caller step several engines in turn, e.g. to time them side by side. The engine's slots
+        belong to one generation at a time."""
         params = params or SamplingParams()
-        self._on_tokens = on_tokens
-        if self.fast.stale():  # the model's weights changed in place since the copy was derived
-            self.fast.refresh()
         depth_setting = self.speculative if speculative is None else speculative
         self._check_request(prompt_token_ids, params, depth_setting)
+        if self._busy:
+            raise RuntimeError("NativeEngine: a generation is already running on this engine")
+        self._busy, self._on_tokens = True, on_tokens
+        try:
+            if self.fast.stale():  # the model's weights changed in place since the copy was derived
+                self.fast.refresh()
+            return (yield from self._run(prompt_token_ids, params, depth_setting))
+        finally:
+            self._busy, self._on_tokens = False, None
+
+    def _run(self, prompt_token_ids, params: SamplingParams, depth_setting):
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         queue = deque((i, p) for i, p in enumerate(prompt_token_ids) for _ in range(params.n))
+        queued_tokens = params.n * sum(map(len, prompt_token_ids))  # what MTP layers will catch up on
         free = list(range(self.max_batch_size - 1, -1, -1))
         active: dict[int, _Seq] = {}
         done: list[_Seq] = []
@@ -202,17 +227,21 @@ class NativeEngine:
             admitted = []
             while queue and free:
                 index, prompt = queue.popleft()
+                queued_tokens -= len(prompt)
                 slot = free.pop()
                 active[slot] = _Seq(prompt_index=index, prompt_len=len(prompt))
                 admitted.append((slot, prompt))
             if admitted:
                 self._prefill(admitted, active, params, gen)
             live = [s for s, q in active.items() if q.finish_reason is None]
+            depth = -1
             if live:
-                depth = 0 if params.penalized else self._round_depth(depth_setting, live, active, len(queue), params)
+                depth = 0 if params.penalized else self._round_depth(depth_setting, live, active, len(queue),
+                                                                      queued_tokens, params)
                 t0 = time.perf_counter()
+                self._caught_up = 0
                 accepted = self._decode_round(live, active, depth, params, gen)
-                self.depth_controller.observe(depth, len(live), time.perf_counter() - t0, accepted)
+                self.depth_controller.observe(depth, len(live), time.perf_counter() - t0, accepted, self._caught_up)
                 stats.record(depth, accepted)
                 histogram[depth] = histogram.get(depth, 0) + 1
             for slot in [s for s, q in active.items() if q.finish_reason is not None]:
@@ -220,6 +249,7 @@ class NativeEngine:
                 free.append(slot)
                 length = len(done[-1].tokens)  # a running mean of sequence lengths: what auto expects to remain
                 self._mean_len = length if self._mean_len is None else 0.9 * self._mean_len + 0.1 * length
+            yield depth
         done.sort(key=lambda q: q.prompt_index)  # stable: samples of a prompt keep their order
         samples = [Sample(q.prompt_index, q.tokens, q.logprobs, q.finish_reason, q.stats) for q in done]
         return GenerateOutput(samples, stats, time.perf_counter() - start, histogram)
@@ -270,18 +300,23 @@ class NativeEngine:
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i}: token id out of range [0, {vocab})")
 
-    def _round_depth(self, setting, live: list[int], active, queued: int, params: SamplingParams) -> int:
+    def _round_depth(self, setting, live: list[int], active, queued: int, queued_tokens: int,
+                     params: SamplingParams) -> int:
         if setting != "auto":
             return setting
         if not self.model.num_mtp_layers:
             return 0
-        # what a switch up costs now and how much work remains to earn it back (see rollout.depth)
-        slots = torch.tensor(live, device=self.device)
-        steps = torch.arange(self.model.num_mtp_layers, device=self.device)[:, None]
-        lag = (self._pos[slots][None] - steps - self._mtp_len[:, slots]).clamp(min=0).sum(1).tolist()
-        expected = min(self._mean_len or params.max_new_tokens, params.max_new_tokens)
-        remaining = sum(max(expected - len(active[s].tokens), 1) for s in live) + queued * expected
-        return self.depth_controller.choose(len(live), mtp_lag=lag, horizon=remaining / len(live))
+        # what a switch up costs now (computed only when the controller asks) and how much work remains
+        def mtp_lag() -> list[int]:
+            slots = torch.tensor(live, device=self.device)
+            steps = torch.arange(self.model.num_mtp_layers, device=self.device)[:, None]
+            return (self._pos[slots][None] - steps - self._mtp_len[:, slots]).clamp(min=0).sum(1).tolist()
+
+        def horizon() -> float:
+            expected = min(self._mean_len or params.max_new_tokens, params.max_new_tokens)
+            return (sum(max(expected - len(active[s].tokens), 1) for s in live) + queued * expected) / len(live)
+
+        return self.depth_controller.choose(len(live), mtp_lag=mtp_lag, horizon=horizon, queued_tokens=queued_tokens)
 
     def _prefill(self, admitted, active, params: SamplingParams, gen) -> None:
         slots = torch.tensor([s for s, _ in admitted], device=self.device)
@@ -344,10 +379,12 @@ class NativeEngine:
             # rows far behind (a new prompt, or rounds at depth 0) first catch up on confirmed positions alone,
             # so they do not widen every row's chunk; a drafting row lags by at most depth + 1 positions
             behind = n - i - 1 - start > self.max_draft_depth + 1
-            if bool(behind.any()) and not bool(behind.all()):
-                rows = behind.nonzero().squeeze(1)
-                self._mtp_chunk(i, slots[rows], start[rows], n[rows] - i - 1)
-                start = torch.where(behind, n - i - 1, start)
+            if bool(behind.any()):  # counted for adaptive depth: catching up is priced apart from drafting
+                self._caught_up += int(torch.where(behind, n - i - 1 - start, 0).sum())
+                if not bool(behind.all()):
+                    rows = behind.nonzero().squeeze(1)
+                    self._mtp_chunk(i, slots[rows], start[rows], n[rows] - i - 1)
+                    start = torch.where(behind, n - i - 1, start)
             out = self._mtp_chunk(i, slots, start, n)
             self._mtp_len[i, slots] = n - i
             last = out[torch.arange(b, device=self.device), n - 1 - start]

@@ -13,6 +13,7 @@ Output: REPORT_DIR/summary.{json,md} and PNGs; the table is also printed.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ CURVES = ("val-core/synthetic_math/acc/mean@1", "rollout/accept_length", "critic
           "response_length/mean")
 COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/sampled", "accept_rate_2/sampled",
            "tokens_per_s/plain", "tokens_per_s/speculative_2", "tokens_per_s/auto")
-PASSES = 5  # generation passes per model: plain, depth 2, adaptive and plain again greedy, then sampled
+PASSES = 4  # generation passes per model: plain, depth 2 and adaptive greedy (side by side), then sampled
 
 
 def held_out(tok, test_parquet: Path | str, limit: int | None = None) -> tuple[list[dict], list[list[int]]]:
@@ -90,40 +91,56 @@ def accuracy(model, tok, test_parquet: Path | str, limit: int | None = None, spe
     return result
 
 
+def side_by_side(arms: dict, prompts: list[list[int]], params) -> dict[str, tuple]:
+    """Run one generation per arm ({name: (engine, speculative)}, an engine each) a round at a time in
+    turn, each arm timed over its own rounds only: arms share the machine's moments, so a drift of its
+    speed (on a shared box, up to 25 % between identical back-to-back passes) falls on all of them alike.
+    Returns {name: (GenerateOutput, seconds, tokens/s)}."""
+    running = {name: engine.rounds(prompts, params, speculative=depth) for name, (engine, depth) in arms.items()}
+    seconds, outs = dict.fromkeys(running, 0.0), {}
+    order = random.Random(0)
+    while running:
+        # a new order every turn: an arm's round runs after a random other arm's, whose memory traffic
+        # leaves the caches colder (a fixed cycle would always put the same arm after the heaviest)
+        for name in order.sample(list(running), len(running)):
+            t0 = time.perf_counter()
+            try:
+                next(running[name])
+            except StopIteration as finished:
+                outs[name] = finished.value
+                del running[name]
+            seconds[name] += time.perf_counter() - t0
+    return {name: (out, seconds[name], out.num_tokens / seconds[name]) for name, out in outs.items()}
+
+
 def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=lambda: None) -> dict[str, float]:
     """Held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length per depth at the
-    rollout's settings, and generation speed with and without speculation (batch 64): plain is timed
-    before and after the speculative passes and its rate is the mean of the two, so a drift of the
-    machine's speed over the passes (on a shared box, up to 25 % between identical passes) does not
-    count for or against speculation. `tick()` is called after each of the PASSES generation passes."""
+    rollout's settings, and generation speed plain / depth 2 / adaptive (batch 64), the three greedy
+    passes run side by side a round at a time on an engine each (`side_by_side`), so the machine's
+    drift does not count for or against speculation; adaptive depth starts cold, as on a first
+    rollout. `tick()` is called after each of the PASSES generation passes."""
     from verl_mtp.models import MTPCausalLM
     from verl_mtp.rollout import SamplingParams
 
     model = MTPCausalLM.from_pretrained(model_dir)
     rows, prompts = held_out(tok, test_parquet, limit)
-    engine = held_out_engine(model, tok, prompts)
     stop = [tok.eos_token_id]
-
-    def generate(params, speculative):
-        out = engine.generate(prompts, params, speculative=speculative)
-        tick()
-        return out
 
     def mean(out) -> float:
         scores = graded(tok, rows, out)
         return sum(scores) / len(scores)
 
-    result = {}
     greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
-    plain = generate(greedy, 0)
-    result["acc/greedy"] = mean(plain)
-    spec = generate(greedy, 2)
-    result["tokens_per_s/speculative_2"] = spec.tokens_per_s
-    result["accept_length/greedy"] = spec.stats.accept_length
-    auto = generate(greedy, "auto")
-    result["tokens_per_s/auto"] = auto.tokens_per_s
-    result["tokens_per_s/plain"] = (plain.tokens_per_s + generate(greedy, 0).tokens_per_s) / 2
-    sampled = generate(SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop, seed=0), 2)
+    arms = {"plain": 0, "speculative_2": 2, "auto": "auto"}
+    timed = side_by_side({name: (held_out_engine(model, tok, prompts), depth) for name, depth in arms.items()},
+                         prompts, greedy)
+    for _ in arms:
+        tick()
+    result = {"acc/greedy": mean(timed["plain"][0]), "accept_length/greedy": timed["speculative_2"][0].stats.accept_length}
+    result.update({f"tokens_per_s/{name}": rate for name, (_, _, rate) in timed.items()})
+    sampled = held_out_engine(model, tok, prompts).generate(
+        prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=stop, seed=0), speculative=2)
+    tick()
     result["acc/sampled"] = mean(sampled)
     result["accept_length/sampled"] = sampled.stats.accept_length
     for k in range(1, 3):
