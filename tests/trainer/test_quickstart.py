@@ -76,6 +76,25 @@ def test_a_finished_sft_is_not_reused_for_other_steps(tmp_path):
             in str(e.value))
 
 
+def test_dynamic_sampling_giving_up_is_one_line(tmp_path, monkeypatch):
+    """An outcome of data and policy, not a crash: the quickstart (and `verl-mtp dapo`, through
+    main_dapo.USER_ERRORS) report it in one line naming the key. Seen in a fresh venv: 12 SFT steps leave a
+    policy every group of which scores the same."""
+    from verl_mtp.algos.dynamic_sampling import DynamicSamplingState, FilterGroupsExhausted, accumulate_groups
+    from verl_mtp.trainer import main_dapo
+
+    def give_up(*args, **kwargs):
+        accumulate_groups(DynamicSamplingState(), [0, 0], [False, False], 2, max_num_gen_batches=1)
+
+    for stage in ("stage_data", "stage_tokenizer", "stage_sft", "stage_warmup"):  # as if finished
+        monkeypatch.setattr(quickstart, stage, lambda *a, **k: tmp_path)
+    monkeypatch.setattr(quickstart, "stage_rl", give_up)
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--out", str(tmp_path / "run"), "--no-control", *FAST])
+    assert "algorithm.filter_groups.max_num_gen_batches=1" in str(e.value) and "\n" not in str(e.value)
+    assert FilterGroupsExhausted in main_dapo.USER_ERRORS
+
+
 def test_whole_pipeline_then_resume(ray_local, tmp_path, capsys):
     """In process; the control run (rl_control) is the recipe's end-to-end test below."""
     run = tmp_path / "qs"

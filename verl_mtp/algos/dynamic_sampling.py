@@ -39,6 +39,11 @@ def filter_groups(group_index: GroupIndex, metric_values: Sequence[float] | torc
     return ((high != low) | (size == 1))[ids]
 
 
+class FilterGroupsExhausted(RuntimeError):
+    """Dynamic sampling gave up (algorithm.filter_groups.max_num_gen_batches): an outcome of the data and
+    the policy that the run's command reports in one line, not a crash."""
+
+
 @dataclass(frozen=True)
 class DynamicSamplingState:
     """What one training step has collected so far; start each step from the default."""
@@ -74,7 +79,7 @@ def accumulate_groups(
     new_state = DynamicSamplingState(state.num_groups + taken_groups.numel(), state.num_gen_batches + 1)
     need_more = new_state.num_groups < train_batch_size
     if need_more and 0 < max_num_gen_batches <= new_state.num_gen_batches:
-        raise RuntimeError(
+        raise FilterGroupsExhausted(
             f"dynamic sampling kept {new_state.num_groups}/{train_batch_size} groups with non-identical "
             f"rewards after {new_state.num_gen_batches} generation batches, the limit "
             f"algorithm.filter_groups.max_num_gen_batches={max_num_gen_batches}; the data is too easy or "

@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from verl_mtp.algos.dynamic_sampling import FilterGroupsExhausted
 from verl_mtp.config import CONFIG_NAME, CONFIG_PATH, HYDRA_VERSION_BASE, ConfigError, from_hydra
 from verl_mtp.config.ignored import check_ignored
 from verl_mtp.config.loader import check_override_syntax, from_hydra_error
@@ -37,7 +38,7 @@ from verl_mtp.config.validate import check_runnable
 from verl_mtp.data.rl_dataset import DataError, check_files
 
 PROG = "verl-mtp dapo"
-USER_ERRORS = (ConfigError, DataError)  # printed as one line, exit status 2
+USER_ERRORS = (ConfigError, DataError, FilterGroupsExhausted)  # printed as one line, exit status 2
 MULTIRUN = "--multirun is not supported: one process trains one run (start one command per run)"
 _started = False  # the task function ran: a Hydra/OmegaConf error after this is the run's, not the composition's
 

@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     import torch
 
+    from verl_mtp.algos.dynamic_sampling import FilterGroupsExhausted
+
     # a tiny model gains little from more threads, and OpenMP threads collapse when the cores are shared
     torch.set_num_threads(1)
     scenario = SCENARIOS[args.scenario]
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say(f"interrupted; run the same command again to resume from {run}")
         return 130
-    except QuickstartError as e:
+    except (QuickstartError, FilterGroupsExhausted) as e:
         ap.error(str(e))
     return 0
 
