@@ -378,7 +378,7 @@ def test_depth_controller_prior_from_training():
     assert extend_prior([0.8, 0.6], 4) == pytest.approx([0.8, 0.6, 0.45, 0.3375])  # past K: x a_2/a_1 = 0.75
     ctl = DepthController(num_mtp_layers=2, max_depth=4)
     ctl.set_prior([0.8, 0.6])
-    assert ctl.expected_tokens(2) == pytest.approx(2.4)
+    assert ctl.expected_tokens()[2] == pytest.approx(2.4)
     ctl.observe(1, 4, 1.0, [0, 0, 0, 0])  # one measured round moves the estimate by 1 / (PRIOR_ROUNDS + 1)
     assert ctl.accept[0] == pytest.approx(0.8 * PRIOR_ROUNDS / (PRIOR_ROUNDS + 1))
     ctl.reset_acceptance()  # a weight sync: back to the prior, not to 0.5

@@ -107,8 +107,12 @@ class DepthController:
         self.prior = [min(max(float(r), 0.0), 1.0) for r in chain_rates]
         self.reset_acceptance()
 
-    def expected_tokens(self, depth: int) -> float:
-        return 1.0 + sum(self.acceptance()[:depth])
+    def expected_tokens(self) -> list[float]:
+        """Expected tokens of a round at each depth 0..max_depth: 1 + the sum of the chain acceptances."""
+        expected = [1.0]
+        for a in self.acceptance():
+            expected.append(expected[-1] + a)
+        return expected
 
     def acceptance(self) -> list[float]:
         """P(drafts 1..k all kept) per depth k: the running estimates (from training's prior where given);
@@ -153,9 +157,7 @@ class DepthController:
         if self.probe is not None and self.probe[0] == b and self.count.get(self.probe, 0) < self.warmup_rounds:
             return self.probe[1]  # a probe runs until it has warmup_rounds timed samples
         costs = self.costs(b)
-        expected = [1.0]
-        for a in self.acceptance():
-            expected.append(expected[-1] + a)
+        expected = self.expected_tokens()
         rates = {d: expected[d] / c / (1 + self.margin if d else 1) for d, c in costs.items()}
         ranked = sorted(rates, key=rates.get, reverse=True)
         # catching up only lowers the rates of drafting depths: it can change the choice when one of those
@@ -163,13 +165,13 @@ class DepthController:
         question = ranked[0] > 0 or (self.rounds >= self.next_revisit and self._close(ranked, rates))
         if question and self.catchup_cost is not None:
             horizon = horizon() if callable(horizon) else horizon
-        if question and horizon and self.catchup_cost is not None:
-            # tokens per second over the rest of the work: the switch's catch-up, and every MTP layer the
-            # depth uses running over the prompts still queued, included
-            k = self.num_mtp_layers
-            rates = {d: horizon / (horizon / r + self.catchup_cost * (self._catchup(d) + min(d, k) * queued_tokens))
-                     for d, r in rates.items()}
-            ranked = sorted(rates, key=rates.get, reverse=True)
+            if horizon:
+                # tokens per second over the rest of the work: the switch's catch-up, and every MTP layer the
+                # depth uses running over the prompts still queued, included
+                k, cost = self.num_mtp_layers, self.catchup_cost
+                rates = {d: horizon / (horizon / r + cost * (self._catchup(d) + min(d, k) * queued_tokens))
+                         for d, r in rates.items()}
+                ranked = sorted(rates, key=rates.get, reverse=True)
         if self.count.get((b, ranked[0]), 0) < self.warmup_rounds:  # the best guess is a prediction: measure it
             self.probe = (b, ranked[0])
             return ranked[0]
