@@ -31,7 +31,9 @@ What exploring costs, and how estimates are kept honest:
   * re-trying a deeper runner-up pays that catch-up (after many plain rounds, a prefill of the MTP
     layers), so only a runner-up within `revisit_within` of the best rate is re-tried, the interval
     between re-tries doubles while the choice holds (and starts at `max_revisit_every` when plain is
-    best: a catch-up over a few hundred tokens costs about ten plain rounds), and a deeper re-try runs
+    best: a catch-up over a few hundred tokens costs about ten plain rounds), a re-try whose catch-up
+    would cost more than `explore_budget` of the decode time since the last one waits (so exploring
+    stays ~1 % of a run however long plain keeps winning), and a deeper re-try runs
     two rounds: the second is timed, so a depth mis-costed during warm-up (two samples, under load) can
     be re-costed;
   * a deeper round does all the work of a shallower one and more, so a depth is never costed below a
@@ -50,9 +52,13 @@ What exploring costs, and how estimates are kept honest:
     tokens each round caught up on; that time is taken out of the round's cost sample (so a depth's
     cost is its drafting alone, and a probe taken before any row finished is not a bargain) and the
     prompt tokens still queued are priced at the measured catch-up cost per token and layer (a switch
-    up's own catch-up is priced once the depth's steady cost is measured, not predicted from plain's).
-Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so
-speculation is only chosen when it looks `margin` faster than plain decoding.
+    up's own catch-up is priced once the depth's steady cost is measured, not predicted from plain's);
+    a leader priced out by its catch-up is not re-priced for `reprice_every` rounds (the lag and the work
+    left change slowly, and asking the engine for them costs ~2 % of a plain round at batch 64).
+Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so a
+depth deeper than the one chosen is only switched to when it looks `margin` faster; a shallower one (plain
+included) as soon as it looks faster at all. The band between keeps a near-tie from flipping back and
+forth, each flip up paying a catch-up, and never keeps a depth that looks slower than a shallower one.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ PRIOR_ROUNDS = 4  # measured rounds that training's expected acceptance is worth
 class DepthController:
     def __init__(self, num_mtp_layers: int, max_depth: int, ema: float = 0.2, warmup_rounds: int = 2,
                  revisit_every: int = 16, max_revisit_every: int = 256, margin: float = 0.05,
-                 revisit_within: float = 0.25):
+                 revisit_within: float = 0.25, reprice_every: int = 8, explore_budget: float = 0.01):
         self.max_depth = max_depth if num_mtp_layers else 0
         self.prior: list[float] = []  # expected acceptance per depth of the current weights, from training
         self.ema = ema
@@ -74,6 +80,9 @@ class DepthController:
         self.warmup_rounds = warmup_rounds
         self.revisit_every = revisit_every
         self.max_revisit_every = max_revisit_every
+        self.reprice_every = reprice_every
+        self.explore_budget = explore_budget
+        self.since_retry = 0.0  # decode seconds since the last re-try: what a re-try's catch-up may spend
         self.reset_acceptance()
         self.seconds: dict[tuple[int, int], float] = {}  # (bucket, depth) -> EMA seconds per round
         self.count: dict[tuple[int, int], int] = {}  # timed rounds per (bucket, depth)
@@ -89,6 +98,7 @@ class DepthController:
         self.catchup_tokens = 0  # what the round just chosen catches up on
         self._lag = None  # this round's mtp_lag (a list, or a function not yet called)
         self._switch: tuple | None = None  # (bucket, depth, seconds, tokens) of a switch up to price
+        self._held: tuple | None = None  # (bucket, leader, until round): the catch-up priced that leader out
         self.num_mtp_layers = num_mtp_layers
 
     @staticmethod
@@ -158,20 +168,28 @@ class DepthController:
             return self.probe[1]  # a probe runs until it has warmup_rounds timed samples
         costs = self.costs(b)
         expected = self.expected_tokens()
-        rates = {d: expected[d] / c / (1 + self.margin if d else 1) for d, c in costs.items()}
+        running = self.best.get(b, 0)  # a depth deeper than this one must look `margin` better (module doc)
+        rates = {d: expected[d] / c / (1 + self.margin if d > running else 1) for d, c in costs.items()}
         ranked = sorted(rates, key=rates.get, reverse=True)
         # catching up only lowers the rates of drafting depths: it can change the choice when one of those
         # leads, or a re-try when one is due and a runner-up is close
         question = ranked[0] > 0 or (self.rounds >= self.next_revisit and self._close(ranked, rates))
         if question and self.catchup_cost is not None:
+            held = self._held
+            if held is not None and held[:2] == (b, ranked[0]) and self.rounds < held[2]:
+                # priced out a few rounds ago; the lag, the work left and the queue change slowly, and
+                # asking the engine for them costs ~2 % of a plain round: keep the choice until re-priced
+                return self.best[b]
             horizon = horizon() if callable(horizon) else horizon
             if horizon:
                 # tokens per second over the rest of the work: the switch's catch-up, and every MTP layer the
                 # depth uses running over the prompts still queued, included
-                k, cost = self.num_mtp_layers, self.catchup_cost
+                k, cost, leader = self.num_mtp_layers, self.catchup_cost, ranked[0]
                 rates = {d: horizon / (horizon / r + cost * (self._catchup(d) + min(d, k) * queued_tokens))
                          for d, r in rates.items()}
                 ranked = sorted(rates, key=rates.get, reverse=True)
+                kept = ranked[0] == self.best.get(b) != leader
+                self._held = (b, leader, self.rounds + self.reprice_every) if kept else None
         if self.count.get((b, ranked[0]), 0) < self.warmup_rounds:  # the best guess is a prediction: measure it
             self.probe = (b, ranked[0])
             return ranked[0]
@@ -180,15 +198,27 @@ class DepthController:
             self.best[b] = ranked[0]
             self.interval = self.revisit_every if ranked[0] else self.max_revisit_every
             self.next_revisit = self.rounds + self.interval
-        if self.rounds >= self.next_revisit and not self._close(ranked, rates):
+        if self.rounds < self.next_revisit:
+            return ranked[0]
+        if not self._close(ranked, rates):
             self.next_revisit = self.rounds + self.revisit_every  # look again later (asking for the lag costs)
-        elif self.rounds >= self.next_revisit:
-            self.interval = min(2 * self.interval, self.max_revisit_every)
-            self.next_revisit = self.rounds + self.interval
-            if ranked[1] > ranked[0]:  # its first round catches the MTP layers up and is not timed
-                self.retry = ranked[1]
-            return ranked[1]
-        return ranked[0]
+            return ranked[0]
+        self.interval = min(2 * self.interval, self.max_revisit_every)
+        self.next_revisit = self.rounds + self.interval
+        if not self._affordable(ranked[1]):
+            return ranked[0]
+        self.since_retry = 0.0
+        if ranked[1] > ranked[0]:  # its first round catches the MTP layers up and is not timed
+            self.retry = ranked[1]
+        return ranked[1]
+
+    def _affordable(self, depth: int) -> bool:
+        """A re-try of `depth` catches its lagging MTP layers up first (after a few hundred plain rounds at
+        batch 64, ~8 plain rounds' time): it is made once that costs at most `explore_budget` of the decode
+        time since the last re-try, so exploring stays a bounded share of the run."""
+        if self.catchup_cost is None or min(depth, self.num_mtp_layers) <= min(self.last_depth, self.num_mtp_layers):
+            return True
+        return self.catchup_cost * self._catchup(depth) <= self.explore_budget * self.since_retry
 
     def _close(self, ranked: list[int], rates: dict[int, float]) -> bool:
         """The runner-up is within `revisit_within` of the best rate: worth a re-try now and then."""
@@ -255,6 +285,7 @@ class DepthController:
             else:
                 self._switch = (b, depth, seconds, tokens)
         self.last_depth = depth
+        self.since_retry += seconds if math.isfinite(seconds) else 0.0
         for k in range(min(depth, self.max_depth)):
             rate = sum(a > k for a in accepted) / len(accepted)
             self.accept_seen[k] += 1  # the prior counts as PRIOR_ROUNDS samples

@@ -24,6 +24,7 @@ CURVES = ("val-core/synthetic_math/acc/mean@1", "rollout/accept_length", "critic
 COLUMNS = ("acc/greedy", "acc/sampled", "accept_length/sampled", "accept_rate_1/sampled", "accept_rate_2/sampled",
            "tokens_per_s/plain", "tokens_per_s/speculative_2", "tokens_per_s/auto")
 PASSES = 4  # generation passes per model: plain, depth 2 and adaptive greedy (side by side), then sampled
+WARMUP_PROMPTS = 128  # each speed arm's engine generates over these first (two batches: admission included)
 
 
 def held_out(tok, test_parquet: Path | str, limit: int | None = None) -> tuple[list[dict], list[list[int]]]:
@@ -113,12 +114,26 @@ def side_by_side(arms: dict, prompts: list[list[int]], params) -> dict[str, tupl
     return {name: (out, seconds[name], out.num_tokens / seconds[name]) for name, out in outs.items()}
 
 
+def warmed_engines(model, tok, prompts: list[list[int]], arms: dict, params, warmup: int = WARMUP_PROMPTS) -> dict:
+    """{name: (engine, depth)} for `side_by_side`, each engine having generated once over the first `warmup`
+    prompts at its arm's depth: the state the rollout engine is in on every step of an RL run but the
+    first (adaptive depth has measured this machine's costs, every arm's buffers are warm). `warmup=0`:
+    cold engines, as on a run's first rollout (adaptive depth then probes: bench/eval_auto.py --cold)."""
+    engines = {name: (held_out_engine(model, tok, prompts), depth) for name, depth in arms.items()}
+    if warmup:
+        for engine, depth in engines.values():
+            engine.generate(prompts[:warmup], params, speculative=depth)
+    return engines
+
+
 def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=lambda: None) -> dict[str, float]:
     """Held-out accuracy (greedy; sampled at T=1 over 4 samples), accept length per depth at the
     rollout's settings, and generation speed plain / depth 2 / adaptive (batch 64), the three greedy
     passes run side by side a round at a time on an engine each (`side_by_side`), so the machine's
-    drift does not count for or against speculation; adaptive depth starts cold, as on a first
-    rollout. `tick()` is called after each of the PASSES generation passes."""
+    drift does not count for or against speculation. Each engine has generated once before it is timed
+    (`warmed_engines`): adaptive depth is timed as it runs on every rollout of an RL run after the
+    first, its one-off cold probe left out (bench/eval_auto.py --cold measures it). `tick()` is called
+    after each of the PASSES generation passes."""
     from verl_mtp.models import MTPCausalLM
     from verl_mtp.rollout import SamplingParams
 
@@ -132,8 +147,7 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=la
 
     greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=stop)
     arms = {"plain": 0, "speculative_2": 2, "auto": "auto"}
-    timed = side_by_side({name: (held_out_engine(model, tok, prompts), depth) for name, depth in arms.items()},
-                         prompts, greedy)
+    timed = side_by_side(warmed_engines(model, tok, prompts, arms, greedy), prompts, greedy)
     for _ in arms:
         tick()
     result = {"acc/greedy": mean(timed["plain"][0]), "accept_length/greedy": timed["speculative_2"][0].stats.accept_length}
