@@ -44,7 +44,8 @@ rl() {  # rl NAME ENABLE_TRAIN [overrides...]: one DAPO run; its event files sta
 [[ -f "$RUN/data/sft.jsonl" ]] || run verl-mtp data "$RUN/data" --n-train 8192 --n-test 512 --n-sft 20000 \
     --seed "$SEED" --teacher-slip "$TEACHER_SLIP"
 [[ -f "$RUN/tokenizer/tokenizer.json" ]] || run verl-mtp tokenizer "$RUN/tokenizer" --n-problems 20000 --seed 0
-# nothing else runs during SFT, so it takes both cores
+# nothing else runs during SFT or RL, so each takes both cores (the RL workers read VERL_MTP_THREADS)
+export VERL_MTP_THREADS="${VERL_MTP_THREADS:-2}"
 [[ -f "$RUN/sft/model.safetensors" ]] || run verl-mtp sft --data "$RUN/data/sft.jsonl" --out "$RUN/sft" \
     --tokenizer "$RUN/tokenizer" --test-data none --steps "$SFT_STEPS" --seed "$SEED" --threads 2
 rl rl true "$@"

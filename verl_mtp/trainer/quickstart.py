@@ -205,7 +205,11 @@ def stage_rl(run: Path, name: str, sft: Path, data: Path, steps: int, train_mtp:
                   f"{'trained jointly' if train_mtp else 'frozen (control)'} for {steps} steps")
     cfg = load_config(rl_overrides(folder, sft, data, steps, train_mtp, seed, extra), config_name=RL_CONFIG)
     if not ray.is_initialized():  # one Ray for both RL runs, quiet: the trainer prints its own progress
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # nothing else runs meanwhile: the policy worker generates and trains on two threads, 1.5x faster
+        # than on one on the 2-core box (docs/benchmarks.md); workers read VERL_MTP_THREADS
+        threads = os.environ.get("VERL_MTP_THREADS", str(min(2, os.cpu_count() or 1)))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VERL_MTP_THREADS": threads}})
     previous = os.environ.get("TENSORBOARD_DIR")
     os.environ["TENSORBOARD_DIR"] = str(folder / "tensorboard")  # the event files stay in the run folder
     try:
