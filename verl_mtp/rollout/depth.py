@@ -58,8 +58,9 @@ What exploring costs, and how estimates are kept honest:
 Near a tie, estimation noise (a few percent) decides, and a wrong switch up also pays a catch-up, so a
 depth deeper than the one chosen is only switched to when it looks `margin` faster (10 %: on the 2-core
 box, at batch 64, a switch predicted 5 % faster ran 3 % slower, the error of a two-round probe and the
-catch-up price it rests on); a shallower one (plain included) as soon as it looks faster at all. The band between keeps a near-tie from flipping back and
-forth, each flip up paying a catch-up, and never keeps a depth that looks slower than a shallower one.
+catch-up price it rests on); a shallower one (plain included) as soon as it looks faster at all. The band
+between keeps a near-tie from flipping back and forth, each flip up paying a catch-up, and never keeps a
+depth that looks slower than a shallower one.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class DepthController:
         """A re-try of `depth` catches its lagging MTP layers up first (after a few hundred plain rounds at
         batch 64, ~8 plain rounds' time): it is made once that costs at most `explore_budget` of the decode
         time since the last re-try, so exploring stays a bounded share of the run."""
-        if self.catchup_cost is None or min(depth, self.num_mtp_layers) <= min(self.last_depth, self.num_mtp_layers):
+        if self.catchup_cost is None:
             return True
         return self.catchup_cost * self._catchup(depth) <= self.explore_budget * self.since_retry
 

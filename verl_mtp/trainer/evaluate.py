@@ -134,10 +134,10 @@ def evaluate(model_dir: Path, tok, test_parquet: Path, limit: int = 512, tick=la
     rollout's settings, and generation speed plain / depth 2 / adaptive (batch 64): the three greedy
     passes run side by side a round at a time on an engine each (`side_by_side`), so the machine's
     drift does not count for or against speculation, SPEED_REPEATS times, each arm's median rate
-    reported. Each engine has generated once before it is timed
-    (`warmed_engines`): adaptive depth is timed as it runs on every rollout of an RL run after the
-    first, its one-off cold probe left out (bench/eval_auto.py --cold measures it). `tick()` is called
-    after each of the PASSES generation passes."""
+    reported. Each engine has generated once before it is timed (`warmed_engines`): adaptive depth is
+    timed as it runs on every rollout of an RL run after the first, its one-off cold probe left out
+    (bench/eval_auto.py --cold measures it). `tick()` is called after each of the PASSES generation
+    passes."""
     from verl_mtp.models import MTPCausalLM
     from verl_mtp.rollout import SamplingParams
 
